@@ -1,0 +1,243 @@
+//! A raw socket sends bad or partial frames: the server closes that
+//! connection (or answers with an error frame) and keeps serving others.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use common::*;
+use futures::StreamExt;
+use r3fs_net::{CallOptions, ClientConfig, RpcClient, RpcServer, ServerConfig};
+use r3fs_wire::frame::{Frame, FrameCodec, FrameKind, FRAME_HEADER_BYTES};
+use r3fs_wire::{body, ErrorBody, ErrorCode, Method};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::{Encoder, FramedRead};
+
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
+
+fn short_timeouts() -> ServerConfig {
+    ServerConfig {
+        frame_read_timeout: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    }
+}
+
+fn request<M: Method>(request_id: u64, body: Bytes) -> Frame {
+    Frame {
+        kind: FrameKind::Request,
+        msg_type: M::ID,
+        request_id,
+        body,
+        payload: Bytes::new(),
+    }
+}
+
+fn encode(frame: Frame) -> BytesMut {
+    let mut buf = BytesMut::new();
+    FrameCodec::default().encode(frame, &mut buf).unwrap();
+    buf
+}
+
+/// Waits until the server closes `stream` (EOF or reset); returns how long it took.
+async fn expect_closed(stream: &mut TcpStream) -> Duration {
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(CLOSE_WAIT, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return start.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("server did not close the connection within {CLOSE_WAIT:?}"),
+        }
+    }
+}
+
+async fn expect_others_served(server: &RpcServer) {
+    let client = RpcClient::new(ClientConfig::default());
+    let got = client
+        .call::<Echo>(
+            server.local_addr(),
+            &"still here".to_string(),
+            CallOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got, "still here");
+}
+
+/// Sends `bytes` on a fresh connection and checks the server closes it.
+async fn check_closes(bytes: &[u8]) -> Duration {
+    let (server, _) = server(short_timeouts()).await;
+    let mut stream = TcpStream::connect(server.local_addr()).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let took = expect_closed(&mut stream).await;
+    expect_others_served(&server).await;
+    server.shutdown().await;
+    took
+}
+
+fn valid_echo() -> BytesMut {
+    encode(request::<Echo>(1, body::encode(&"hi".to_string())))
+}
+
+#[tokio::test]
+async fn garbage_closes_connection() {
+    init_tracing();
+    check_closes(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n and some more bytes to fill a header").await;
+}
+
+#[tokio::test]
+async fn bad_magic_closes_connection() {
+    let mut bytes = valid_echo();
+    bytes[1] ^= 0x40;
+    check_closes(&bytes).await;
+}
+
+#[tokio::test]
+async fn unknown_flags_close_connection() {
+    let mut bytes = valid_echo();
+    bytes[4..6].copy_from_slice(&0x0100u16.to_le_bytes());
+    check_closes(&bytes).await;
+}
+
+#[tokio::test]
+async fn bad_body_crc_closes_connection() {
+    let mut bytes = valid_echo();
+    bytes[FRAME_HEADER_BYTES] ^= 1;
+    check_closes(&bytes).await;
+}
+
+#[tokio::test]
+async fn response_frame_from_client_closes_connection() {
+    let mut frame = request::<Echo>(1, body::encode(&"hi".to_string()));
+    frame.kind = FrameKind::Response;
+    check_closes(&encode(frame)).await;
+}
+
+#[tokio::test]
+async fn four_gib_length_rejected_without_waiting_for_it() {
+    for offset in [16, 20] {
+        let mut bytes = valid_echo();
+        bytes[offset..offset + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        // Only the header: the server must not wait for (or reserve) 4 GiB.
+        let took = check_closes(&bytes[..FRAME_HEADER_BYTES]).await;
+        assert!(took < Duration::from_millis(150), "took {took:?}");
+    }
+}
+
+#[tokio::test]
+async fn stalled_frame_closed_after_frame_read_timeout() {
+    let bytes = valid_echo();
+    let took = check_closes(&bytes[..FRAME_HEADER_BYTES + 1]).await;
+    assert!(
+        took >= Duration::from_millis(150),
+        "closed too early: {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn stalled_header_closed_after_frame_read_timeout() {
+    let bytes = valid_echo();
+    let took = check_closes(&bytes[..5]).await;
+    assert!(
+        took >= Duration::from_millis(150),
+        "closed too early: {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn idle_connection_closed() {
+    let took = check_closes(&[]).await;
+    assert!(
+        took >= Duration::from_millis(250),
+        "closed too early: {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn slow_but_steady_sender_not_cut_by_idle_timeout() {
+    let (server, _) = server(short_timeouts()).await;
+    let mut stream = TcpStream::connect(server.local_addr()).await.unwrap();
+    let (rd, mut wr) = stream.split();
+    let mut answers = FramedRead::new(rd, FrameCodec::default());
+    for id in 0..4 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        wr.write_all(&encode(request::<Echo>(id, body::encode(&"x".to_string()))))
+            .await
+            .unwrap();
+        let answer = answers.next().await.unwrap().unwrap();
+        assert_eq!((answer.kind, answer.request_id), (FrameKind::Response, id));
+    }
+    server.shutdown().await;
+}
+
+/// Sends `frame` on `stream` and returns the answer.
+async fn exchange(stream: &mut TcpStream, frame: Frame) -> Frame {
+    stream.write_all(&encode(frame)).await.unwrap();
+    let mut answers = FramedRead::new(stream, FrameCodec::default());
+    tokio::time::timeout(CLOSE_WAIT, answers.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+}
+
+async fn check_error_answer(addr: SocketAddr, frame: Frame, code: ErrorCode) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let id = frame.request_id;
+    let answer = exchange(&mut stream, frame).await;
+    assert_eq!(
+        (answer.kind, answer.request_id),
+        (FrameKind::ErrorResponse, id)
+    );
+    let error: ErrorBody = body::decode(&answer.body).unwrap();
+    assert_eq!(error.code, code, "{}", error.message);
+    // The connection stays usable.
+    let answer = exchange(
+        &mut stream,
+        request::<Echo>(id + 1, body::encode(&"ok".to_string())),
+    )
+    .await;
+    assert_eq!(
+        (answer.kind, answer.request_id),
+        (FrameKind::Response, id + 1)
+    );
+    assert_eq!(body::decode::<String>(&answer.body).unwrap(), "ok");
+}
+
+#[tokio::test]
+async fn undecodable_body_answered_bad_request() {
+    let (server, _) = server(short_timeouts()).await;
+    let addr = server.local_addr();
+    check_error_answer(
+        addr,
+        request::<Echo>(7, Bytes::from_static(&[0xff, 0xff, 0xff])),
+        ErrorCode::BadRequest,
+    )
+    .await;
+    // Trailing bytes after a valid body are rejected too.
+    let mut body = body::encode(&"hi".to_string()).to_vec();
+    body.push(0);
+    check_error_answer(
+        addr,
+        request::<Echo>(9, Bytes::from(body)),
+        ErrorCode::BadRequest,
+    )
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_method_answered_and_connection_kept() {
+    let (server, _) = server(short_timeouts()).await;
+    check_error_answer(
+        server.local_addr(),
+        request::<Unknown>(3, body::encode(&())),
+        ErrorCode::UnknownMethod,
+    )
+    .await;
+    server.shutdown().await;
+}

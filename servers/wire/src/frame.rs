@@ -1,0 +1,507 @@
+//! The frame: a fixed 32-byte header, a postcard body, then a bulk payload
+//! carried as-is.
+//!
+//! Only bytes and their validation live here: no sockets, no timeouts, no
+//! retries (that is `r3fs-net`), and no knowledge of what a body means (that
+//! is [`crate::body`] and [`crate::method`]). Decoding never panics and never
+//! allocates on the say-so of a length field that exceeds [`FrameLimits`].
+//!
+//! # Layout (little-endian)
+//! ```text
+//! offset size field
+//!      0    4 magic        FRAME_MAGIC (b"R3FS")
+//!      4    2 flags        bit 0 response, bit 1 error (only with bit 0)
+//!      6    2 msg_type     Method::ID
+//!      8    8 request_id
+//!     16    4 body_len
+//!     20    4 payload_len
+//!     24    4 body_crc     CRC32C of the body
+//!     28    4 payload_crc  CRC32C of the payload (0 when empty)
+//!     32      body, then payload
+//! ```
+//!
+//! # Limits
+//! A body is at most `FrameLimits::body_bytes_max` (default
+//! [`FRAME_BODY_BYTES_MAX`]), a payload at most `payload_bytes_max` (default
+//! [`FRAME_PAYLOAD_BYTES_MAX`]); both are hard-capped at `u32::MAX` by the
+//! header format.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+/// First four bytes of every frame.
+pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"R3FS");
+/// Size of the fixed header.
+pub const FRAME_HEADER_BYTES: usize = 32;
+/// Default largest body accepted or sent.
+pub const FRAME_BODY_BYTES_MAX: u32 = 16 * 1024 * 1024;
+/// Default largest bulk payload accepted or sent.
+pub const FRAME_PAYLOAD_BYTES_MAX: u32 = 64 * 1024 * 1024;
+
+/// Flag bit: the frame answers a request.
+pub const FLAG_RESPONSE: u16 = 1 << 0;
+/// Flag bit: the response body is an [`crate::ErrorBody`]; only with [`FLAG_RESPONSE`].
+pub const FLAG_ERROR: u16 = 1 << 1;
+
+/// What a frame is, as its flags say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FrameKind {
+    Request,
+    Response,
+    /// A response whose body is an [`crate::ErrorBody`].
+    ErrorResponse,
+}
+
+impl FrameKind {
+    /// The flag bits for this kind.
+    pub fn flags(self) -> u16 {
+        match self {
+            FrameKind::Request => 0,
+            FrameKind::Response => FLAG_RESPONSE,
+            FrameKind::ErrorResponse => FLAG_RESPONSE | FLAG_ERROR,
+        }
+    }
+
+    /// Parses flag bits; unknown bits and an error bit without the response
+    /// bit are rejected.
+    pub fn from_flags(flags: u16) -> Result<FrameKind, FrameError> {
+        match flags {
+            0 => Ok(FrameKind::Request),
+            FLAG_RESPONSE => Ok(FrameKind::Response),
+            f if f == FLAG_RESPONSE | FLAG_ERROR => Ok(FrameKind::ErrorResponse),
+            _ => Err(FrameError::UnknownFlags { flags }),
+        }
+    }
+}
+
+/// Largest body and payload a codec accepts or emits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameLimits {
+    pub body_bytes_max: u32,
+    pub payload_bytes_max: u32,
+}
+
+impl Default for FrameLimits {
+    fn default() -> Self {
+        FrameLimits {
+            body_bytes_max: FRAME_BODY_BYTES_MAX,
+            payload_bytes_max: FRAME_PAYLOAD_BYTES_MAX,
+        }
+    }
+}
+
+impl FrameLimits {
+    /// Checks a body and payload length against the limits.
+    pub fn check(&self, body_len: usize, payload_len: usize) -> Result<(), FrameError> {
+        let body_max = self.body_bytes_max as usize;
+        if body_len > body_max {
+            return Err(FrameError::BodyTooLarge {
+                len: body_len as u64,
+                max: self.body_bytes_max,
+            });
+        }
+        let payload_max = self.payload_bytes_max as usize;
+        if payload_len > payload_max {
+            return Err(FrameError::PayloadTooLarge {
+                len: payload_len as u64,
+                max: self.payload_bytes_max,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Why bytes are not a valid frame. Any of these closes the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("bad frame magic {found:#010x}, expected {FRAME_MAGIC:#010x}")]
+    BadMagic { found: u32 },
+    #[error("unknown frame flags {flags:#06x}")]
+    UnknownFlags { flags: u16 },
+    #[error("frame body of {len} bytes exceeds limit of {max} bytes")]
+    BodyTooLarge { len: u64, max: u32 },
+    #[error("frame payload of {len} bytes exceeds limit of {max} bytes")]
+    PayloadTooLarge { len: u64, max: u32 },
+    #[error("frame body crc mismatch: header says {expected:#010x}, body has {actual:#010x}")]
+    BodyCrcMismatch { expected: u32, actual: u32 },
+    #[error(
+        "frame payload crc mismatch: header says {expected:#010x}, payload has {actual:#010x}"
+    )]
+    PayloadCrcMismatch { expected: u32, actual: u32 },
+    #[error("stream ended inside a frame ({buffered} bytes buffered)")]
+    Truncated { buffered: usize },
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A parsed and validated (magic, flags, limits) header. CRCs are checked
+/// once the body and payload have arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub kind: FrameKind,
+    pub msg_type: u16,
+    pub request_id: u64,
+    pub body_len: u32,
+    pub payload_len: u32,
+    pub body_crc: u32,
+    pub payload_crc: u32,
+}
+
+impl Header {
+    /// Parses and validates a header against `limits`; no allocation.
+    pub fn parse(
+        bytes: &[u8; FRAME_HEADER_BYTES],
+        limits: &FrameLimits,
+    ) -> Result<Header, FrameError> {
+        let mut b: &[u8] = bytes;
+        let magic = b.get_u32_le();
+        if magic != FRAME_MAGIC {
+            return Err(FrameError::BadMagic { found: magic });
+        }
+        let kind = FrameKind::from_flags(b.get_u16_le())?;
+        let msg_type = b.get_u16_le();
+        let request_id = b.get_u64_le();
+        let body_len = b.get_u32_le();
+        let payload_len = b.get_u32_le();
+        let body_crc = b.get_u32_le();
+        let payload_crc = b.get_u32_le();
+        limits.check(body_len as usize, payload_len as usize)?;
+        Ok(Header {
+            kind,
+            msg_type,
+            request_id,
+            body_len,
+            payload_len,
+            body_crc,
+            payload_crc,
+        })
+    }
+
+    /// Writes the 32 header bytes.
+    pub fn write(&self, dst: &mut BytesMut) {
+        dst.reserve(FRAME_HEADER_BYTES);
+        dst.put_u32_le(FRAME_MAGIC);
+        dst.put_u16_le(self.kind.flags());
+        dst.put_u16_le(self.msg_type);
+        dst.put_u64_le(self.request_id);
+        dst.put_u32_le(self.body_len);
+        dst.put_u32_le(self.payload_len);
+        dst.put_u32_le(self.body_crc);
+        dst.put_u32_le(self.payload_crc);
+    }
+
+    /// Bytes of body plus payload following the header.
+    pub fn rest_len(&self) -> usize {
+        self.body_len as usize + self.payload_len as usize
+    }
+}
+
+/// One message: header fields, postcard body, and opaque bulk payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: FrameKind,
+    pub msg_type: u16,
+    pub request_id: u64,
+    pub body: Bytes,
+    pub payload: Bytes,
+}
+
+impl Frame {
+    /// Header for this frame, CRCs computed. Panics if a length does not fit
+    /// in `u32`; check with [`FrameLimits::check`] first.
+    pub fn header(&self) -> Header {
+        let body_len = u32::try_from(self.body.len()).expect("frame body length fits u32");
+        let payload_len = u32::try_from(self.payload.len()).expect("frame payload length fits u32");
+        Header {
+            kind: self.kind,
+            msg_type: self.msg_type,
+            request_id: self.request_id,
+            body_len,
+            payload_len,
+            body_crc: crc32c::crc32c(&self.body),
+            payload_crc: payload_crc(&self.payload),
+        }
+    }
+
+    /// Writes header and body, but not the payload, so a large payload can
+    /// be written from its own buffer without a copy.
+    pub fn encode_head(&self, dst: &mut BytesMut) {
+        dst.reserve(FRAME_HEADER_BYTES + self.body.len());
+        self.header().write(dst);
+        dst.extend_from_slice(&self.body);
+    }
+
+    /// Total bytes on the wire.
+    pub fn encoded_len(&self) -> usize {
+        FRAME_HEADER_BYTES + self.body.len() + self.payload.len()
+    }
+}
+
+fn payload_crc(payload: &[u8]) -> u32 {
+    if payload.is_empty() {
+        0
+    } else {
+        crc32c::crc32c(payload)
+    }
+}
+
+/// Decodes and encodes [`Frame`]s under a [`FrameLimits`].
+#[derive(Debug, Clone, Default)]
+pub struct FrameCodec {
+    limits: FrameLimits,
+}
+
+impl FrameCodec {
+    pub fn new(limits: FrameLimits) -> Self {
+        FrameCodec { limits }
+    }
+
+    pub fn limits(&self) -> &FrameLimits {
+        &self.limits
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        let Some(head) = src.get(..FRAME_HEADER_BYTES) else {
+            return Ok(None);
+        };
+        let Ok(head) = <&[u8; FRAME_HEADER_BYTES]>::try_from(head) else {
+            return Ok(None);
+        };
+        // Validated before any reservation: a bad length never allocates.
+        let header = Header::parse(head, &self.limits)?;
+        let total = FRAME_HEADER_BYTES + header.rest_len();
+        if src.len() < total {
+            src.reserve(total - src.len());
+            return Ok(None);
+        }
+        let mut rest = src.split_to(total).freeze();
+        rest.advance(FRAME_HEADER_BYTES);
+        let body = rest.split_to(header.body_len as usize);
+        let payload = rest;
+        let body_crc = crc32c::crc32c(&body);
+        if body_crc != header.body_crc {
+            return Err(FrameError::BodyCrcMismatch {
+                expected: header.body_crc,
+                actual: body_crc,
+            });
+        }
+        let payload_crc = payload_crc(&payload);
+        if payload_crc != header.payload_crc {
+            return Err(FrameError::PayloadCrcMismatch {
+                expected: header.payload_crc,
+                actual: payload_crc,
+            });
+        }
+        Ok(Some(Frame {
+            kind: header.kind,
+            msg_type: header.msg_type,
+            request_id: header.request_id,
+            body,
+            payload,
+        }))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        match self.decode(src)? {
+            Some(frame) => Ok(Some(frame)),
+            None if src.is_empty() => Ok(None),
+            None => Err(FrameError::Truncated {
+                buffered: src.len(),
+            }),
+        }
+    }
+}
+
+impl Encoder<Frame> for FrameCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
+        self.limits.check(frame.body.len(), frame.payload.len())?;
+        dst.reserve(frame.encoded_len());
+        frame.encode_head(dst);
+        dst.extend_from_slice(&frame.payload);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(body: &[u8], payload: &[u8]) -> Frame {
+        Frame {
+            kind: FrameKind::Request,
+            msg_type: 0x0201,
+            request_id: 7,
+            body: Bytes::copy_from_slice(body),
+            payload: Bytes::copy_from_slice(payload),
+        }
+    }
+
+    fn encoded(f: &Frame) -> BytesMut {
+        let mut buf = BytesMut::new();
+        FrameCodec::default().encode(f.clone(), &mut buf).unwrap();
+        buf
+    }
+
+    /// Decodes all of `bytes` (with EOF) and checks the outcome's debug text.
+    fn check(bytes: &[u8], limits: FrameLimits, expect: &str) {
+        let mut codec = FrameCodec::new(limits);
+        let mut buf = BytesMut::from(bytes);
+        let got = match codec.decode_eof(&mut buf) {
+            Ok(Some(f)) => format!(
+                "frame {:?} body={} payload={}",
+                f.kind,
+                f.body.len(),
+                f.payload.len()
+            ),
+            Ok(None) => "none".to_string(),
+            Err(e) => format!("{e:?}"),
+        };
+        assert!(got.starts_with(expect), "got {got}, expected {expect}");
+    }
+
+    #[test]
+    fn round_trip_each_kind() {
+        for kind in [
+            FrameKind::Request,
+            FrameKind::Response,
+            FrameKind::ErrorResponse,
+        ] {
+            let mut f = frame(b"hello", b"payload bytes");
+            f.kind = kind;
+            let mut buf = encoded(&f);
+            assert_eq!(buf.len(), f.encoded_len());
+            let got = FrameCodec::default().decode(&mut buf).unwrap().unwrap();
+            assert_eq!(got, f);
+            assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn empty_payload_has_zero_crc() {
+        let buf = encoded(&frame(b"x", b""));
+        assert_eq!(&buf[28..32], &[0, 0, 0, 0]);
+        check(
+            &buf,
+            FrameLimits::default(),
+            "frame Request body=1 payload=0",
+        );
+    }
+
+    #[test]
+    fn bad_magic_rejected() {
+        let mut buf = encoded(&frame(b"x", b""));
+        buf[0] ^= 0xff;
+        check(&buf, FrameLimits::default(), "BadMagic");
+    }
+
+    #[test]
+    fn unknown_flags_rejected() {
+        for flags in [FLAG_ERROR, 1 << 2, 0x8001, 0xffff] {
+            let mut buf = encoded(&frame(b"x", b""));
+            buf[4..6].copy_from_slice(&flags.to_le_bytes());
+            check(&buf, FrameLimits::default(), "UnknownFlags");
+        }
+    }
+
+    #[test]
+    fn over_limit_lengths_rejected_from_header_alone() {
+        let buf = encoded(&frame(b"12345", b"123"));
+        let small = FrameLimits {
+            body_bytes_max: 4,
+            payload_bytes_max: 100,
+        };
+        check(
+            &buf[..FRAME_HEADER_BYTES],
+            small,
+            "BodyTooLarge { len: 5, max: 4 }",
+        );
+        let small = FrameLimits {
+            body_bytes_max: 100,
+            payload_bytes_max: 2,
+        };
+        check(
+            &buf[..FRAME_HEADER_BYTES],
+            small,
+            "PayloadTooLarge { len: 3, max: 2 }",
+        );
+    }
+
+    #[test]
+    fn huge_length_field_does_not_allocate() {
+        let mut head = encoded(&frame(b"", b""));
+        head[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        let mut buf = BytesMut::from(&head[..]);
+        let capacity_before = buf.capacity();
+        let err = FrameCodec::default().decode(&mut buf).unwrap_err();
+        assert!(matches!(err, FrameError::BodyTooLarge { .. }));
+        assert_eq!(buf.capacity(), capacity_before);
+        let mut head = encoded(&frame(b"", b""));
+        head[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
+        check(&head, FrameLimits::default(), "PayloadTooLarge");
+    }
+
+    #[test]
+    fn body_crc_mismatch_rejected() {
+        let mut buf = encoded(&frame(b"body", b"pay"));
+        buf[FRAME_HEADER_BYTES] ^= 1;
+        check(&buf, FrameLimits::default(), "BodyCrcMismatch");
+    }
+
+    #[test]
+    fn payload_crc_mismatch_rejected() {
+        let mut buf = encoded(&frame(b"body", b"pay"));
+        let last = buf.len() - 1;
+        buf[last] ^= 1;
+        check(&buf, FrameLimits::default(), "PayloadCrcMismatch");
+        // A non-zero CRC on an empty payload is a mismatch too.
+        let mut buf = encoded(&frame(b"body", b""));
+        buf[28] = 1;
+        check(&buf, FrameLimits::default(), "PayloadCrcMismatch");
+    }
+
+    #[test]
+    fn truncated_at_eof_rejected() {
+        let buf = encoded(&frame(b"body", b"payload"));
+        for cut in [1, FRAME_HEADER_BYTES - 1, FRAME_HEADER_BYTES, buf.len() - 1] {
+            check(&buf[..cut], FrameLimits::default(), "Truncated");
+        }
+        check(&[], FrameLimits::default(), "none");
+    }
+
+    #[test]
+    fn partial_frame_waits_for_more() {
+        let f = frame(b"body", b"payload");
+        let all = encoded(&f);
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::new();
+        for (i, byte) in all.iter().enumerate() {
+            buf.put_u8(*byte);
+            let got = codec.decode(&mut buf).unwrap();
+            assert_eq!(got.is_some(), i == all.len() - 1);
+        }
+    }
+
+    #[test]
+    fn encoder_rejects_over_limit() {
+        let mut codec = FrameCodec::new(FrameLimits {
+            body_bytes_max: 2,
+            payload_bytes_max: 2,
+        });
+        let mut buf = BytesMut::new();
+        let err = codec.encode(frame(b"abc", b""), &mut buf).unwrap_err();
+        assert!(matches!(err, FrameError::BodyTooLarge { len: 3, max: 2 }));
+        let err = codec.encode(frame(b"", b"abc"), &mut buf).unwrap_err();
+        assert!(matches!(
+            err,
+            FrameError::PayloadTooLarge { len: 3, max: 2 }
+        ));
+        assert!(buf.is_empty());
+    }
+}
