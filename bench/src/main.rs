@@ -1,0 +1,48 @@
+//! `r3fs-bench`: benchmarks that run the compared setups side by side in one
+//! run, print a table, then one machine-readable line per figure:
+//! `RESULT <suite> <metric> <value> <unit>` and `RATIO <suite> <name> <x>`.
+//!
+//! Never a test: nothing here asserts a speed. Nothing depends on this crate.
+
+mod report;
+mod suites;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "r3fs-bench",
+    version,
+    about = "Side-by-side benchmarks of r3fs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    suite: Suite,
+}
+
+#[derive(Subcommand)]
+enum Suite {
+    /// Meta service through MetaClient on loopback: create, stat, readdir,
+    /// rename, unlink with 1 and 8 concurrent clients.
+    Meta(suites::meta::MetaArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match Cli::parse().suite {
+        Suite::Meta(args) => suites::meta::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("r3fs-bench: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

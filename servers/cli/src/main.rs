@@ -1,0 +1,59 @@
+//! `r3fs`: the one command users and operators run. Each subcommand is a thin
+//! shell over a library crate: servers, clients and admin tools live there.
+//!
+//! This crate is the top of the dependency graph and nothing depends on it.
+//! It owns argument parsing, config files, logging setup, signals and exit
+//! codes; errors are printed once, with their whole chain of causes.
+
+mod config;
+mod fs;
+mod meta;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "r3fs",
+    version,
+    about = "r3fs: a distributed file system (a Rust rewrite of DeepSeek 3FS)",
+    long_about = "r3fs: a distributed file system (a Rust rewrite of DeepSeek 3FS).\n\n\
+        Run servers with `r3fs meta`, and work with the namespace through a meta \
+        server with `r3fs fs`. Logs go to stderr; set RUST_LOG (or --log) to e.g. \
+        `debug` or `r3fs_meta=debug,info` for more."
+)]
+struct Cli {
+    /// Log filter, in RUST_LOG syntax.
+    #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a meta server: the POSIX namespace over a transactional KV engine.
+    Meta(meta::MetaArgs),
+    /// Namespace operations through a meta server (ls, stat, mkdir, mv, ...).
+    Fs(fs::FsArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Meta(args) => meta::run(args),
+        Command::Fs(args) => fs::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("r3fs: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
