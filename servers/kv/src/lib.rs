@@ -63,6 +63,10 @@ pub enum KvError {
     ValueTooLarge { len: usize, max: usize },
     #[error("transaction writes {len} bytes, over the limit of {max} bytes")]
     TransactionTooLarge { len: usize, max: usize },
+    /// A passing fault of the backend (FoundationDB's `future_version`,
+    /// `process_behind`, ...): nothing was committed. Retryable.
+    #[error("transient engine error {code}: {message}")]
+    Transient { code: i32, message: String },
     /// `begin > end` in a range call, or a similar caller mistake.
     #[error("invalid range: begin is after end")]
     InvalidRange,
@@ -77,7 +81,10 @@ impl KvError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            KvError::Conflict | KvError::MaybeCommitted | KvError::TooOld
+            KvError::Conflict
+                | KvError::MaybeCommitted
+                | KvError::TooOld
+                | KvError::Transient { .. }
         )
     }
 }
