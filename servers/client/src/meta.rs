@@ -10,7 +10,8 @@
 //! is never run twice by a retry.
 //!
 //! # Limits
-//! At most [`SERVER_ATTEMPTS_MAX`] servers are tried per call; path walks
+//! At most [`ATTEMPTS_MAX`] attempts per call (or one per server, if more),
+//! with backoff between rounds over all servers; path walks
 //! follow at most [`SYMLINK_HOPS_MAX`] symlinks (Linux's limit, then ELOOP).
 
 use std::collections::HashMap;
@@ -19,14 +20,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use r3fs_net::{CallOptions, ClientConfig, RpcClient, RpcError};
+use r3fs_net::{CallOptions, ClientConfig, RetryPolicy, RpcClient, RpcError};
 use r3fs_wire::meta::*;
 use r3fs_wire::{ErrorCode, Method};
 
 /// How long a server that failed is skipped.
 pub const FAILED_SERVER_COOLDOWN: Duration = Duration::from_secs(2);
-/// Most servers one call tries before giving up.
-pub const SERVER_ATTEMPTS_MAX: usize = 8;
+/// Attempts of one call (more when there are more servers: each gets one).
+pub const ATTEMPTS_MAX: usize = 6;
+/// Pause after every server failed once, doubled each round up to [`BACKOFF_MAX`].
+pub const BACKOFF_INITIAL: Duration = Duration::from_millis(20);
+pub const BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// Symlinks followed in one path walk (Linux `MAXSYMLINKS`).
 pub const SYMLINK_HOPS_MAX: usize = 40;
 
@@ -122,7 +126,9 @@ impl MetaClient {
     }
 
     /// Calls `M` on some healthy meta server. `idempotent` calls are also
-    /// retried after timeouts and lost connections.
+    /// retried after timeouts and lost connections. Each attempt goes to the
+    /// next server; after every server has been tried once, the client backs
+    /// off before the next round, so a briefly restarting server is waited for.
     pub async fn call<M: Method>(
         &self,
         req: &M::Request,
@@ -131,18 +137,25 @@ impl MetaClient {
         let servers = &self.inner.config.servers;
         let mut tried = Vec::new();
         let mut last = None;
+        let mut backoff = BACKOFF_INITIAL;
         let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
-        let attempts = servers.len().min(SERVER_ATTEMPTS_MAX);
-        for i in 0..attempts {
-            let addr = self.pick(start + i, i == attempts - 1);
+        for attempt in 0..ATTEMPTS_MAX.max(servers.len()) {
+            if attempt > 0 && attempt % servers.len() == 0 {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            let addr = self.pick(start + attempt, attempt + 1 >= servers.len());
             tried.push(addr);
             let opts = CallOptions {
                 timeout: self.inner.config.call_timeout,
+                retry: RetryPolicy::none(),
                 idempotent,
-                ..CallOptions::default()
             };
             match self.inner.rpc.call::<M>(addr, req, opts).await {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => {
+                    self.inner.failed.lock().remove(&addr);
+                    return Ok(resp);
+                }
                 Err(RpcError::Remote {
                     code: ErrorCode::Errno(errno),
                     message,
