@@ -405,7 +405,9 @@ impl MetaClient {
     }
 
     pub async fn setxattr(&self, req: SetXattrRequest) -> Result<(), MetaClientError> {
-        self.call::<SetXattr>(&req, true).await
+        // A retried XATTR_CREATE that already ran would fail with EEXIST.
+        let idempotent = !req.flags.create;
+        self.call::<SetXattr>(&req, idempotent).await
     }
 
     pub async fn listxattr(

@@ -180,6 +180,17 @@ fn exclusive_create_of_existing_name_fails_and_plain_create_opens_it() {
     assert!(!again.created);
     assert_eq!(again.attr.inode, first.attr.inode);
     assert!(again.session.is_some(), "a write open registers a session");
+    mkdir(&f.store, &root(), ROOT_INODE, "d", 0o755);
+    let on_dir = CreateRequest {
+        user: root(),
+        parent: ROOT_INODE,
+        name: "d".into(),
+        perm: 0o644,
+        exclusive: false,
+        flags: OpenFlags::default(),
+        client: 1,
+    };
+    check_errno(f.store.create(&on_dir), libc::EISDIR);
 }
 
 #[test]

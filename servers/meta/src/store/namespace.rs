@@ -59,6 +59,13 @@ impl MetaStore {
                 if req.exclusive {
                     fail!(EEXIST, "{:?} exists", String::from_utf8_lossy(&req.name));
                 }
+                if existing.file_type == FileType::Directory {
+                    fail!(
+                        EISDIR,
+                        "{:?} is a directory",
+                        String::from_utf8_lossy(&req.name)
+                    );
+                }
                 let (attr, session) = self.open_in(
                     tx,
                     existing.inode,
