@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use r3fs_kv::KvEngine;
 use r3fs_meta::MetaStore;
 use r3fs_net::{Router, RpcServer, ServerConfig};
@@ -92,14 +92,20 @@ fn open_engine(cfg: &MetaServerConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
 
 #[cfg(feature = "fdb")]
 fn open_fdb(cfg: &MetaServerConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
-    let engine = r3fs_kv::fdb::FdbEngine::open(cfg.kv.fdb_cluster_file.as_deref())
-        .context("connect to FoundationDB")?;
+    let cluster_file =
+        match &cfg.kv.fdb_cluster_file {
+            Some(path) => Some(path.to_str().with_context(|| {
+                format!("fdb_cluster_file {} is not valid UTF-8", path.display())
+            })?),
+            None => None,
+        };
+    let engine = r3fs_kv::fdb::FdbEngine::open(cluster_file).context("connect to FoundationDB")?;
     Ok(Arc::new(engine))
 }
 
 #[cfg(not(feature = "fdb"))]
 fn open_fdb(_cfg: &MetaServerConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
-    bail!("this r3fs was built without FoundationDB support; rebuild with `cargo build --release --features fdb` (needs libfdb_c)")
+    anyhow::bail!("this r3fs was built without FoundationDB support; rebuild with `cargo build --release --features fdb` (needs libfdb_c)")
 }
 
 async fn serve(cfg: MetaServerConfig, store: Arc<MetaStore>) -> anyhow::Result<()> {
