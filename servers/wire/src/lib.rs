@@ -1,13 +1,15 @@
 //! Everything r3fs puts on the network, and nothing else: the frame format
 //! ([`frame`]), how bodies are encoded ([`body`]), the method registry
-//! ([`method`]), and each service's request and response types ([`meta`]).
+//! ([`method`]), and each service's request and response types ([`kv`], [`meta`], [`mgmt`]).
 //!
 //! No sockets, no async runtime, no retries: that is `r3fs-net`. A change here
 //! changes the protocol, so it gets the strictest review.
 
 pub mod body;
 pub mod frame;
+pub mod kv;
 pub mod meta;
 pub mod method;
+pub mod mgmt;
 
 pub use method::{ErrorBody, ErrorCode, Method};
