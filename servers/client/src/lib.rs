@@ -2,9 +2,14 @@
 //! benchmarks and interop.
 //!
 //! [`MetaClient`] picks a meta server, fails over between servers, and walks
-//! paths. Must not reach into server crates: it speaks only the wire protocol
+//! paths; [`MgmtClient`] finds the primary mgmtd, and [`RoutingWatcher`]
+//! keeps the newest routing info. Both share [`failover`]. Must not reach into server crates: it speaks only the wire protocol
 //! through `r3fs-net`.
 
+pub mod failover;
 pub mod meta;
+pub mod mgmt;
 
+pub use failover::ClientError;
 pub use meta::{MetaClient, MetaClientConfig, MetaClientError};
+pub use mgmt::{MgmtClient, RoutingWatcher};

@@ -1,36 +1,22 @@
 //! [`MetaClient`]: calls to the meta service with server selection and failover.
 //!
-//! Meta servers are stateless, so any server can take any call. The client
-//! spreads calls round-robin over servers it believes healthy. A server that
-//! cannot be reached, or answers `Unavailable`, is skipped for
-//! [`FAILED_SERVER_COOLDOWN`] and the call moves to the next one. Read-only
-//! calls are also retried after timeouts (they are idempotent); calls that
-//! change the namespace are moved to another server only when the request
-//! certainly did not run (connection refused, server unavailable), so a create
-//! is never run twice by a retry.
+//! Meta servers are stateless, so any server can take any call: the client
+//! spreads calls round-robin ([`crate::failover`]). Read-only calls are also
+//! retried after timeouts (they are idempotent); calls that change the
+//! namespace move to another server only when the request certainly did not
+//! run, so a create is never run twice by a retry.
 //!
 //! # Limits
-//! At most [`ATTEMPTS_MAX`] attempts per call (or one per server, if more),
-//! with backoff between rounds over all servers; path walks
-//! follow at most [`SYMLINK_HOPS_MAX`] symlinks (Linux's limit, then ELOOP).
+//! Path walks follow at most [`SYMLINK_HOPS_MAX`] symlinks (Linux's limit,
+//! then ELOOP).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use parking_lot::Mutex;
-use r3fs_net::{CallOptions, ClientConfig, RetryPolicy, RpcClient, RpcError};
 use r3fs_wire::meta::*;
-use r3fs_wire::{ErrorCode, Method};
+use r3fs_wire::Method;
 
-/// How long a server that failed is skipped.
-pub const FAILED_SERVER_COOLDOWN: Duration = Duration::from_secs(2);
-/// Attempts of one call (more when there are more servers: each gets one).
-pub const ATTEMPTS_MAX: usize = 6;
-/// Pause after every server failed once, doubled each round up to [`BACKOFF_MAX`].
-pub const BACKOFF_INITIAL: Duration = Duration::from_millis(20);
-pub const BACKOFF_MAX: Duration = Duration::from_millis(500);
+use crate::failover::{ClientError, Selection, ServerSet};
 /// Symlinks followed in one path walk (Linux `MAXSYMLINKS`).
 pub const SYMLINK_HOPS_MAX: usize = 40;
 
@@ -53,38 +39,8 @@ impl MetaClientConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum MetaClientError {
-    /// The meta service refused the call with a POSIX errno.
-    #[error("{method}: {message}")]
-    Errno {
-        method: &'static str,
-        errno: i32,
-        message: String,
-    },
-    #[error(transparent)]
-    Rpc(#[from] RpcError),
-    #[error("{method}: no meta server reachable (tried {tried:?}); last error: {last}")]
-    NoServer {
-        method: &'static str,
-        tried: Vec<SocketAddr>,
-        last: Box<RpcError>,
-    },
-    #[error("no meta servers configured")]
-    NoServersConfigured,
-}
-
-impl MetaClientError {
-    /// The errno to hand a POSIX caller: the service's own, or EIO for
-    /// transport failures (ETIMEDOUT for timeouts).
-    pub fn errno(&self) -> i32 {
-        match self {
-            MetaClientError::Errno { errno, .. } => *errno,
-            MetaClientError::Rpc(RpcError::Timeout { .. }) => libc::ETIMEDOUT,
-            _ => libc::EIO,
-        }
-    }
-}
+/// Errors of meta calls.
+pub type MetaClientError = ClientError;
 
 /// A client of the meta service. Cheap to clone; clones share connections.
 #[derive(Clone)]
@@ -93,29 +49,22 @@ pub struct MetaClient {
 }
 
 struct Inner {
-    rpc: RpcClient,
-    config: MetaClientConfig,
-    next: AtomicUsize,
-    failed: Mutex<HashMap<SocketAddr, Instant>>,
+    servers: ServerSet,
     /// Identifies this client's open sessions to meta.
     client_id: u64,
 }
 
 impl MetaClient {
     pub fn new(config: MetaClientConfig) -> Result<MetaClient, MetaClientError> {
-        if config.servers.is_empty() {
-            return Err(MetaClientError::NoServersConfigured);
-        }
-        let rpc = RpcClient::new(ClientConfig {
-            connections_per_addr: config.connections_per_server.max(1),
-            ..ClientConfig::default()
-        });
+        let servers = ServerSet::new(
+            config.servers,
+            Selection::RoundRobin,
+            config.call_timeout,
+            config.connections_per_server,
+        )?;
         Ok(MetaClient {
             inner: std::sync::Arc::new(Inner {
-                rpc,
-                config,
-                next: AtomicUsize::new(0),
-                failed: Mutex::new(HashMap::new()),
+                servers,
                 client_id: rand::random(),
             }),
         })
@@ -125,73 +74,14 @@ impl MetaClient {
         self.inner.client_id
     }
 
-    /// Calls `M` on some healthy meta server. `idempotent` calls are also
-    /// retried after timeouts and lost connections. Each attempt goes to the
-    /// next server; after every server has been tried once, the client backs
-    /// off before the next round, so a briefly restarting server is waited for.
+    /// Calls `M` on some meta server. `idempotent` calls are also retried
+    /// after timeouts and lost connections.
     pub async fn call<M: Method>(
         &self,
         req: &M::Request,
         idempotent: bool,
     ) -> Result<M::Response, MetaClientError> {
-        let servers = &self.inner.config.servers;
-        let mut tried = Vec::new();
-        let mut last = None;
-        let mut backoff = BACKOFF_INITIAL;
-        let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
-        for attempt in 0..ATTEMPTS_MAX.max(servers.len()) {
-            if attempt > 0 && attempt % servers.len() == 0 {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-            }
-            let addr = self.pick(start + attempt, attempt + 1 >= servers.len());
-            tried.push(addr);
-            let opts = CallOptions {
-                timeout: self.inner.config.call_timeout,
-                retry: RetryPolicy::none(),
-                idempotent,
-            };
-            match self.inner.rpc.call::<M>(addr, req, opts).await {
-                Ok(resp) => {
-                    self.inner.failed.lock().remove(&addr);
-                    return Ok(resp);
-                }
-                Err(RpcError::Remote {
-                    code: ErrorCode::Errno(errno),
-                    message,
-                    ..
-                }) => {
-                    return Err(MetaClientError::Errno {
-                        method: M::NAME,
-                        errno,
-                        message,
-                    });
-                }
-                Err(e) if moves_to_next_server(&e, idempotent) => {
-                    tracing::warn!(server = %addr, method = M::NAME, error = %e, "meta server failed; trying another");
-                    self.inner.failed.lock().insert(addr, Instant::now());
-                    last = Some(e);
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(MetaClientError::NoServer {
-            method: M::NAME,
-            tried,
-            last: Box::new(last.expect("at least one server was tried")),
-        })
-    }
-
-    /// The server at round-robin position `pos`, skipping servers in their
-    /// cool-down unless `any` (the last attempt tries whatever comes next).
-    fn pick(&self, pos: usize, any: bool) -> SocketAddr {
-        let servers = &self.inner.config.servers;
-        let mut failed = self.inner.failed.lock();
-        failed.retain(|_, at| at.elapsed() < FAILED_SERVER_COOLDOWN);
-        (0..servers.len())
-            .map(|i| servers[(pos + i) % servers.len()])
-            .find(|addr| any || !failed.contains_key(addr))
-            .unwrap_or(servers[pos % servers.len()])
+        self.inner.servers.call::<M>(req, idempotent).await
     }
 
     pub async fn statfs(&self) -> Result<StatFsResponse, MetaClientError> {
@@ -515,14 +405,5 @@ impl MetaClient {
             dir = attr.inode;
         }
         Ok(attr)
-    }
-}
-
-fn moves_to_next_server(e: &RpcError, idempotent: bool) -> bool {
-    match e {
-        RpcError::Connect { .. } => true,
-        RpcError::Remote { code, .. } => code.is_retryable(),
-        RpcError::Timeout { .. } | RpcError::ConnectionLost { .. } => idempotent,
-        _ => false,
     }
 }
