@@ -1,19 +1,36 @@
-//! The meta server's configuration file (TOML), with command-line overrides.
+//! Server configuration files (TOML), with command-line overrides. Every
+//! server has a `[kv]` section saying which KV engine holds its state.
 //!
+//! A meta server:
 //! ```toml
 //! listen = "127.0.0.1:9100"
 //! data_dir = "/var/lib/r3fs/meta"
 //!
 //! [kv]
-//! engine = "embedded"          # or "fdb" (needs a build with --features fdb)
-//! durability = "sync"          # or "periodic"
+//! engine = "embedded"          # or "remote" (an `r3fs kv` server), or "fdb"
+//! durability = "sync"          # embedded: or "periodic"
 //! fsync_interval_ms = 20       # periodic only: the power-loss window
+//! # remote = ["127.0.0.1:9000"] # remote: the kv server
 //! # fdb_cluster_file = "/etc/foundationdb/fdb.cluster"
 //!
 //! [namespace]
 //! chunk_size = 1048576
 //! stripe = 1
 //! chains = [1]
+//! ```
+//!
+//! An mgmtd (several share one `remote` or `fdb` engine):
+//! ```toml
+//! node_id = 1
+//! listen = "127.0.0.1:9200"
+//! lease_ms = 60000
+//! extend_interval_ms = 10000
+//! check_interval_ms = 10000
+//! heartbeat_timeout_ms = 60000
+//! session_timeout_ms = 300000
+//! [kv]
+//! engine = "remote"
+//! remote = ["127.0.0.1:9000"]
 //! ```
 
 use std::net::SocketAddr;
@@ -50,6 +67,8 @@ impl Default for MetaServerConfig {
 pub enum EngineKind {
     /// Pure-Rust engine in the data directory (one process at a time).
     Embedded,
+    /// An `r3fs kv` server (the embedded engine shared by several processes).
+    Remote,
     /// A FoundationDB cluster (build with `--features fdb`).
     Fdb,
 }
@@ -70,6 +89,7 @@ pub struct KvConfig {
     pub engine: EngineKind,
     pub durability: DurabilityKind,
     pub fsync_interval_ms: u64,
+    pub remote: Vec<SocketAddr>,
     pub fdb_cluster_file: Option<PathBuf>,
 }
 
@@ -79,6 +99,7 @@ impl Default for KvConfig {
             engine: EngineKind::Embedded,
             durability: DurabilityKind::Sync,
             fsync_interval_ms: 20,
+            remote: Vec::new(),
             fdb_cluster_file: None,
         }
     }
@@ -89,29 +110,87 @@ impl Default for KvConfig {
 pub const FSYNC_INTERVAL_MS_MAX: u64 = 60_000;
 
 impl MetaServerConfig {
-    /// Reads `path`, or the defaults when `path` is `None`.
-    pub fn load(path: Option<&Path>) -> anyhow::Result<MetaServerConfig> {
-        let Some(path) = path else {
-            return Ok(MetaServerConfig::default());
-        };
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("read config file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parse config file {}", path.display()))
-    }
-
     pub fn validate(&self) -> anyhow::Result<()> {
         self.namespace
             .validate()
             .map_err(|e| anyhow::anyhow!("[namespace] {e}"))?;
-        if self.kv.durability == DurabilityKind::Periodic
-            && !(1..=FSYNC_INTERVAL_MS_MAX).contains(&self.kv.fsync_interval_ms)
+        self.kv.validate()
+    }
+}
+
+impl KvConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.durability == DurabilityKind::Periodic
+            && !(1..=FSYNC_INTERVAL_MS_MAX).contains(&self.fsync_interval_ms)
         {
             bail!(
                 "[kv] fsync_interval_ms = {} must be between 1 and {FSYNC_INTERVAL_MS_MAX}",
-                self.kv.fsync_interval_ms
+                self.fsync_interval_ms
             );
         }
+        if self.engine == EngineKind::Remote && self.remote.is_empty() {
+            bail!("[kv] engine = \"remote\" needs remote = [\"host:port\"] (an r3fs kv server)");
+        }
         Ok(())
+    }
+}
+
+/// Reads a TOML config file, or the type's defaults when there is none.
+pub fn load<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> anyhow::Result<T> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parse config file {}", path.display()))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MgmtdServerConfig {
+    pub node_id: u32,
+    pub listen: SocketAddr,
+    /// Where the embedded engine keeps its files (engine = "embedded": a single mgmtd).
+    pub data_dir: PathBuf,
+    pub lease_ms: u64,
+    pub extend_interval_ms: u64,
+    pub check_interval_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    pub session_timeout_ms: u64,
+    pub kv: KvConfig,
+}
+
+impl Default for MgmtdServerConfig {
+    fn default() -> Self {
+        let d = r3fs_mgmtd::MgmtdConfig::new(1, "");
+        MgmtdServerConfig {
+            node_id: 1,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9200)),
+            data_dir: PathBuf::from("/var/lib/r3fs/mgmtd"),
+            lease_ms: d.lease_duration.as_millis() as u64,
+            extend_interval_ms: d.extend_interval.as_millis() as u64,
+            check_interval_ms: d.check_interval.as_millis() as u64,
+            heartbeat_timeout_ms: d.heartbeat_timeout.as_millis() as u64,
+            session_timeout_ms: d.session_timeout.as_millis() as u64,
+            kv: KvConfig::default(),
+        }
+    }
+}
+
+impl MgmtdServerConfig {
+    /// The service settings, checked.
+    pub fn mgmtd_config(&self, advertised: SocketAddr) -> anyhow::Result<r3fs_mgmtd::MgmtdConfig> {
+        use std::time::Duration;
+        let mut c = r3fs_mgmtd::MgmtdConfig::new(self.node_id, advertised.to_string());
+        c.lease_duration = Duration::from_millis(self.lease_ms);
+        c.extend_interval = Duration::from_millis(self.extend_interval_ms);
+        c.check_interval = Duration::from_millis(self.check_interval_ms);
+        c.heartbeat_timeout = Duration::from_millis(self.heartbeat_timeout_ms);
+        c.session_timeout = Duration::from_millis(self.session_timeout_ms);
+        c.validate()
+            .map_err(|e| anyhow::anyhow!("mgmtd config: {e}"))?;
+        self.kv.validate()?;
+        Ok(c)
     }
 }
 
@@ -152,5 +231,15 @@ mod tests {
         assert!(parse("[kv]\nengine = \"rocks\"").is_err());
         assert!(parse("[kv]\ndurability = \"periodic\"\nfsync_interval_ms = 0").is_err());
         assert!(parse("[namespace]\nchunk_size = 1000").is_err());
+        assert!(parse("[kv]\nengine = \"remote\"").is_err());
+    }
+
+    #[test]
+    fn mgmtd_config_checks_timings() {
+        let mut cfg: MgmtdServerConfig =
+            toml::from_str("node_id = 3\nlease_ms = 4000\nextend_interval_ms = 1000").unwrap();
+        assert_eq!(cfg.mgmtd_config(cfg.listen).unwrap().node_id, 3);
+        cfg.extend_interval_ms = 3000;
+        assert!(cfg.mgmtd_config(cfg.listen).is_err());
     }
 }

@@ -5,9 +5,13 @@
 //! It owns argument parsing, config files, logging setup, signals and exit
 //! codes; errors are printed once, with their whole chain of causes.
 
+mod admin;
 mod config;
+mod engine;
 mod fs;
+mod kv;
 mod meta;
+mod mgmtd;
 
 use clap::{Parser, Subcommand};
 
@@ -17,8 +21,8 @@ use clap::{Parser, Subcommand};
     version,
     about = "r3fs: a distributed file system (a Rust rewrite of DeepSeek 3FS)",
     long_about = "r3fs: a distributed file system (a Rust rewrite of DeepSeek 3FS).\n\n\
-        Run servers with `r3fs meta`, and work with the namespace through a meta \
-        server with `r3fs fs`. Logs go to stderr; set RUST_LOG (or --log) to e.g. \
+        Run servers with `r3fs kv`, `r3fs mgmtd` and `r3fs meta`; operate the cluster \
+        with `r3fs admin` and the namespace with `r3fs fs`. Logs go to stderr; set RUST_LOG (or --log) to e.g. \
         `debug` or `r3fs_meta=debug,info` for more."
 )]
 struct Cli {
@@ -35,6 +39,12 @@ enum Command {
     Meta(meta::MetaArgs),
     /// Namespace operations through a meta server (ls, stat, mkdir, mv, ...).
     Fs(fs::FsArgs),
+    /// Run a KV server: the embedded engine shared by several processes.
+    Kv(kv::KvArgs),
+    /// Run an mgmtd instance: membership, primary lease, routing, chain states.
+    Mgmtd(mgmtd::MgmtdArgs),
+    /// Operate the cluster through mgmtd (list-nodes, list-chains, ...).
+    Admin(admin::AdminArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,6 +59,9 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Meta(args) => meta::run(args),
         Command::Fs(args) => fs::run(args),
+        Command::Kv(args) => kv::run(args),
+        Command::Mgmtd(args) => mgmtd::run(args),
+        Command::Admin(args) => admin::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

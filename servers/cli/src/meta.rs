@@ -3,10 +3,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
-use r3fs_kv::KvEngine;
 use r3fs_meta::MetaStore;
 use r3fs_net::{Router, RpcServer, ServerConfig};
 
@@ -35,10 +33,13 @@ pub struct MetaArgs {
     /// FoundationDB cluster file (with --engine fdb).
     #[arg(long)]
     fdb_cluster_file: Option<PathBuf>,
+    /// Address of an `r3fs kv` server (with --engine remote); repeatable.
+    #[arg(long = "kv-remote", value_delimiter = ',')]
+    kv_remote: Vec<SocketAddr>,
 }
 
 pub fn run(args: MetaArgs) -> anyhow::Result<()> {
-    let mut cfg = MetaServerConfig::load(args.config.as_deref())?;
+    let mut cfg: MetaServerConfig = crate::config::load(args.config.as_deref())?;
     if let Some(v) = args.listen {
         cfg.listen = v;
     }
@@ -57,55 +58,15 @@ pub fn run(args: MetaArgs) -> anyhow::Result<()> {
     if let Some(v) = args.fdb_cluster_file {
         cfg.kv.fdb_cluster_file = Some(v);
     }
+    if !args.kv_remote.is_empty() {
+        cfg.kv.remote = args.kv_remote;
+    }
     cfg.validate()?;
-    let engine = open_engine(&cfg)?;
+    let engine = crate::engine::open(&cfg.kv, &cfg.data_dir)?;
     let store = MetaStore::new(engine, cfg.namespace.clone(), Some(cfg.data_dir.clone()))
         .context("open the namespace")?;
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
     runtime.block_on(serve(cfg, Arc::new(store)))
-}
-
-fn open_engine(cfg: &MetaServerConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
-    match cfg.kv.engine {
-        EngineKind::Embedded => {
-            use r3fs_kv::embedded::{Durability, EmbeddedConfig, EmbeddedEngine};
-            std::fs::create_dir_all(&cfg.data_dir)
-                .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
-            let mut ecfg = EmbeddedConfig::new(&cfg.data_dir);
-            ecfg.durability = match cfg.kv.durability {
-                DurabilityKind::Sync => Durability::Sync,
-                DurabilityKind::Periodic => {
-                    Durability::Periodic(Duration::from_millis(cfg.kv.fsync_interval_ms))
-                }
-            };
-            let engine = EmbeddedEngine::open(ecfg).with_context(|| {
-                format!(
-                    "open the embedded KV engine in {} (is another r3fs process using it?)",
-                    cfg.data_dir.display()
-                )
-            })?;
-            Ok(Arc::new(engine))
-        }
-        EngineKind::Fdb => open_fdb(cfg),
-    }
-}
-
-#[cfg(feature = "fdb")]
-fn open_fdb(cfg: &MetaServerConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
-    let cluster_file =
-        match &cfg.kv.fdb_cluster_file {
-            Some(path) => Some(path.to_str().with_context(|| {
-                format!("fdb_cluster_file {} is not valid UTF-8", path.display())
-            })?),
-            None => None,
-        };
-    let engine = r3fs_kv::fdb::FdbEngine::open(cluster_file).context("connect to FoundationDB")?;
-    Ok(Arc::new(engine))
-}
-
-#[cfg(not(feature = "fdb"))]
-fn open_fdb(_cfg: &MetaServerConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
-    anyhow::bail!("this r3fs was built without FoundationDB support; rebuild with `cargo build --release --features fdb` (needs libfdb_c)")
 }
 
 async fn serve(cfg: MetaServerConfig, store: Arc<MetaStore>) -> anyhow::Result<()> {
@@ -121,20 +82,9 @@ async fn serve(cfg: MetaServerConfig, store: Arc<MetaStore>) -> anyhow::Result<(
         durability = ?cfg.kv.durability,
         "meta server ready"
     );
-    wait_for_signal().await?;
+    crate::engine::wait_for_signal().await?;
     tracing::info!("shutting down: finishing in-flight requests");
     server.shutdown().await;
     tracing::info!("meta server stopped");
-    Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
     Ok(())
 }
