@@ -3,74 +3,35 @@
 //! Every test kills the processes it started (by pid, on drop) and removes
 //! its temporary directory, even when it fails.
 
-use std::io::Read;
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_r3fs");
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
+use std::path::Path;
+use std::process::{Command, Output};
 
-/// A running `r3fs meta`; killed and reaped on drop.
-struct MetaProcess {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
+use common::{free_addr, ServerProcess, BIN};
+
+/// A running `r3fs meta` and the `r3fs fs` commands that talk to it.
+struct MetaProcess(ServerProcess);
+
+impl std::ops::Deref for MetaProcess {
+    type Target = ServerProcess;
+    fn deref(&self) -> &ServerProcess {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for MetaProcess {
+    fn deref_mut(&mut self) -> &mut ServerProcess {
+        &mut self.0
+    }
 }
 
 impl MetaProcess {
     fn start(data_dir: &Path, extra: &[&str]) -> MetaProcess {
-        let addr = free_addr();
-        let log = data_dir.with_extension("log");
-        let child = Command::new(BIN)
-            .args(["meta", "--data-dir"])
-            .arg(data_dir)
-            .args(["--listen", &addr.to_string()])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn r3fs meta");
-        let mut p = MetaProcess { child, addr, log };
-        p.wait_ready();
-        p
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        while Instant::now() < deadline {
-            if TcpStream::connect(self.addr).is_ok() {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("r3fs meta exited early ({status}): {}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!(
-            "r3fs meta not ready after {READY_TIMEOUT:?}: {}",
-            self.log_text()
-        );
-    }
-
-    fn log_text(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.log) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, sig).expect("signal our own child");
-    }
-
-    /// Waits for the process to exit and returns whether it exited 0.
-    fn wait(&mut self) -> bool {
-        self.child.wait().expect("wait for r3fs meta").success()
+        let data = data_dir.to_str().unwrap();
+        let mut args = vec!["meta", "--data-dir", data];
+        args.extend_from_slice(extra);
+        MetaProcess(ServerProcess::start(&args, &data_dir.with_extension("log")))
     }
 
     fn fs(&self, args: &[&str]) -> Output {
@@ -91,18 +52,6 @@ impl MetaProcess {
         );
         String::from_utf8(out.stdout).unwrap()
     }
-}
-
-impl Drop for MetaProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
 
 #[test]
