@@ -47,8 +47,8 @@ cargo build --release --locked -p r3fs-cli -p r3fs-bench
 step "r3fs-bench meta (short run: checks the benchmark works; figures are not judged)"
 target/release/r3fs-bench meta --ops 2000 --listings 40
 
-step "main job: local meta server"
-R3FS_BIN=target/release/r3fs bash tests/scripts/local-meta.sh
+step "main job: local cluster (kv, mgmtd, meta)"
+R3FS_BIN=target/release/r3fs bash tests/scripts/local-cluster.sh
 
 echo
 echo "all r3fs tests passed in $(( $(date +%s) - start )) s"

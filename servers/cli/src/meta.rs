@@ -63,7 +63,11 @@ pub fn run(args: MetaArgs) -> anyhow::Result<()> {
     }
     cfg.validate()?;
     let engine = crate::engine::open(&cfg.kv, &cfg.data_dir)?;
-    let store = MetaStore::new(engine, cfg.namespace.clone(), Some(cfg.data_dir.clone()))
+    // Capacity is measured on the data directory only when the engine keeps
+    // its files there; with a shared engine it comes from the config (storage
+    // capacity arrives with the storage service).
+    let capacity_dir = (cfg.kv.engine == EngineKind::Embedded).then(|| cfg.data_dir.clone());
+    let store = MetaStore::new(engine, cfg.namespace.clone(), capacity_dir)
         .context("open the namespace")?;
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
     runtime.block_on(serve(cfg, Arc::new(store)))
