@@ -4,6 +4,7 @@
 //! Never holds data: a client transaction buffers writes until the next read
 //! or the commit, and the server's engine does the rest.
 
+use r3fs_kv::limits::{check_key, check_range, check_value, WriteBudget};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use r3fs_kv::{
     key_after, AtomicOp, KeyValue, KvEngine, KvError, RangeOptions, RangeResult, Transaction,
-    KEY_BYTES_MAX, TRANSACTION_BYTES_MAX, VALUE_BYTES_MAX,
+    KEY_BYTES_MAX, VALUE_BYTES_MAX,
 };
 use r3fs_net::{CallOptions, ClientConfig, RetryPolicy, RpcClient, RpcError, CONNECT_TIMEOUT};
 use r3fs_wire::kv::{self as wire, KvResult, Mutation, Mutations, TxnId};
@@ -239,39 +240,12 @@ struct RemoteTxn {
     /// Mutations the server confirmed applying; the index of `pending[0]`.
     acked: u64,
     /// Key and value bytes written, against `TRANSACTION_BYTES_MAX`.
-    written_bytes: usize,
+    budget: WriteBudget,
     /// Set when a request carrying mutations failed: the server may hold
     /// some of them, so every later call fails with this error.
     broken: Option<KvError>,
     /// The server may still hold the transaction; drop sends an abort.
     open: bool,
-}
-
-fn check_key(key: &[u8]) -> Result<(), KvError> {
-    if key.len() > KEY_BYTES_MAX {
-        return Err(KvError::KeyTooLarge {
-            len: key.len(),
-            max: KEY_BYTES_MAX,
-        });
-    }
-    Ok(())
-}
-
-fn check_value(value: &[u8]) -> Result<(), KvError> {
-    if value.len() > VALUE_BYTES_MAX {
-        return Err(KvError::ValueTooLarge {
-            len: value.len(),
-            max: VALUE_BYTES_MAX,
-        });
-    }
-    Ok(())
-}
-
-fn check_range(begin: &[u8], end: &[u8]) -> Result<(), KvError> {
-    if begin > end {
-        return Err(KvError::InvalidRange);
-    }
-    Ok(())
 }
 
 impl RemoteTxn {
@@ -283,22 +257,10 @@ impl RemoteTxn {
             pending: Vec::new(),
             pending_bytes: 0,
             acked: 0,
-            written_bytes: 0,
+            budget: WriteBudget::default(),
             broken: None,
             open: true,
         }
-    }
-
-    fn charge(&mut self, bytes: usize) -> Result<(), KvError> {
-        let total = self.written_bytes.saturating_add(bytes);
-        if total > TRANSACTION_BYTES_MAX {
-            return Err(KvError::TransactionTooLarge {
-                len: total,
-                max: TRANSACTION_BYTES_MAX,
-            });
-        }
-        self.written_bytes = total;
-        Ok(())
     }
 
     /// Buffers `mutation` of `bytes` key and value bytes; sends the buffer
@@ -440,7 +402,7 @@ impl Transaction for RemoteTxn {
         check_key(key)?;
         check_value(value)?;
         let bytes = key.len() + value.len();
-        self.charge(bytes)?;
+        self.budget.charge(bytes)?;
         let mutation = Mutation::Set {
             key: key.to_vec(),
             value: value.to_vec(),
@@ -450,14 +412,14 @@ impl Transaction for RemoteTxn {
 
     fn clear(&mut self, key: &[u8]) -> Result<(), KvError> {
         check_key(key)?;
-        self.charge(key.len())?;
+        self.budget.charge(key.len())?;
         self.push(Mutation::Clear { key: key.to_vec() }, key.len())
     }
 
     fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
         check_range(begin, end)?;
         let bytes = begin.len() + end.len();
-        self.charge(bytes)?;
+        self.budget.charge(bytes)?;
         let mutation = Mutation::ClearRange {
             begin: begin.to_vec(),
             end: end.to_vec(),
@@ -468,7 +430,7 @@ impl Transaction for RemoteTxn {
     fn atomic_op(&mut self, key: &[u8], op: AtomicOp, operand: u64) -> Result<(), KvError> {
         check_key(key)?;
         let bytes = key.len() + ATOMIC_OPERAND_BYTES;
-        self.charge(bytes)?;
+        self.budget.charge(bytes)?;
         let mutation = Mutation::AtomicOp {
             key: key.to_vec(),
             op: atomic_to_wire(op),

@@ -55,6 +55,7 @@
 mod buffer;
 mod history;
 
+use crate::limits::{check_key, check_range, check_value, WriteBudget};
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -68,10 +69,7 @@ use parking_lot::{Condvar, Mutex};
 
 pub use history::{HISTORY_AGE_MAX, HISTORY_BYTES_MAX, HISTORY_COMMITS_MAX};
 
-use crate::{
-    AtomicOp, KeyValue, KvEngine, KvError, RangeOptions, RangeResult, Transaction, KEY_BYTES_MAX,
-    TRANSACTION_BYTES_MAX, VALUE_BYTES_MAX,
-};
+use crate::{AtomicOp, KeyValue, KvEngine, KvError, RangeOptions, RangeResult, Transaction};
 use buffer::{apply_atomics, Pending, WriteBuffer, ATOMIC_OPERAND_BYTES};
 use history::{History, KeyRange};
 
@@ -452,7 +450,7 @@ impl KvEngine for EmbeddedEngine {
             read_version,
             buffer: WriteBuffer::default(),
             reads: Vec::new(),
-            bytes_written: 0,
+            budget: WriteBudget::default(),
         }))
     }
 
@@ -472,49 +470,10 @@ struct EmbeddedTxn {
     /// Read-conflict ranges.
     reads: Vec<KeyRange>,
     /// Bytes of keys and values written so far, against `TRANSACTION_BYTES_MAX`.
-    bytes_written: usize,
-}
-
-fn check_key(key: &[u8]) -> Result<(), KvError> {
-    if key.len() > KEY_BYTES_MAX {
-        return Err(KvError::KeyTooLarge {
-            len: key.len(),
-            max: KEY_BYTES_MAX,
-        });
-    }
-    Ok(())
-}
-
-fn check_value(value: &[u8]) -> Result<(), KvError> {
-    if value.len() > VALUE_BYTES_MAX {
-        return Err(KvError::ValueTooLarge {
-            len: value.len(),
-            max: VALUE_BYTES_MAX,
-        });
-    }
-    Ok(())
-}
-
-fn check_range(begin: &[u8], end: &[u8]) -> Result<(), KvError> {
-    if begin > end {
-        return Err(KvError::InvalidRange);
-    }
-    Ok(())
+    budget: WriteBudget,
 }
 
 impl EmbeddedTxn {
-    fn charge(&mut self, bytes: usize) -> Result<(), KvError> {
-        let total = self.bytes_written.saturating_add(bytes);
-        if total > TRANSACTION_BYTES_MAX {
-            return Err(KvError::TransactionTooLarge {
-                len: total,
-                max: TRANSACTION_BYTES_MAX,
-            });
-        }
-        self.bytes_written = total;
-        Ok(())
-    }
-
     fn read_key(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
         match self.buffer.writes.get(key) {
             Some(Pending::Value(value)) => Ok(value.clone()),
@@ -660,28 +619,28 @@ impl Transaction for EmbeddedTxn {
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
         check_key(key)?;
         check_value(value)?;
-        self.charge(key.len() + value.len())?;
+        self.budget.charge(key.len() + value.len())?;
         self.buffer.set(key, value);
         Ok(())
     }
 
     fn clear(&mut self, key: &[u8]) -> Result<(), KvError> {
         check_key(key)?;
-        self.charge(key.len())?;
+        self.budget.charge(key.len())?;
         self.buffer.clear(key);
         Ok(())
     }
 
     fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
         check_range(begin, end)?;
-        self.charge(begin.len() + end.len())?;
+        self.budget.charge(begin.len() + end.len())?;
         self.buffer.clear_range(begin, end);
         Ok(())
     }
 
     fn atomic_op(&mut self, key: &[u8], op: AtomicOp, operand: u64) -> Result<(), KvError> {
         check_key(key)?;
-        self.charge(key.len() + ATOMIC_OPERAND_BYTES)?;
+        self.budget.charge(key.len() + ATOMIC_OPERAND_BYTES)?;
         self.buffer.atomic_op(key, op, operand);
         Ok(())
     }

@@ -28,6 +28,7 @@
 //! FoundationDB's. Range reads page through FDB with `WantAll` streaming, at most
 //! `RangeOptions::limit` pairs when a limit is set.
 
+use crate::limits::{check_key, check_range, check_value, WriteBudget};
 use std::sync::OnceLock;
 
 use foundationdb::api::NetworkAutoStop;
@@ -108,7 +109,7 @@ impl KvEngine for FdbEngine {
         let tr = self.db.create_trx().map_err(|e| map_error(e, 0))?;
         Ok(Box::new(FdbTxn {
             tr,
-            bytes_written: 0,
+            budget: WriteBudget::default(),
         }))
     }
 
@@ -120,51 +121,12 @@ impl KvEngine for FdbEngine {
 struct FdbTxn {
     tr: foundationdb::Transaction,
     /// Bytes of keys and values written so far, against `TRANSACTION_BYTES_MAX`.
-    bytes_written: usize,
-}
-
-fn check_key(key: &[u8]) -> Result<(), KvError> {
-    if key.len() > KEY_BYTES_MAX {
-        return Err(KvError::KeyTooLarge {
-            len: key.len(),
-            max: KEY_BYTES_MAX,
-        });
-    }
-    Ok(())
-}
-
-fn check_value(value: &[u8]) -> Result<(), KvError> {
-    if value.len() > VALUE_BYTES_MAX {
-        return Err(KvError::ValueTooLarge {
-            len: value.len(),
-            max: VALUE_BYTES_MAX,
-        });
-    }
-    Ok(())
-}
-
-fn check_range(begin: &[u8], end: &[u8]) -> Result<(), KvError> {
-    if begin > end {
-        return Err(KvError::InvalidRange);
-    }
-    Ok(())
+    budget: WriteBudget,
 }
 
 impl FdbTxn {
-    fn charge(&mut self, bytes: usize) -> Result<(), KvError> {
-        let total = self.bytes_written.saturating_add(bytes);
-        if total > TRANSACTION_BYTES_MAX {
-            return Err(KvError::TransactionTooLarge {
-                len: total,
-                max: TRANSACTION_BYTES_MAX,
-            });
-        }
-        self.bytes_written = total;
-        Ok(())
-    }
-
     fn error(&self, err: FdbError) -> KvError {
-        map_error(err, self.bytes_written)
+        map_error(err, self.budget.used())
     }
 
     fn read(&self, key: &[u8], snapshot: bool) -> Result<Option<Vec<u8>>, KvError> {
@@ -252,21 +214,21 @@ impl Transaction for FdbTxn {
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
         check_key(key)?;
         check_value(value)?;
-        self.charge(key.len() + value.len())?;
+        self.budget.charge(key.len() + value.len())?;
         self.tr.set(key, value);
         Ok(())
     }
 
     fn clear(&mut self, key: &[u8]) -> Result<(), KvError> {
         check_key(key)?;
-        self.charge(key.len())?;
+        self.budget.charge(key.len())?;
         self.tr.clear(key);
         Ok(())
     }
 
     fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
         check_range(begin, end)?;
-        self.charge(begin.len() + end.len())?;
+        self.budget.charge(begin.len() + end.len())?;
         if begin < end {
             self.tr.clear_range(begin, end);
         }
@@ -276,7 +238,7 @@ impl Transaction for FdbTxn {
     fn atomic_op(&mut self, key: &[u8], op: AtomicOp, operand: u64) -> Result<(), KvError> {
         check_key(key)?;
         let param = operand.to_le_bytes();
-        self.charge(key.len() + param.len())?;
+        self.budget.charge(key.len() + param.len())?;
         let mutation = match op {
             AtomicOp::Add => MutationType::Add,
             AtomicOp::Max => MutationType::Max,
@@ -301,7 +263,7 @@ impl Transaction for FdbTxn {
     }
 
     fn commit(self: Box<Self>) -> Result<(), KvError> {
-        let bytes_written = self.bytes_written;
+        let bytes_written = self.budget.used();
         block_on(self.tr.commit())
             .map(|_| ())
             .map_err(|e| map_error(*e, bytes_written))

@@ -25,6 +25,7 @@ pub mod conformance;
 pub mod embedded;
 #[cfg(feature = "fdb")]
 pub mod fdb;
+pub mod limits;
 mod retry;
 
 pub use retry::{run, AsKvError, RetryPolicy};
