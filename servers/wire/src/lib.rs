@@ -1,6 +1,6 @@
 //! Everything r3fs puts on the network, and nothing else: the frame format
 //! ([`frame`]), how bodies are encoded ([`body`]), the method registry
-//! ([`method`]), and each service's request and response types ([`kv`], [`meta`], [`mgmt`]).
+//! ([`method`]), and each service's request and response types ([`kv`], [`meta`], [`mgmt`], [`storage`]).
 //!
 //! No sockets, no async runtime, no retries: that is `r3fs-net`. A change here
 //! changes the protocol, so it gets the strictest review.
@@ -11,5 +11,6 @@ pub mod kv;
 pub mod meta;
 pub mod method;
 pub mod mgmt;
+pub mod storage;
 
 pub use method::{ErrorBody, ErrorCode, Method};

@@ -1,0 +1,1294 @@
+//! Behaviour of the local chunk engine: versions, CRCs, crashes, full disks.
+
+use std::io::{BufRead, BufReader, Write as _};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use r3fs_storage::chunk::{ChunkEngine, ChunkError, ChunkId, ChunkMeta, CHUNK_BYTES_MAX};
+
+/// Chunk size used by most tests.
+const CHUNK_SIZE: u32 = 64 * 1024;
+
+fn open(dir: &Path) -> ChunkEngine {
+    ChunkEngine::open(dir, CHUNK_SIZE).expect("open chunk engine")
+}
+
+fn cid(index: u64) -> ChunkId {
+    ChunkId { inode: 7, index }
+}
+
+/// One step of a scenario; chunks are `cid(chunk)`.
+#[derive(Debug, Clone)]
+enum Op {
+    Write {
+        chunk: u64,
+        ver: u64,
+        chain: u64,
+        off: u32,
+        data: &'static [u8],
+    },
+    Commit {
+        chunk: u64,
+        ver: u64,
+    },
+    Abort {
+        chunk: u64,
+    },
+    Read {
+        chunk: u64,
+        off: u32,
+        len: u32,
+    },
+    ReadDirty {
+        chunk: u64,
+        off: u32,
+        len: u32,
+    },
+    Truncate {
+        chunk: u64,
+        len: u32,
+        ver: u64,
+        chain: u64,
+    },
+    Remove {
+        chunk: u64,
+        ver: u64,
+        chain: u64,
+    },
+}
+
+fn error_name(e: &ChunkError) -> &'static str {
+    match e {
+        ChunkError::NotFound { .. } => "NotFound",
+        ChunkError::NotCommitted { .. } => "NotCommitted",
+        ChunkError::OutOfRange { .. } => "OutOfRange",
+        ChunkError::VersionConflict { .. } => "VersionConflict",
+        ChunkError::StaleVersion { .. } => "StaleVersion",
+        ChunkError::OutOfOrder { .. } => "OutOfOrder",
+        ChunkError::StaleChainVersion { .. } => "StaleChainVersion",
+        ChunkError::NoPending { .. } => "NoPending",
+        ChunkError::Corrupt { .. } => "Corrupt",
+        ChunkError::InstallMismatch { .. } => "InstallMismatch",
+        ChunkError::BadMeta { .. } => "BadMeta",
+        ChunkError::NoSpace { .. } => "NoSpace",
+        ChunkError::Io { .. } => "Io",
+        ChunkError::Kv { .. } => "Kv",
+        ChunkError::ChunkSizeTooLarge { .. } => "ChunkSizeTooLarge",
+    }
+}
+
+fn render_meta(m: &ChunkMeta) -> String {
+    format!("c{} u{} len{}", m.commit_ver, m.update_ver, m.length)
+}
+
+/// Run one op and render its outcome as a short string.
+fn run_op(engine: &ChunkEngine, op: &Op) -> String {
+    let result = match *op {
+        Op::Write {
+            chunk,
+            ver,
+            chain,
+            off,
+            data,
+        } => engine
+            .write_pending(cid(chunk), ver, chain, off, data, CHUNK_SIZE)
+            .map(|m| render_meta(&m)),
+        Op::Commit { chunk, ver } => engine
+            .commit(cid(chunk), ver)
+            .map(|m| m.map_or("removed".to_string(), |m| render_meta(&m))),
+        Op::Abort { chunk } => engine.abort_pending(cid(chunk)).map(|()| "aborted".into()),
+        Op::Read { chunk, off, len } => engine
+            .read(cid(chunk), off, len)
+            .map(|(b, _)| format!("{:?}", String::from_utf8_lossy(&b))),
+        Op::ReadDirty { chunk, off, len } => engine
+            .read_committed_even_if_dirty(cid(chunk), off, len)
+            .map(|(b, _)| format!("{:?}", String::from_utf8_lossy(&b))),
+        Op::Truncate {
+            chunk,
+            len,
+            ver,
+            chain,
+        } => engine
+            .truncate(cid(chunk), len, ver, chain)
+            .map(|m| render_meta(&m)),
+        Op::Remove { chunk, ver, chain } => engine
+            .remove(cid(chunk), ver, chain)
+            .map(|m| m.map_or("absent".to_string(), |m| render_meta(&m))),
+    };
+    match result {
+        Ok(s) => s,
+        Err(e) => format!("err {}", error_name(&e)),
+    }
+}
+
+/// Run a scenario on a fresh engine; every step's outcome must match.
+fn check(steps: &[(Op, &str)]) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path());
+    for (i, (op, expect)) in steps.iter().enumerate() {
+        let got = run_op(&engine, op);
+        assert_eq!(got, *expect, "step {i}: {op:?}");
+    }
+}
+
+use Op::*;
+
+#[test]
+fn pending_writes_are_invisible_until_commit() {
+    check(&[
+        (
+            Read {
+                chunk: 0,
+                off: 0,
+                len: 10,
+            },
+            "err NotFound",
+        ),
+        (
+            Write {
+                chunk: 0,
+                ver: 1,
+                chain: 1,
+                off: 0,
+                data: b"hello",
+            },
+            "c0 u1 len0",
+        ),
+        (
+            Read {
+                chunk: 0,
+                off: 0,
+                len: 10,
+            },
+            "err NotCommitted",
+        ),
+        (
+            ReadDirty {
+                chunk: 0,
+                off: 0,
+                len: 10,
+            },
+            "err NotFound",
+        ),
+        (Commit { chunk: 0, ver: 1 }, "c1 u1 len5"),
+        (
+            Read {
+                chunk: 0,
+                off: 0,
+                len: 10,
+            },
+            "\"hello\"",
+        ),
+        (
+            Write {
+                chunk: 0,
+                ver: 2,
+                chain: 1,
+                off: 0,
+                data: b"HE",
+            },
+            "c1 u2 len5",
+        ),
+        (
+            Read {
+                chunk: 0,
+                off: 0,
+                len: 10,
+            },
+            "err NotCommitted",
+        ),
+        (
+            ReadDirty {
+                chunk: 0,
+                off: 0,
+                len: 10,
+            },
+            "\"hello\"",
+        ),
+        (Commit { chunk: 0, ver: 2 }, "c2 u2 len5"),
+        (
+            Read {
+                chunk: 0,
+                off: 0,
+                len: 10,
+            },
+            "\"HEllo\"",
+        ),
+    ]);
+}
+
+#[test]
+fn offsets_gaps_and_reads_past_the_end() {
+    check(&[
+        (
+            Write {
+                chunk: 1,
+                ver: 1,
+                chain: 1,
+                off: 3,
+                data: b"ab",
+            },
+            "c0 u1 len0",
+        ),
+        (Commit { chunk: 1, ver: 1 }, "c1 u1 len5"),
+        (
+            Read {
+                chunk: 1,
+                off: 0,
+                len: 100,
+            },
+            "\"\\0\\0\\0ab\"",
+        ),
+        (
+            Read {
+                chunk: 1,
+                off: 4,
+                len: 100,
+            },
+            "\"b\"",
+        ),
+        (
+            Read {
+                chunk: 1,
+                off: 5,
+                len: 100,
+            },
+            "\"\"",
+        ),
+        (
+            Read {
+                chunk: 1,
+                off: 1000,
+                len: 100,
+            },
+            "\"\"",
+        ),
+        (
+            Read {
+                chunk: 1,
+                off: 1,
+                len: 2,
+            },
+            "\"\\0\\0\"",
+        ),
+        (
+            Write {
+                chunk: 1,
+                ver: 2,
+                chain: 1,
+                off: 7,
+                data: b"z",
+            },
+            "c1 u2 len5",
+        ),
+        (Commit { chunk: 1, ver: 2 }, "c2 u2 len8"),
+        (
+            Read {
+                chunk: 1,
+                off: 0,
+                len: 100,
+            },
+            "\"\\0\\0\\0ab\\0\\0z\"",
+        ),
+    ]);
+}
+
+#[test]
+fn retried_writes_and_commits_are_idempotent() {
+    check(&[
+        (
+            Write {
+                chunk: 0,
+                ver: 1,
+                chain: 1,
+                off: 0,
+                data: b"abc",
+            },
+            "c0 u1 len0",
+        ),
+        (
+            Write {
+                chunk: 0,
+                ver: 1,
+                chain: 1,
+                off: 0,
+                data: b"abc",
+            },
+            "c0 u1 len0",
+        ),
+        (Commit { chunk: 0, ver: 1 }, "c1 u1 len3"),
+        (Commit { chunk: 0, ver: 1 }, "c1 u1 len3"),
+        // The write already committed: a late retry succeeds.
+        (
+            Write {
+                chunk: 0,
+                ver: 1,
+                chain: 1,
+                off: 0,
+                data: b"abc",
+            },
+            "c1 u1 len3",
+        ),
+        (
+            Truncate {
+                chunk: 0,
+                len: 2,
+                ver: 2,
+                chain: 1,
+            },
+            "c1 u2 len3",
+        ),
+        (
+            Truncate {
+                chunk: 0,
+                len: 2,
+                ver: 2,
+                chain: 1,
+            },
+            "c1 u2 len3",
+        ),
+        (Commit { chunk: 0, ver: 2 }, "c2 u2 len2"),
+        (
+            Truncate {
+                chunk: 0,
+                len: 2,
+                ver: 2,
+                chain: 1,
+            },
+            "c2 u2 len2",
+        ),
+        (
+            Read {
+                chunk: 0,
+                off: 0,
+                len: 10,
+            },
+            "\"ab\"",
+        ),
+    ]);
+}
+
+#[test]
+fn bad_versions_and_ranges_are_refused() {
+    check(&[
+        (
+            Write {
+                chunk: 0,
+                ver: 2,
+                chain: 1,
+                off: 0,
+                data: b"a",
+            },
+            "err OutOfOrder",
+        ),
+        (
+            Write {
+                chunk: 0,
+                ver: 1,
+                chain: 5,
+                off: CHUNK_SIZE,
+                data: b"a",
+            },
+            "err OutOfRange",
+        ),
+        (
+            Write {
+                chunk: 0,
+                ver: 1,
+                chain: 5,
+                off: 0,
+                data: b"abc",
+            },
+            "c0 u1 len0",
+        ),
+        (
+            Write {
+                chunk: 0,
+                ver: 1,
+                chain: 5,
+                off: 0,
+                data: b"xyz",
+            },
+            "err VersionConflict",
+        ),
+        (
+            Write {
+                chunk: 0,
+                ver: 2,
+                chain: 5,
+                off: 0,
+                data: b"xyz",
+            },
+            "err OutOfOrder",
+        ),
+        (
+            Write {
+                chunk: 0,
+                ver: 1,
+                chain: 4,
+                off: 0,
+                data: b"abc",
+            },
+            "err StaleChainVersion",
+        ),
+        (Commit { chunk: 0, ver: 2 }, "err NoPending"),
+        (Commit { chunk: 9, ver: 1 }, "err NotFound"),
+        (Commit { chunk: 0, ver: 1 }, "c1 u1 len3"),
+        (Commit { chunk: 0, ver: 2 }, "err NoPending"),
+        (Commit { chunk: 0, ver: 0 }, "err StaleVersion"),
+        (
+            Write {
+                chunk: 0,
+                ver: 1,
+                chain: 5,
+                off: 0,
+                data: b"xyz",
+            },
+            "err StaleVersion",
+        ),
+        (
+            Write {
+                chunk: 0,
+                ver: 0,
+                chain: 5,
+                off: 0,
+                data: b"abc",
+            },
+            "err StaleVersion",
+        ),
+        (
+            Truncate {
+                chunk: 0,
+                len: CHUNK_SIZE + 1,
+                ver: 2,
+                chain: 5,
+            },
+            "err OutOfRange",
+        ),
+        (
+            Read {
+                chunk: 0,
+                off: 0,
+                len: 10,
+            },
+            "\"abc\"",
+        ),
+    ]);
+}
+
+#[test]
+fn abort_drops_only_the_pending_version() {
+    check(&[
+        (Abort { chunk: 0 }, "aborted"),
+        (
+            Write {
+                chunk: 0,
+                ver: 1,
+                chain: 1,
+                off: 0,
+                data: b"one",
+            },
+            "c0 u1 len0",
+        ),
+        (Abort { chunk: 0 }, "aborted"),
+        (
+            Read {
+                chunk: 0,
+                off: 0,
+                len: 10,
+            },
+            "err NotFound",
+        ),
+        (
+            Write {
+                chunk: 0,
+                ver: 1,
+                chain: 1,
+                off: 0,
+                data: b"one",
+            },
+            "c0 u1 len0",
+        ),
+        (Commit { chunk: 0, ver: 1 }, "c1 u1 len3"),
+        (
+            Write {
+                chunk: 0,
+                ver: 2,
+                chain: 1,
+                off: 0,
+                data: b"two!",
+            },
+            "c1 u2 len3",
+        ),
+        (Abort { chunk: 0 }, "aborted"),
+        (Abort { chunk: 0 }, "aborted"),
+        (
+            Read {
+                chunk: 0,
+                off: 0,
+                len: 10,
+            },
+            "\"one\"",
+        ),
+        (
+            Write {
+                chunk: 0,
+                ver: 2,
+                chain: 1,
+                off: 0,
+                data: b"2",
+            },
+            "c1 u2 len3",
+        ),
+        (Commit { chunk: 0, ver: 2 }, "c2 u2 len3"),
+        (
+            Read {
+                chunk: 0,
+                off: 0,
+                len: 10,
+            },
+            "\"2ne\"",
+        ),
+    ]);
+}
+
+#[test]
+fn truncate_and_remove_are_versioned() {
+    check(&[
+        (
+            Truncate {
+                chunk: 0,
+                len: 3,
+                ver: 1,
+                chain: 1,
+            },
+            "c0 u1 len0",
+        ),
+        (Commit { chunk: 0, ver: 1 }, "c1 u1 len3"),
+        (
+            Read {
+                chunk: 0,
+                off: 0,
+                len: 10,
+            },
+            "\"\\0\\0\\0\"",
+        ),
+        (
+            Write {
+                chunk: 0,
+                ver: 2,
+                chain: 1,
+                off: 0,
+                data: b"abcdef",
+            },
+            "c1 u2 len3",
+        ),
+        (Commit { chunk: 0, ver: 2 }, "c2 u2 len6"),
+        (
+            Truncate {
+                chunk: 0,
+                len: 2,
+                ver: 3,
+                chain: 1,
+            },
+            "c2 u3 len6",
+        ),
+        (
+            Read {
+                chunk: 0,
+                off: 0,
+                len: 10,
+            },
+            "err NotCommitted",
+        ),
+        (Commit { chunk: 0, ver: 3 }, "c3 u3 len2"),
+        (
+            Read {
+                chunk: 0,
+                off: 0,
+                len: 10,
+            },
+            "\"ab\"",
+        ),
+        (
+            Remove {
+                chunk: 0,
+                ver: 4,
+                chain: 1,
+            },
+            "c3 u4 len2",
+        ),
+        (
+            Remove {
+                chunk: 0,
+                ver: 4,
+                chain: 1,
+            },
+            "c3 u4 len2",
+        ),
+        (
+            Write {
+                chunk: 0,
+                ver: 4,
+                chain: 1,
+                off: 0,
+                data: b"x",
+            },
+            "err VersionConflict",
+        ),
+        (
+            Read {
+                chunk: 0,
+                off: 0,
+                len: 10,
+            },
+            "err NotCommitted",
+        ),
+        (
+            ReadDirty {
+                chunk: 0,
+                off: 0,
+                len: 10,
+            },
+            "\"ab\"",
+        ),
+        (Commit { chunk: 0, ver: 4 }, "removed"),
+        (
+            Read {
+                chunk: 0,
+                off: 0,
+                len: 10,
+            },
+            "err NotFound",
+        ),
+        (
+            Remove {
+                chunk: 0,
+                ver: 4,
+                chain: 1,
+            },
+            "absent",
+        ),
+        (Commit { chunk: 0, ver: 4 }, "err NotFound"),
+        (
+            Write {
+                chunk: 0,
+                ver: 1,
+                chain: 1,
+                off: 0,
+                data: b"new",
+            },
+            "c0 u1 len0",
+        ),
+    ]);
+}
+
+#[test]
+fn open_refuses_chunks_over_the_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let err = ChunkEngine::open(dir.path(), CHUNK_BYTES_MAX + 1).expect_err("too large");
+    assert_eq!(error_name(&err), "ChunkSizeTooLarge");
+}
+
+fn write_commit(engine: &ChunkEngine, id: ChunkId, ver: u64, off: u32, data: &[u8]) {
+    engine
+        .write_pending(id, ver, 1, off, data, CHUNK_SIZE)
+        .expect("write_pending");
+    engine.commit(id, ver).expect("commit");
+}
+
+#[test]
+fn flipped_byte_on_disk_is_reported_as_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path());
+    let id = cid(0);
+    write_commit(&engine, id, 1, 0, b"precious bytes");
+    let path = engine.data_path(id, 1).unwrap().expect("data file");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[3] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = engine.read(id, 0, 100).expect_err("corrupt");
+    let ChunkError::Corrupt {
+        id: got,
+        expected,
+        actual,
+    } = err
+    else {
+        panic!("expected Corrupt, got {err:?}");
+    };
+    assert_eq!(got, id);
+    assert_ne!(expected, actual);
+    // A write built on corrupt bytes is refused too.
+    let err = engine
+        .write_pending(id, 2, 1, 0, b"x", CHUNK_SIZE)
+        .expect_err("corrupt");
+    assert_eq!(error_name(&err), "Corrupt");
+}
+
+#[test]
+fn reopen_keeps_committed_and_pending_versions_and_drops_orphans() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (cid(0), cid(1));
+    {
+        let engine = open(dir.path());
+        write_commit(&engine, a, 1, 0, b"alpha");
+        write_commit(&engine, b, 1, 0, b"beta");
+        engine
+            .write_pending(b, 2, 1, 0, b"BETA", CHUNK_SIZE)
+            .unwrap();
+        // A crash leftover: a version file no record references.
+        let path = engine.data_path(a, 1).unwrap().unwrap();
+        let orphan = path.with_file_name(format!("{:016x}.{:016x}", 0, 999_999));
+        std::fs::write(&orphan, b"junk").unwrap();
+    }
+    let engine = open(dir.path());
+    assert_eq!(engine.read(a, 0, 100).unwrap().0, b"alpha");
+    let err = engine.read(b, 0, 100).expect_err("still pending");
+    assert!(matches!(
+        err,
+        ChunkError::NotCommitted {
+            committed_ver: 1,
+            update_ver: 2,
+            ..
+        }
+    ));
+    engine.commit(b, 2).unwrap();
+    assert_eq!(engine.read(b, 0, 100).unwrap().0, b"BETA");
+    let inode_dir = engine.data_path(a, 1).unwrap().unwrap();
+    let files = std::fs::read_dir(inode_dir.parent().unwrap())
+        .unwrap()
+        .count();
+    assert_eq!(files, 2, "one file per committed chunk, orphan removed");
+}
+
+#[test]
+fn listing_install_and_inode_removal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path());
+    let other = ChunkId { inode: 8, index: 0 };
+    for index in [0, 5, 2] {
+        write_commit(
+            &engine,
+            cid(index),
+            1,
+            0,
+            format!("chunk {index}").as_bytes(),
+        );
+    }
+    write_commit(&engine, other, 1, 0, b"other inode");
+    let ids: Vec<ChunkId> = engine
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(ids, vec![cid(0), cid(2), cid(5), other]);
+    let (last, meta) = engine.last_chunk(7).unwrap().expect("last chunk");
+    assert_eq!(last, cid(5));
+    assert_eq!(meta.length, 7);
+    assert_eq!(engine.last_chunk(9).unwrap(), None);
+    assert_eq!(engine.list_inode(8).unwrap().len(), 1);
+
+    // Install: a resync replaces the chunk wholesale, pending version included.
+    engine
+        .write_pending(cid(2), 2, 1, 0, b"dirty", CHUNK_SIZE)
+        .unwrap();
+    let bytes = b"installed".to_vec();
+    let mut meta = ChunkMeta {
+        update_ver: 9,
+        commit_ver: 9,
+        chain_ver: 3,
+        length: bytes.len() as u32,
+        crc: crc32c::crc32c(&bytes),
+        ..ChunkMeta::default()
+    };
+    let bad = engine
+        .install(cid(2), meta, b"installeD")
+        .expect_err("crc mismatch");
+    assert_eq!(error_name(&bad), "InstallMismatch");
+    let installed = engine.install(cid(2), meta, &bytes).unwrap();
+    assert_eq!((installed.commit_ver, installed.update_ver), (9, 9));
+    assert_eq!(engine.read(cid(2), 0, 100).unwrap().0, bytes);
+    meta.length = 1;
+    assert!(engine.install(cid(2), meta, &bytes).is_err());
+
+    assert_eq!(engine.remove_inode(7).unwrap(), 3);
+    assert_eq!(engine.list_inode(7).unwrap(), vec![]);
+    assert_eq!(engine.last_chunk(7).unwrap(), None);
+    assert_eq!(engine.read(other, 0, 100).unwrap().0, b"other inode");
+    assert_eq!(engine.meta(cid(0)).unwrap(), None);
+}
+
+#[test]
+fn concurrent_writers_on_different_chunks_stay_consistent() {
+    const THREADS: u64 = 8;
+    const VERSIONS: u64 = 20;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path());
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let engine = &engine;
+            s.spawn(move || {
+                for ver in 1..=VERSIONS {
+                    let data = pattern(t, ver);
+                    write_commit(engine, cid(t), ver, 0, &data);
+                }
+            });
+        }
+    });
+    for t in 0..THREADS {
+        let (bytes, meta) = engine.read(cid(t), 0, CHUNK_SIZE).unwrap();
+        assert_eq!(meta.commit_ver, VERSIONS);
+        assert_eq!(bytes, pattern(t, VERSIONS));
+    }
+}
+
+/// Deterministic bytes for (chunk, version).
+fn pattern(chunk: u64, ver: u64) -> Vec<u8> {
+    let len = 100 + (ver * 37 + chunk * 11) % 900;
+    (0..len).map(|i| (i * 7 + ver * 13 + chunk) as u8).collect()
+}
+
+/// Where the crash child writes version `ver` of a chunk.
+fn crash_offset(ver: u64) -> u32 {
+    ((ver * 131) % 3000) as u32
+}
+
+/// The bytes of a crash-test chunk at committed version `ver`.
+fn crash_expected(chunk: u64, ver: u64) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for v in 1..=ver {
+        let data = pattern(chunk, v);
+        let off = crash_offset(v) as usize;
+        if bytes.len() < off + data.len() {
+            bytes.resize(off + data.len(), 0);
+        }
+        bytes[off..off + data.len()].copy_from_slice(&data);
+    }
+    bytes
+}
+
+const CRASH_CHILD_DIR_ENV: &str = "R3FS_CHUNK_CRASH_CHILD_DIR";
+const CRASH_CHUNKS: u64 = 4;
+/// Acknowledged commits before the parent kills the child.
+const CRASH_ACKS_BEFORE_KILL: u64 = 120;
+/// The child stops after this many steps if nobody kills it.
+const CRASH_CHILD_STEPS_MAX: u64 = 1_000_000;
+
+/// Not a test on its own: the body of the child process that
+/// `acknowledged_commits_survive_kill_9` starts. Returns at once unless
+/// `R3FS_CHUNK_CRASH_CHILD_DIR` is set.
+#[test]
+fn crash_child_writes_until_killed() {
+    let Ok(dir) = std::env::var(CRASH_CHILD_DIR_ENV) else {
+        return;
+    };
+    let engine = open(Path::new(&dir));
+    let mut out = std::io::stdout().lock();
+    for step in 0..CRASH_CHILD_STEPS_MAX {
+        let chunk = step % CRASH_CHUNKS;
+        let ver = step / CRASH_CHUNKS + 1;
+        let id = cid(chunk);
+        engine
+            .write_pending(
+                id,
+                ver,
+                1,
+                crash_offset(ver),
+                &pattern(chunk, ver),
+                CHUNK_SIZE,
+            )
+            .expect("child write");
+        engine.commit(id, ver).expect("child commit");
+        writeln!(out, "ack {chunk} {ver}").expect("ack");
+        out.flush().expect("flush ack");
+    }
+}
+
+#[test]
+fn acknowledged_commits_survive_kill_9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(std::env::current_exe().expect("current exe"))
+        .args([
+            "--exact",
+            "crash_child_writes_until_killed",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CRASH_CHILD_DIR_ENV, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("child stdout");
+    let mut acked = [0u64; CRASH_CHUNKS as usize];
+    let mut acks = 0;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("read child stdout");
+        let mut words = line.split_whitespace();
+        if words.next() != Some("ack") {
+            continue; // libtest's own output
+        }
+        let chunk: usize = words.next().and_then(|w| w.parse().ok()).expect("chunk");
+        let ver: u64 = words.next().and_then(|w| w.parse().ok()).expect("ver");
+        acked[chunk] = ver;
+        acks += 1;
+        if acks >= CRASH_ACKS_BEFORE_KILL {
+            child.kill().expect("SIGKILL child");
+            break;
+        }
+    }
+    let _ = child.wait().expect("reap child");
+    assert!(
+        acks >= CRASH_ACKS_BEFORE_KILL,
+        "child stopped early after {acks} acks"
+    );
+    // The step after the last acknowledged one may have gone further.
+    let in_flight = (acks % CRASH_CHUNKS) as usize;
+    let engine = open(dir.path());
+    for (chunk, &acked_ver) in acked.iter().enumerate() {
+        let id = cid(chunk as u64);
+        let meta = engine.meta(id).unwrap().expect("acknowledged chunk exists");
+        let newer_allowed = u64::from(chunk == in_flight);
+        assert!(
+            meta.commit_ver >= acked_ver && meta.commit_ver <= acked_ver + newer_allowed,
+            "chunk {chunk}: committed {} but acknowledged {}",
+            meta.commit_ver,
+            acked_ver
+        );
+        assert!(
+            meta.update_ver <= acked_ver + newer_allowed,
+            "chunk {chunk}: {meta:?}"
+        );
+        let (bytes, _) = engine
+            .read_committed_even_if_dirty(id, 0, CHUNK_SIZE)
+            .expect("committed bytes with a valid crc");
+        assert_eq!(
+            bytes,
+            crash_expected(chunk as u64, meta.commit_ver),
+            "chunk {chunk}"
+        );
+    }
+}
+
+/// Unmounts the tmpfs on drop, even when the test panics.
+struct TmpfsGuard {
+    dir: tempfile::TempDir,
+}
+
+impl Drop for TmpfsGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+fn mount_tmpfs(size: &str) -> Result<TmpfsGuard, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir.path())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| e.to_string())?;
+    if !status.success() {
+        return Err(format!("mount exited with {status}"));
+    }
+    Ok(TmpfsGuard { dir })
+}
+
+#[test]
+fn full_disk_is_no_space_and_loses_nothing_acknowledged() {
+    const TMPFS_SIZE: &str = "8m";
+    const WRITE_BYTES: usize = 256 * 1024;
+    const WRITES_MAX: u64 = 200;
+    let guard = match mount_tmpfs(TMPFS_SIZE) {
+        Ok(guard) => guard,
+        Err(reason) => {
+            println!("skipped: cannot mount tmpfs ({reason})");
+            return;
+        }
+    };
+    let engine = match ChunkEngine::open(guard.dir.path(), CHUNK_BYTES_MAX) {
+        Ok(engine) => engine,
+        Err(e) => {
+            println!("skipped: engine does not open on a {TMPFS_SIZE} tmpfs: {e}");
+            return;
+        }
+    };
+    let mut committed = Vec::new();
+    let mut no_space = None;
+    for index in 0..WRITES_MAX {
+        let id = cid(index);
+        let data = vec![index as u8; WRITE_BYTES];
+        let result = engine
+            .write_pending(id, 1, 1, 0, &data, CHUNK_BYTES_MAX)
+            .and_then(|_| engine.commit(id, 1));
+        match result {
+            Ok(_) => committed.push(id),
+            Err(e) => {
+                no_space = Some(e);
+                break;
+            }
+        }
+    }
+    let err = no_space.expect("the tmpfs must fill up");
+    println!("{} chunks committed before: {err}", committed.len());
+    assert_eq!(error_name(&err), "NoSpace", "{err:?}");
+    assert!(!committed.is_empty());
+    for id in &committed {
+        let (bytes, _) = engine
+            .read(*id, 0, CHUNK_BYTES_MAX)
+            .expect("acknowledged chunk");
+        assert_eq!(bytes, vec![id.index as u8; WRITE_BYTES]);
+    }
+    drop(engine);
+    let engine = ChunkEngine::open(guard.dir.path(), CHUNK_BYTES_MAX).expect("reopen");
+    for id in &committed {
+        let (bytes, _) = engine.read(*id, 0, CHUNK_BYTES_MAX).expect("after reopen");
+        assert_eq!(bytes.len(), WRITE_BYTES);
+    }
+}
+
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    const CHUNKS: u64 = 3;
+    const OPS_MAX: usize = 60;
+    const MODEL_CHUNK_SIZE: u32 = 64;
+
+    #[derive(Debug, Clone)]
+    enum MOp {
+        Write {
+            chunk: u64,
+            ver_delta: i8,
+            off: u32,
+            len: u32,
+            byte: u8,
+        },
+        Truncate {
+            chunk: u64,
+            ver_delta: i8,
+            len: u32,
+        },
+        Commit {
+            chunk: u64,
+            ver_delta: i8,
+        },
+        Abort {
+            chunk: u64,
+        },
+        Read {
+            chunk: u64,
+        },
+    }
+
+    #[derive(Debug, Default, Clone)]
+    struct ModelChunk {
+        commit_ver: u64,
+        committed: Vec<u8>,
+        pending: Option<Vec<u8>>,
+    }
+
+    fn op() -> impl Strategy<Value = MOp> {
+        let chunk = 0..CHUNKS;
+        let delta = prop_oneof![8 => Just(1i8), 1 => Just(0i8), 1 => Just(2i8), 1 => Just(-1i8)];
+        prop_oneof![
+            4 => (chunk.clone(), delta.clone(), 0..MODEL_CHUNK_SIZE + 4, 0..12u32, any::<u8>())
+                .prop_map(|(chunk, ver_delta, off, len, byte)| MOp::Write { chunk, ver_delta, off, len, byte }),
+            1 => (chunk.clone(), delta.clone(), 0..MODEL_CHUNK_SIZE)
+                .prop_map(|(chunk, ver_delta, len)| MOp::Truncate { chunk, ver_delta, len }),
+            3 => (chunk.clone(), prop_oneof![4 => Just(1i8), 1 => Just(0i8), 1 => Just(2i8)])
+                .prop_map(|(chunk, ver_delta)| MOp::Commit { chunk, ver_delta }),
+            1 => chunk.clone().prop_map(|chunk| MOp::Abort { chunk }),
+            3 => chunk.prop_map(|chunk| MOp::Read { chunk }),
+        ]
+    }
+
+    fn target_ver(m: &ModelChunk, delta: i8) -> u64 {
+        (m.commit_ver as i64 + i64::from(delta)).max(0) as u64
+    }
+
+    /// The model's verdict on staging `new` as version `ver`: Ok or an error name.
+    fn stage(
+        m: &mut ModelChunk,
+        ver: u64,
+        new: Vec<u8>,
+        retry_ok: bool,
+    ) -> Result<(), &'static str> {
+        if ver <= m.commit_ver {
+            return if ver == m.commit_ver && m.commit_ver > 0 && retry_ok {
+                Ok(())
+            } else {
+                Err("StaleVersion")
+            };
+        }
+        if ver != m.commit_ver + 1 {
+            return Err("OutOfOrder");
+        }
+        match &m.pending {
+            Some(p) if *p == new => Ok(()),
+            Some(_) => Err("VersionConflict"),
+            None => {
+                m.pending = Some(new);
+                Ok(())
+            }
+        }
+    }
+
+    fn apply(m: &mut ModelChunk, op: &MOp) -> Result<Option<Vec<u8>>, &'static str> {
+        match *op {
+            MOp::Write {
+                ver_delta,
+                off,
+                len,
+                byte,
+                ..
+            } => {
+                if off + len > MODEL_CHUNK_SIZE {
+                    return Err("OutOfRange");
+                }
+                let data = vec![byte; len as usize];
+                let (start, end) = (off as usize, (off + len) as usize);
+                let retry_ok = m.committed.get(start..end) == Some(&data[..]);
+                let mut new = m.committed.clone();
+                if new.len() < end {
+                    new.resize(end, 0);
+                }
+                new[start..end].copy_from_slice(&data);
+                stage(m, target_ver(m, ver_delta), new, retry_ok).map(|()| None)
+            }
+            MOp::Truncate { ver_delta, len, .. } => {
+                let retry_ok = m.committed.len() == len as usize;
+                let mut new = m.committed.clone();
+                new.resize(len as usize, 0);
+                stage(m, target_ver(m, ver_delta), new, retry_ok).map(|()| None)
+            }
+            MOp::Commit { ver_delta, .. } => {
+                let ver = target_ver(m, ver_delta);
+                if m.commit_ver == 0 && m.pending.is_none() {
+                    return Err("NotFound");
+                }
+                if ver == m.commit_ver {
+                    return Ok(None);
+                }
+                match m.pending.take() {
+                    Some(p) if ver == m.commit_ver + 1 => {
+                        m.committed = p;
+                        m.commit_ver = ver;
+                        Ok(None)
+                    }
+                    other => {
+                        m.pending = other;
+                        Err("NoPending")
+                    }
+                }
+            }
+            MOp::Abort { .. } => {
+                m.pending = None;
+                Ok(None)
+            }
+            MOp::Read { .. } => {
+                if m.commit_ver == 0 && m.pending.is_none() {
+                    Err("NotFound")
+                } else if m.pending.is_some() {
+                    Err("NotCommitted")
+                } else {
+                    Ok(Some(m.committed.clone()))
+                }
+            }
+        }
+    }
+
+    fn run_engine(
+        engine: &ChunkEngine,
+        op: &MOp,
+        ver_of: impl Fn(u64, i8) -> u64,
+    ) -> Result<Option<Vec<u8>>, String> {
+        let name = |e: ChunkError| error_name(&e).to_string();
+        match *op {
+            MOp::Write {
+                chunk,
+                ver_delta,
+                off,
+                len,
+                byte,
+            } => engine
+                .write_pending(
+                    cid(chunk),
+                    ver_of(chunk, ver_delta),
+                    1,
+                    off,
+                    &vec![byte; len as usize],
+                    MODEL_CHUNK_SIZE,
+                )
+                .map(|_| None)
+                .map_err(name),
+            MOp::Truncate {
+                chunk,
+                ver_delta,
+                len,
+            } => engine
+                .truncate(cid(chunk), len, ver_of(chunk, ver_delta), 1)
+                .map(|_| None)
+                .map_err(name),
+            MOp::Commit { chunk, ver_delta } => engine
+                .commit(cid(chunk), ver_of(chunk, ver_delta))
+                .map(|_| None)
+                .map_err(name),
+            MOp::Abort { chunk } => engine
+                .abort_pending(cid(chunk))
+                .map(|()| None)
+                .map_err(name),
+            MOp::Read { chunk } => engine
+                .read(cid(chunk), 0, MODEL_CHUNK_SIZE)
+                .map(|(b, _)| Some(b))
+                .map_err(name),
+        }
+    }
+
+    fn chunk_of(op: &MOp) -> u64 {
+        match *op {
+            MOp::Write { chunk, .. }
+            | MOp::Truncate { chunk, .. }
+            | MOp::Commit { chunk, .. }
+            | MOp::Abort { chunk }
+            | MOp::Read { chunk } => chunk,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        #[test]
+        fn random_operations_match_a_model(ops in proptest::collection::vec(op(), 1..OPS_MAX)) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let engine = ChunkEngine::open(dir.path(), MODEL_CHUNK_SIZE).expect("open");
+            let mut model: HashMap<u64, ModelChunk> = HashMap::new();
+            for (step, op) in ops.iter().enumerate() {
+                let chunk = chunk_of(op);
+                let before = model.entry(chunk).or_default().clone();
+                let ver_of = |_: u64, delta: i8| target_ver(&before, delta);
+                let got = run_engine(&engine, op, ver_of);
+                let m = model.entry(chunk).or_default();
+                let want = apply(m, op).map_err(str::to_string);
+                prop_assert_eq!(&got, &want, "step {} {:?}", step, op);
+                // Invariants on the engine's side after every step.
+                if let Some(meta) = engine.meta(cid(chunk)).expect("meta") {
+                    prop_assert!(meta.commit_ver <= meta.update_ver);
+                    prop_assert_eq!(meta.commit_ver, m.commit_ver);
+                    prop_assert_eq!(meta.is_dirty(), m.pending.is_some());
+                    if meta.commit_ver > 0 {
+                        let (bytes, _) = engine
+                            .read_committed_even_if_dirty(cid(chunk), 0, MODEL_CHUNK_SIZE)
+                            .expect("committed");
+                        prop_assert_eq!(&bytes, &m.committed);
+                    }
+                } else {
+                    prop_assert_eq!(m.commit_ver, 0);
+                    prop_assert!(m.pending.is_none());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,397 @@
+//! CRAQ over real RPC on loopback: three storage nodes, one chain of three,
+//! routing info given directly (mgmtd's part is tested in mgmtd's tests).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use r3fs_net::{CallOptions, RetryPolicy, Router, RpcClient, RpcServer, ServerConfig};
+use r3fs_storage::chunk::{ChunkEngine, ChunkId};
+use r3fs_storage::craq::StorageService;
+use r3fs_wire::mgmt::*;
+use r3fs_wire::storage::*;
+use tokio::sync::watch;
+
+const CHUNK: u32 = 64 * 1024;
+const CHAIN: ChainId = 1;
+
+struct Node {
+    addr: SocketAddr,
+    engine: Arc<ChunkEngine>,
+    server: Option<RpcServer>,
+    _dir: tempfile::TempDir,
+}
+
+struct Fixture {
+    nodes: Vec<Node>,
+    routing: watch::Sender<Option<Arc<RoutingInfo>>>,
+    rpc: RpcClient,
+    next_request: std::sync::atomic::AtomicU64,
+}
+
+fn target_of(i: usize) -> TargetId {
+    101 + i as u64
+}
+
+fn routing(addrs: &[SocketAddr], version: u64, states: &[PublicState]) -> RoutingInfo {
+    let mut order: Vec<usize> = (0..addrs.len()).collect();
+    order.sort_by_key(|&i| states[i]);
+    RoutingInfo {
+        version,
+        epoch: 1,
+        nodes: addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| NodeInfo {
+                id: i as u32 + 1,
+                node_type: NodeType::Storage,
+                address: a.to_string(),
+                hostname: format!("s{i}"),
+                registered_at: 0,
+                last_heartbeat: 0,
+                alive: true,
+            })
+            .collect(),
+        chain_tables: vec![],
+        chains: vec![Chain {
+            id: CHAIN,
+            version,
+            targets: order
+                .iter()
+                .map(|&i| ChainTarget {
+                    target: target_of(i),
+                    state: states[i],
+                })
+                .collect(),
+        }],
+        targets: (0..addrs.len())
+            .map(|i| TargetInfo {
+                id: target_of(i),
+                node: i as u32 + 1,
+                chain: Some(CHAIN),
+                public_state: states[i],
+                local_state: LocalState::UpToDate,
+            })
+            .collect(),
+    }
+}
+
+impl Fixture {
+    async fn start() -> Fixture {
+        let (tx, rx) = watch::channel(None);
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let engine = Arc::new(ChunkEngine::open(dir.path(), CHUNK).unwrap());
+            let service = StorageService::new(
+                i as u32 + 1,
+                HashMap::from([(target_of(i), engine.clone())]),
+                rx.clone(),
+            );
+            let mut router = Router::new();
+            service.register(&mut router);
+            let server = RpcServer::bind(
+                "127.0.0.1:0".parse().unwrap(),
+                router,
+                ServerConfig::default(),
+            )
+            .await
+            .unwrap();
+            nodes.push(Node {
+                addr: server.local_addr(),
+                engine,
+                server: Some(server),
+                _dir: dir,
+            });
+        }
+        let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+        tx.send_replace(Some(Arc::new(routing(
+            &addrs,
+            1,
+            &[PublicState::Serving; 3],
+        ))));
+        Fixture {
+            nodes,
+            routing: tx,
+            rpc: RpcClient::new(r3fs_net::ClientConfig::default()),
+            next_request: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    fn set_states(&self, version: u64, states: &[PublicState]) {
+        let addrs: Vec<SocketAddr> = self.nodes.iter().map(|n| n.addr).collect();
+        self.routing
+            .send_replace(Some(Arc::new(routing(&addrs, version, states))));
+    }
+
+    fn opts() -> CallOptions {
+        CallOptions {
+            retry: RetryPolicy::none(),
+            ..CallOptions::default()
+        }
+    }
+
+    async fn write_to(
+        &self,
+        node: usize,
+        chain_ver: u64,
+        index: u64,
+        offset: u32,
+        data: &[u8],
+    ) -> StorageResult<ChunkVersion> {
+        let request = self
+            .next_request
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.write_req(node, chain_ver, index, offset, data, request)
+            .await
+    }
+
+    async fn write_req(
+        &self,
+        node: usize,
+        chain_ver: u64,
+        index: u64,
+        offset: u32,
+        data: &[u8],
+        request: u64,
+    ) -> StorageResult<ChunkVersion> {
+        let req = WriteRequest {
+            addr: ChunkAddr {
+                chain: CHAIN,
+                inode: 7,
+                index,
+            },
+            chain_ver,
+            offset,
+            chunk_size: CHUNK,
+            crc: crc32c::crc32c(data),
+            client: 1,
+            request,
+        };
+        let (resp, _) = self
+            .rpc
+            .call_with_payload::<Write>(
+                self.nodes[node].addr,
+                &req,
+                Bytes::copy_from_slice(data),
+                Self::opts(),
+            )
+            .await
+            .unwrap();
+        resp
+    }
+
+    async fn read_from(&self, node: usize, index: u64) -> StorageResult<(ReadResponse, Bytes)> {
+        let req = ReadRequest {
+            addr: ChunkAddr {
+                chain: CHAIN,
+                inode: 7,
+                index,
+            },
+            offset: 0,
+            length: CHUNK,
+        };
+        let (resp, data) = self
+            .rpc
+            .call_with_payload::<Read>(self.nodes[node].addr, &req, Bytes::new(), Self::opts())
+            .await
+            .unwrap();
+        resp.map(|r| (r, data))
+    }
+}
+
+fn id(index: u64) -> ChunkId {
+    ChunkId { inode: 7, index }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_the_head_commits_on_every_replica() {
+    let f = Fixture::start().await;
+    let v1 = f.write_to(0, 1, 0, 0, b"hello chain").await.unwrap();
+    assert_eq!((v1.commit_ver, v1.length), (1, 11));
+    let v2 = f.write_to(0, 1, 0, 6, b"CRAQ!").await.unwrap();
+    assert_eq!(v2.commit_ver, 2);
+    for node in 0..3 {
+        let (resp, data) = f.read_from(node, 0).await.unwrap();
+        assert_eq!(&data[..], b"hello CRAQ!", "node {node}");
+        assert_eq!(
+            (resp.commit_ver, resp.crc),
+            (2, crc32c::crc32c(b"hello CRAQ!"))
+        );
+        let meta = f.nodes[node].engine.meta(id(0)).unwrap().unwrap();
+        assert_eq!(
+            meta.update_ver, meta.commit_ver,
+            "node {node} holds no pending version"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_are_refused_off_the_head_with_a_stale_chain_version_or_a_bad_checksum() {
+    let f = Fixture::start().await;
+    assert!(matches!(
+        f.write_to(1, 1, 0, 0, b"x").await,
+        Err(StorageError::NotHead { .. })
+    ));
+    assert!(matches!(
+        f.write_to(0, 0, 0, 0, b"x").await,
+        Err(StorageError::ChainVersion {
+            request: 0,
+            node: 1,
+            ..
+        })
+    ));
+    let req = WriteRequest {
+        addr: ChunkAddr {
+            chain: CHAIN,
+            inode: 7,
+            index: 0,
+        },
+        chain_ver: 1,
+        offset: 0,
+        chunk_size: CHUNK,
+        crc: 1,
+        client: 1,
+        request: 999,
+    };
+    let (resp, _) = f
+        .rpc
+        .call_with_payload::<Write>(
+            f.nodes[0].addr,
+            &req,
+            Bytes::from_static(b"data"),
+            Fixture::opts(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(resp, Err(StorageError::PayloadChecksum { .. })));
+    assert!(matches!(
+        f.write_to(0, 1, 0, CHUNK - 1, b"xy").await,
+        Err(StorageError::OutOfRange { .. })
+    ));
+    let unknown = ReadRequest {
+        addr: ChunkAddr {
+            chain: 99,
+            inode: 7,
+            index: 0,
+        },
+        offset: 0,
+        length: 1,
+    };
+    let (resp, _) = f
+        .rpc
+        .call_with_payload::<Read>(f.nodes[0].addr, &unknown, Bytes::new(), Fixture::opts())
+        .await
+        .unwrap();
+    assert!(matches!(resp, Err(StorageError::NotServing { chain: 99 })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_client_write_is_applied_once() {
+    let f = Fixture::start().await;
+    let first = f.write_req(0, 1, 0, 0, b"once", 42).await.unwrap();
+    let again = f.write_req(0, 1, 0, 0, b"once", 42).await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(
+        f.nodes[2].engine.meta(id(0)).unwrap().unwrap().commit_ver,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_tail_leaves_the_old_version_readable_everywhere() {
+    let mut f = Fixture::start().await;
+    f.write_to(0, 1, 0, 0, b"old").await.unwrap();
+    let tail = f.nodes[2].server.take().unwrap();
+    tail.shutdown().await;
+    let err = f.write_to(0, 1, 0, 0, b"new").await.unwrap_err();
+    assert!(matches!(err, StorageError::Forward { .. }), "{err}");
+    for node in 0..2 {
+        let (resp, data) = f.read_from(node, 0).await.unwrap();
+        assert_eq!(
+            (&data[..], resp.commit_ver),
+            (&b"old"[..], 1),
+            "node {node} must not expose the failed write"
+        );
+    }
+    // mgmtd takes the tail out of the chain; writes go on with two replicas.
+    f.set_states(
+        2,
+        &[
+            PublicState::Serving,
+            PublicState::Serving,
+            PublicState::Offline,
+        ],
+    );
+    let v = f.write_to(0, 2, 0, 0, b"new").await.unwrap();
+    assert_eq!(v.commit_ver, 2);
+    assert_eq!(&f.read_from(1, 0).await.unwrap().1[..], b"new");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_an_uncommitted_version_refuses_to_read_it() {
+    let f = Fixture::start().await;
+    f.write_to(0, 1, 0, 0, b"committed").await.unwrap();
+    // A write in flight: the tail has the pending version but has not committed it.
+    f.nodes[2]
+        .engine
+        .write_pending(id(0), 2, 1, 0, b"PENDING!!", CHUNK)
+        .unwrap();
+    let err = f.read_from(2, 0).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StorageError::NotCommitted {
+                committed: 1,
+                pending: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(&f.read_from(0, 0).await.unwrap().1[..], b"committed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_replica_reports_a_checksum_error() {
+    let f = Fixture::start().await;
+    f.write_to(0, 1, 0, 0, b"precious bytes").await.unwrap();
+    let path = f.nodes[1]
+        .engine
+        .data_path(id(0), 1)
+        .unwrap()
+        .expect("committed version file");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[3] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+    let err = f.read_from(1, 0).await.unwrap_err();
+    assert!(
+        matches!(err, StorageError::Checksum { target: 102, .. }),
+        "{err}"
+    );
+    assert_eq!(&f.read_from(0, 0).await.unwrap().1[..], b"precious bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_syncing_target_receives_writes_but_serves_no_reads() {
+    let f = Fixture::start().await;
+    f.set_states(
+        2,
+        &[
+            PublicState::Serving,
+            PublicState::Serving,
+            PublicState::Syncing,
+        ],
+    );
+    f.write_to(0, 2, 3, 0, b"during sync").await.unwrap();
+    assert_eq!(
+        f.nodes[2].engine.meta(id(3)).unwrap().unwrap().commit_ver,
+        1,
+        "the syncing tail got the write"
+    );
+    assert!(matches!(
+        f.read_from(2, 3).await,
+        Err(StorageError::NotServing { .. })
+    ));
+}
