@@ -167,6 +167,11 @@ impl RoutingWatcher {
         RoutingWatcher { rx, task }
     }
 
+    /// A receiver of every newer routing info, for services that route by it.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<RoutingInfo>>> {
+        self.rx.clone()
+    }
+
     /// The newest routing info seen so far.
     pub fn current(&self) -> Option<Arc<RoutingInfo>> {
         self.rx.borrow().clone()
