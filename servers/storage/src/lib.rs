@@ -5,3 +5,4 @@
 
 pub mod chunk;
 pub mod craq;
+pub mod node;

@@ -18,6 +18,7 @@ const CHAIN: ChainId = 1;
 
 struct Node {
     addr: SocketAddr,
+    service: StorageService,
     engine: Arc<ChunkEngine>,
     server: Option<RpcServer>,
     _dir: tempfile::TempDir,
@@ -91,6 +92,7 @@ impl Fixture {
             );
             let mut router = Router::new();
             service.register(&mut router);
+            let registered = service.clone();
             let server = RpcServer::bind(
                 "127.0.0.1:0".parse().unwrap(),
                 router,
@@ -100,6 +102,7 @@ impl Fixture {
             .unwrap();
             nodes.push(Node {
                 addr: server.local_addr(),
+                service: registered,
                 engine,
                 server: Some(server),
                 _dir: dir,
@@ -394,4 +397,88 @@ async fn a_syncing_target_receives_writes_but_serves_no_reads() {
         f.read_from(2, 3).await,
         Err(StorageError::NotServing { .. })
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_target_is_resynced_while_writes_go_on() {
+    use PublicState::{Offline, Serving, Syncing};
+    let f = Arc::new(Fixture::start().await);
+    for i in 0..6 {
+        f.write_to(0, 1, i, 0, format!("v1 of chunk {i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    // The tail goes away; the chain writes on without it.
+    f.set_states(2, &[Serving, Serving, Offline]);
+    for i in 0..4 {
+        f.write_to(0, 2, i, 3, b"v2").await.unwrap();
+    }
+    f.write_to(0, 2, 6, 0, b"new while the tail was away")
+        .await
+        .unwrap();
+    // The tail also holds a chunk the others never had.
+    let stray = ChunkId {
+        inode: 7,
+        index: 99,
+    };
+    f.nodes[2]
+        .engine
+        .write_pending(stray, 1, 1, 0, b"stray", CHUNK)
+        .unwrap();
+    f.nodes[2].engine.commit(stray, 1).unwrap();
+    // It comes back: SYNCING, and writes keep coming while it is copied.
+    f.set_states(3, &[Serving, Serving, Syncing]);
+    let writer = {
+        let f = f.clone();
+        tokio::spawn(async move {
+            for round in 0..20u64 {
+                let i = round % 8;
+                f.write_to(0, 3, i, 0, format!("during sync {round}").as_bytes())
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let stats = f.nodes[1]
+        .service
+        .resync(CHAIN)
+        .await
+        .unwrap()
+        .expect("node 2 is the predecessor");
+    writer.await.unwrap();
+    assert!(stats.installed >= 5 && stats.removed == 1, "{stats:?}");
+    assert_eq!(f.nodes[2].service.synced_at(103), Some(3));
+    assert_eq!(
+        f.nodes[0].service.resync(CHAIN).await.unwrap(),
+        None,
+        "the head is not the predecessor"
+    );
+    // mgmtd turns it SERVING; every replica now holds the same chunks.
+    f.set_states(4, &[Serving, Serving, Serving]);
+    let summary = |n: usize| {
+        let mut v: Vec<(ChunkId, u64, u32, u32)> = f.nodes[n]
+            .engine
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|(id, m)| (id, m.commit_ver, m.length, m.crc))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        summary(2),
+        summary(1),
+        "the resynced tail matches its predecessor"
+    );
+    assert_eq!(summary(0), summary(1));
+    for i in 0..8 {
+        let (_, head) = f.read_from(0, i).await.unwrap();
+        let (_, tail) = f.read_from(2, i).await.unwrap();
+        assert_eq!(head, tail, "chunk {i}");
+    }
+    assert!(
+        f.nodes[2].engine.meta(stray).unwrap().is_none(),
+        "the stray chunk was removed"
+    );
 }

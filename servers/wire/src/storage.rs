@@ -107,6 +107,54 @@ pub struct UpdateRequest {
     pub offset: u32,
     pub chunk_size: u32,
     pub crc: u32,
+    /// The payload is the whole chunk at `update_ver`, not a piece at
+    /// `offset`: sent to a SYNCING target, which may lack the version a
+    /// partial write builds on. It installs the chunk committed at once (it is
+    /// the last target a write reaches).
+    pub full: bool,
+}
+
+/// What a resync compares: one chunk's committed version on a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkSummary {
+    pub inode: u64,
+    pub index: u64,
+    pub commit_ver: u64,
+    pub length: u32,
+    pub crc: u32,
+}
+
+/// Asks a SYNCING target for the summaries of all its chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncListRequest {
+    pub target: TargetId,
+    pub chain: ChainId,
+    pub chain_ver: u64,
+}
+
+/// Puts one whole committed chunk (the payload) on a SYNCING target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncInstallRequest {
+    pub target: TargetId,
+    pub chain_ver: u64,
+    pub chunk: ChunkSummary,
+    pub addr: ChunkAddr,
+}
+
+/// Removes a chunk the SYNCING target has and its predecessor does not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRemoveRequest {
+    pub target: TargetId,
+    pub chain_ver: u64,
+    pub addr: ChunkAddr,
+}
+
+/// Tells a SYNCING target its copy is complete: it may report up to date.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncDoneRequest {
+    pub target: TargetId,
+    pub chain: ChainId,
+    pub chain_ver: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +195,10 @@ methods! {
     Write = 0x0301: WriteRequest => StorageResult<ChunkVersion>;
     Update = 0x0302: UpdateRequest => StorageResult<ChunkVersion>;
     Read = 0x0303: ReadRequest => StorageResult<ReadResponse>;
+    SyncList = 0x0304: SyncListRequest => StorageResult<Vec<ChunkSummary>>;
+    SyncInstall = 0x0305: SyncInstallRequest => StorageResult<()>;
+    SyncRemove = 0x0306: SyncRemoveRequest => StorageResult<()>;
+    SyncDone = 0x0307: SyncDoneRequest => StorageResult<()>;
 }
 
 #[cfg(test)]
