@@ -12,6 +12,7 @@ mod fs;
 mod kv;
 mod meta;
 mod mgmtd;
+mod storage;
 
 use clap::{Parser, Subcommand};
 
@@ -43,6 +44,8 @@ enum Command {
     Kv(kv::KvArgs),
     /// Run an mgmtd instance: membership, primary lease, routing, chain states.
     Mgmtd(mgmtd::MgmtdArgs),
+    /// Run a storage node: chunk targets replicated in CRAQ chains.
+    Storage(storage::StorageArgs),
     /// Operate the cluster through mgmtd (list-nodes, list-chains, ...).
     Admin(admin::AdminArgs),
 }
@@ -61,6 +64,7 @@ fn main() -> std::process::ExitCode {
         Command::Fs(args) => fs::run(args),
         Command::Kv(args) => kv::run(args),
         Command::Mgmtd(args) => mgmtd::run(args),
+        Command::Storage(args) => storage::run(args),
         Command::Admin(args) => admin::run(args),
     };
     match result {

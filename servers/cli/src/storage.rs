@@ -1,0 +1,182 @@
+//! `r3fs storage`: run a storage node — its targets' chunk engines, CRAQ
+//! replication, and the life with mgmtd (register, heartbeat, resync) — until
+//! SIGINT or SIGTERM.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use r3fs_client::{MgmtClient, RoutingWatcher};
+use r3fs_net::{Router, RpcServer, ServerConfig};
+use r3fs_storage::chunk::{ChunkEngine, CHUNK_BYTES_MAX};
+use r3fs_storage::craq::StorageService;
+use r3fs_storage::node::{self, NodeConfig, Reporter};
+use r3fs_wire::mgmt::{LocalState, NodeId, NodeType, RegisterNodeRequest, TargetId};
+use serde::Deserialize;
+
+#[derive(clap::Args)]
+pub struct StorageArgs {
+    /// TOML config file; flags below override its values.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// This node's id, unique in the cluster.
+    #[arg(long)]
+    node_id: Option<u32>,
+    /// Address to listen on [default: 127.0.0.1:9300].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// mgmtd addresses (any instance).
+    #[arg(long = "mgmtd", value_delimiter = ',')]
+    mgmtd: Vec<SocketAddr>,
+    /// A target as ID=DIRECTORY; repeat for several.
+    #[arg(long = "target", value_parser = parse_target)]
+    targets: Vec<TargetConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub id: TargetId,
+    pub path: PathBuf,
+}
+
+fn parse_target(s: &str) -> Result<TargetConfig, String> {
+    let (id, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected ID=DIRECTORY"))?;
+    let id = id.parse().map_err(|e| format!("{s:?}: target id: {e}"))?;
+    Ok(TargetConfig {
+        id,
+        path: PathBuf::from(path),
+    })
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub node_id: NodeId,
+    pub listen: SocketAddr,
+    pub mgmtd: Vec<SocketAddr>,
+    pub targets: Vec<TargetConfig>,
+    /// Largest chunk a target accepts, in bytes.
+    pub chunk_size_max: u32,
+    pub heartbeat_interval_ms: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            node_id: 0,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9300)),
+            mgmtd: vec![SocketAddr::from(([127, 0, 0, 1], 9200))],
+            targets: Vec::new(),
+            chunk_size_max: CHUNK_BYTES_MAX,
+            heartbeat_interval_ms: 1000,
+        }
+    }
+}
+
+struct MgmtReporter(MgmtClient);
+
+impl Reporter for MgmtReporter {
+    async fn heartbeat(
+        &self,
+        node: NodeId,
+        targets: Vec<(TargetId, LocalState)>,
+    ) -> Result<u64, String> {
+        let req = r3fs_wire::mgmt::HeartbeatRequest { node, targets };
+        self.0
+            .heartbeat(req)
+            .await
+            .map(|r| r.routing_version)
+            .map_err(|e| e.to_string())
+    }
+}
+
+pub fn run(args: StorageArgs) -> anyhow::Result<()> {
+    let mut cfg: StorageConfig = crate::config::load(args.config.as_deref())?;
+    if let Some(v) = args.node_id {
+        cfg.node_id = v;
+    }
+    if let Some(v) = args.listen {
+        cfg.listen = v;
+    }
+    if !args.mgmtd.is_empty() {
+        cfg.mgmtd = args.mgmtd;
+    }
+    if !args.targets.is_empty() {
+        cfg.targets = args.targets;
+    }
+    if cfg.node_id == 0 {
+        bail!("a storage node needs a node id: --node-id N or node_id = N");
+    }
+    if cfg.targets.is_empty() {
+        bail!("a storage node needs at least one target: --target ID=DIRECTORY or [[targets]]");
+    }
+    let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    runtime.block_on(serve(cfg))
+}
+
+async fn serve(cfg: StorageConfig) -> anyhow::Result<()> {
+    let mut engines = HashMap::new();
+    for t in &cfg.targets {
+        let engine = ChunkEngine::open(&t.path, cfg.chunk_size_max)
+            .with_context(|| format!("open target {} in {}", t.id, t.path.display()))?;
+        if engines.insert(t.id, Arc::new(engine)).is_some() {
+            bail!("target {} is configured twice", t.id);
+        }
+    }
+    let advertised = if cfg.listen.port() == 0 {
+        let probe = std::net::TcpListener::bind(cfg.listen)
+            .with_context(|| format!("listen on {}", cfg.listen))?;
+        probe.local_addr()?
+    } else {
+        cfg.listen
+    };
+    let mgmt = MgmtClient::new(cfg.mgmtd.clone())?;
+    let watcher = RoutingWatcher::start(mgmt.clone());
+    let service = StorageService::new(cfg.node_id, engines, watcher.subscribe());
+    let mut router = Router::new();
+    service.register(&mut router);
+    let server = RpcServer::bind(advertised, router, ServerConfig::default())
+        .await
+        .with_context(|| format!("listen on {advertised}"))?;
+    let register = RegisterNodeRequest {
+        id: Some(cfg.node_id),
+        node_type: NodeType::Storage,
+        address: advertised.to_string(),
+        hostname: hostname(),
+        targets: cfg.targets.iter().map(|t| t.id).collect(),
+    };
+    mgmt.register(register)
+        .await
+        .with_context(|| format!("register with mgmtd at {:?}", cfg.mgmtd))?;
+    let node_config = NodeConfig {
+        node_id: cfg.node_id,
+        heartbeat_interval: Duration::from_millis(cfg.heartbeat_interval_ms.max(10)),
+        resync_retry: Duration::from_secs(1),
+    };
+    let _tasks = node::spawn(
+        service,
+        MgmtReporter(mgmt),
+        watcher.subscribe(),
+        node_config,
+    );
+    tracing::info!(listen = %server.local_addr(), node_id = cfg.node_id, targets = ?cfg.targets.iter().map(|t| t.id).collect::<Vec<_>>(), "storage node ready");
+    crate::engine::wait_for_signal().await?;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    tracing::info!("storage node stopped");
+    drop(watcher);
+    Ok(())
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into())
+}
