@@ -61,8 +61,15 @@ impl LocalStates {
 
     /// The state to report for `target` under `routing`, given whether a
     /// predecessor declared its resync complete.
-    pub fn state(&mut self, target: TargetId, routing: Option<&RoutingInfo>, synced: bool) -> LocalState {
-        let public = routing.and_then(|r| r.target(target)).map(|t| t.public_state);
+    pub fn state(
+        &mut self,
+        target: TargetId,
+        routing: Option<&RoutingInfo>,
+        synced: bool,
+    ) -> LocalState {
+        let public = routing
+            .and_then(|r| r.target(target))
+            .map(|t| t.public_state);
         let fresh = match (self.first_report, routing) {
             (Some(v0), Some(r)) => r.version >= v0,
             _ => false,
@@ -99,8 +106,12 @@ pub fn spawn<R: Reporter>(
                 let report: Vec<(TargetId, LocalState)> = service
                     .targets()
                     .map(|t| {
-                        let public = current.as_deref().and_then(|r| r.target(t)).map(|x| x.public_state);
-                        let synced = service.synced_at(t).is_some() && public == Some(PublicState::Syncing);
+                        let public = current
+                            .as_deref()
+                            .and_then(|r| r.target(t))
+                            .map(|x| x.public_state);
+                        let synced =
+                            service.synced_at(t).is_some() && public == Some(PublicState::Syncing);
                         if public == Some(PublicState::Serving) {
                             service.clear_synced(t);
                         }
@@ -125,7 +136,10 @@ pub fn spawn<R: Reporter>(
                 if !precedes_syncing(&service, chain) || running.lock().contains(&chain.id) {
                     continue;
                 }
-                if failed_at.get(&chain.id).is_some_and(|t| t.elapsed() < config.resync_retry) {
+                if failed_at
+                    .get(&chain.id)
+                    .is_some_and(|t| t.elapsed() < config.resync_retry)
+                {
                     continue;
                 }
                 failed_at.remove(&chain.id);
@@ -141,7 +155,9 @@ pub fn spawn<R: Reporter>(
             let _ = tokio::time::timeout(config.resync_retry, routing.changed()).await;
         }
     });
-    NodeTasks { tasks: vec![beat, sync] }
+    NodeTasks {
+        tasks: vec![beat, sync],
+    }
 }
 
 fn precedes_syncing(service: &StorageService, chain: &r3fs_wire::mgmt::Chain) -> bool {
@@ -176,8 +192,18 @@ mod tests {
             epoch: 1,
             nodes: vec![],
             chain_tables: vec![],
-            chains: vec![Chain { id: 1, version, targets: vec![ChainTarget { target: 5, state }] }],
-            targets: vec![TargetInfo { id: 5, node: 1, chain: Some(1), public_state: state, local_state: LocalState::Online }],
+            chains: vec![Chain {
+                id: 1,
+                version,
+                targets: vec![ChainTarget { target: 5, state }],
+            }],
+            targets: vec![TargetInfo {
+                id: 5,
+                node: 1,
+                chain: Some(1),
+                public_state: state,
+                local_state: LocalState::Online,
+            }],
         }
     }
 
@@ -188,15 +214,34 @@ mod tests {
         // Before the first heartbeat is answered, SERVING in routing proves nothing.
         assert_eq!(s.state(5, Some(&stale), false), LocalState::Online);
         s.reported(11);
-        assert_eq!(s.state(5, Some(&stale), false), LocalState::Online, "routing from before our report");
+        assert_eq!(
+            s.state(5, Some(&stale), false),
+            LocalState::Online,
+            "routing from before our report"
+        );
         // mgmtd processed our ONLINE report and moved us to WAITING, then SYNCING.
-        assert_eq!(s.state(5, Some(&routing(11, PublicState::Waiting)), false), LocalState::Online);
-        assert_eq!(s.state(5, Some(&routing(12, PublicState::Syncing)), true), LocalState::UpToDate);
+        assert_eq!(
+            s.state(5, Some(&routing(11, PublicState::Waiting)), false),
+            LocalState::Online
+        );
+        assert_eq!(
+            s.state(5, Some(&routing(12, PublicState::Syncing)), true),
+            LocalState::UpToDate
+        );
         // Once serving after our report, it stays up to date.
-        assert_eq!(s.state(5, Some(&routing(13, PublicState::Serving)), false), LocalState::UpToDate);
-        assert_eq!(s.state(5, Some(&routing(14, PublicState::Serving)), false), LocalState::UpToDate);
+        assert_eq!(
+            s.state(5, Some(&routing(13, PublicState::Serving)), false),
+            LocalState::UpToDate
+        );
+        assert_eq!(
+            s.state(5, Some(&routing(14, PublicState::Serving)), false),
+            LocalState::UpToDate
+        );
         // An operator takes it offline: it must sync again.
-        assert_eq!(s.state(5, Some(&routing(15, PublicState::Offline)), false), LocalState::Online);
+        assert_eq!(
+            s.state(5, Some(&routing(15, PublicState::Offline)), false),
+            LocalState::Online
+        );
     }
 
     #[test]
@@ -204,6 +249,9 @@ mod tests {
         let mut s = LocalStates::default();
         s.reported(3);
         // A new chain table puts the fresh target in service.
-        assert_eq!(s.state(5, Some(&routing(4, PublicState::Serving)), false), LocalState::UpToDate);
+        assert_eq!(
+            s.state(5, Some(&routing(4, PublicState::Serving)), false),
+            LocalState::UpToDate
+        );
     }
 }
