@@ -9,7 +9,9 @@
 pub mod failover;
 pub mod meta;
 pub mod mgmt;
+pub mod storage;
 
 pub use failover::ClientError;
 pub use meta::{MetaClient, MetaClientConfig, MetaClientError};
 pub use mgmt::{MgmtClient, RoutingWatcher};
+pub use storage::{StorageClient, StorageClientError};

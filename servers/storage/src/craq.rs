@@ -740,6 +740,7 @@ fn storage_error(e: ChunkError, addr: ChunkAddr, target: TargetId) -> StorageErr
             pending: update_ver,
         },
         ChunkError::Corrupt { .. } => StorageError::Checksum { addr, target },
+        ChunkError::NotFound { .. } => StorageError::NotFound { addr },
         ChunkError::OutOfRange { end, limit, .. } => StorageError::OutOfRange { end, limit },
         ChunkError::NoSpace { .. } => StorageError::NoSpace { target },
         other => io_error(other, target),

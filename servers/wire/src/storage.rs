@@ -43,6 +43,9 @@ pub enum StorageError {
         committed: u64,
         pending: u64,
     },
+    /// The replica has no committed version of the chunk: a hole, for readers.
+    #[error("chunk {addr:?} does not exist")]
+    NotFound { addr: ChunkAddr },
     /// The replica's copy failed its checksum; the client reads another replica.
     #[error("chunk {addr:?} on target {target} failed its checksum")]
     Checksum { addr: ChunkAddr, target: TargetId },

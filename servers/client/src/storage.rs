@@ -1,0 +1,699 @@
+//! [`StorageClient`]: file bytes over CRAQ chains. It splits a byte range into
+//! chunk pieces, sends each written piece to its chain's head, spreads reads
+//! over SERVING replicas, and retries across routing changes.
+//!
+//! Makes no chain decisions (mgmtd does) and never writes to a target other
+//! than the head its routing info names; it only reads routing info. It does
+//! not know file lengths: a read returns exactly the bytes asked for, with
+//! holes and bytes past a chunk's end as zeros, and the caller clips to the
+//! file length.
+//!
+//! # Placement
+//! Chunk `i` of an inode holds bytes `[i * chunk_size, (i + 1) * chunk_size)`
+//! and lives on chain `layout.chains[i % layout.stripe]`; chains past the
+//! first `stripe` entries of `layout.chains` are unused.
+//!
+//! # Retries
+//! Every piece is tried up to `attempts_max` times. Between attempts the
+//! client waits, up to `routing_wait`, for newer routing info after errors
+//! that routing will fix (stale chain version, not head, not serving, failed
+//! forwarding, unreachable node, no routing info), and backs off
+//! exponentially with jitter after the others (uncommitted or corrupt
+//! replicas, server-side failures). Refusals that cannot succeed later
+//! (`StorageError::is_retryable` false) fail at once. A piece keeps its
+//! request id across retries, so the head applies a retried write once; after
+//! a head change the new head does not know the id, and the piece is written
+//! again (same bytes at the same offset, so the result is the same). A read
+//! moves to the next SERVING replica before counting an attempt.
+//!
+//! # Limits
+//! - [`IO_BYTES_MAX`] bytes per call; layouts with chunks over
+//!   [`CHUNK_SIZE_MAX`] are refused.
+//! - `pieces_in_flight_max` ([`PIECES_IN_FLIGHT_MAX`]) concurrent pieces per call.
+//! - `attempts_max` ([`ATTEMPTS_MAX`]) attempts per piece, each RPC bounded by
+//!   `call_timeout` ([`CALL_TIMEOUT`]).
+//! - A missing chunk is recognised by the text of the server's `Io` error
+//!   (the wire has no `NotFound` refusal yet).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::{StreamExt, TryStreamExt};
+use r3fs_net::{CallOptions, ClientConfig, RetryPolicy, RpcClient, RpcError};
+use r3fs_wire::meta::Layout;
+use r3fs_wire::mgmt::{Chain, ChainId, PublicState, RoutingInfo, TargetId};
+use r3fs_wire::storage::{
+    ChunkAddr, ChunkVersion, Read, ReadRequest, StorageError, Write, WriteRequest,
+};
+use tokio::sync::watch;
+
+/// Pieces of one call in flight at once.
+pub const PIECES_IN_FLIGHT_MAX: usize = 16;
+/// Attempts per piece, the first included.
+pub const ATTEMPTS_MAX: u32 = 8;
+/// How long a retry waits for newer routing info.
+pub const ROUTING_WAIT: Duration = Duration::from_secs(2);
+/// Deadline of one RPC.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+pub const BACKOFF_INITIAL: Duration = Duration::from_millis(10);
+pub const BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// Bytes of one read or write call.
+pub const IO_BYTES_MAX: u64 = 1 << 30;
+/// Largest chunk a layout may ask for: one chunk travels in one frame payload.
+pub const CHUNK_SIZE_MAX: u32 = r3fs_wire::frame::FRAME_PAYLOAD_BYTES_MAX;
+/// Connections kept to each storage node.
+pub const CONNECTIONS_PER_NODE: usize = 2;
+
+#[derive(Debug, Clone)]
+pub struct StorageClientConfig {
+    pub pieces_in_flight_max: usize,
+    pub attempts_max: u32,
+    pub routing_wait: Duration,
+    pub call_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub connections_per_node: usize,
+}
+
+impl Default for StorageClientConfig {
+    fn default() -> Self {
+        StorageClientConfig {
+            pieces_in_flight_max: PIECES_IN_FLIGHT_MAX,
+            attempts_max: ATTEMPTS_MAX,
+            routing_wait: ROUTING_WAIT,
+            call_timeout: CALL_TIMEOUT,
+            backoff_initial: BACKOFF_INITIAL,
+            backoff_max: BACKOFF_MAX,
+            connections_per_node: CONNECTIONS_PER_NODE,
+        }
+    }
+}
+
+/// Why one attempt at one piece failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    /// The bytes of a read did not match the CRC32C sent with them.
+    #[error("read from target {target}: payload crc {computed:08x}, answer says {sent:08x}")]
+    ReadChecksum {
+        target: TargetId,
+        sent: u32,
+        computed: u32,
+    },
+    /// Routing info cannot route the piece (yet).
+    #[error("routing: {0}")]
+    Routing(String),
+}
+
+/// Why a read or write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageClientError {
+    #[error("invalid layout: {reason}")]
+    BadLayout { reason: String },
+    #[error("invalid range at offset {offset}, length {len}: {reason}")]
+    BadRange {
+        offset: u64,
+        len: u64,
+        reason: &'static str,
+    },
+    /// Refused in a way no retry can fix.
+    #[error("chunk {addr:?}: {error}")]
+    Refused {
+        addr: ChunkAddr,
+        error: AttemptError,
+    },
+    #[error("chunk {addr:?}: gave up after {attempts} attempts; last error: {last}")]
+    Exhausted {
+        addr: ChunkAddr,
+        attempts: u32,
+        last: AttemptError,
+    },
+}
+
+impl StorageClientError {
+    /// The errno to hand a POSIX caller.
+    pub fn errno(&self) -> i32 {
+        match self {
+            StorageClientError::BadLayout { .. } | StorageClientError::BadRange { .. } => {
+                libc::EINVAL
+            }
+            StorageClientError::Refused { error, .. } => match error {
+                AttemptError::Storage(StorageError::NoSpace { .. }) => libc::ENOSPC,
+                AttemptError::Storage(StorageError::OutOfRange { .. }) => libc::EINVAL,
+                _ => libc::EIO,
+            },
+            StorageClientError::Exhausted { last, .. } => match last {
+                AttemptError::Rpc(RpcError::Timeout { .. }) => libc::ETIMEDOUT,
+                _ => libc::EIO,
+            },
+        }
+    }
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Fail,
+    AwaitRouting,
+    Backoff,
+}
+
+fn next_step(e: &AttemptError) -> Next {
+    match e {
+        AttemptError::Storage(s) if !s.is_retryable() => Next::Fail,
+        AttemptError::Storage(StorageError::ChainVersion { request, node, .. }) => {
+            // Our routing is older than the node's: wait for ours to catch up.
+            // Newer: the node's will catch up soon.
+            if request < node {
+                Next::AwaitRouting
+            } else {
+                Next::Backoff
+            }
+        }
+        AttemptError::Storage(
+            StorageError::NotHead { .. }
+            | StorageError::NotServing { .. }
+            | StorageError::Forward { .. },
+        ) => Next::AwaitRouting,
+        AttemptError::Storage(_) | AttemptError::ReadChecksum { .. } => Next::Backoff,
+        AttemptError::Rpc(
+            RpcError::Connect { .. } | RpcError::Timeout { .. } | RpcError::ConnectionLost { .. },
+        ) => Next::AwaitRouting,
+        AttemptError::Rpc(RpcError::Remote { code, .. }) if code.is_retryable() => Next::Backoff,
+        AttemptError::Rpc(_) => Next::Fail,
+        AttemptError::Routing(_) => Next::AwaitRouting,
+    }
+}
+
+/// One chunk's share of a call: `len` bytes at `chunk_offset` of chunk
+/// `index`, at `buf_offset` of the caller's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Piece {
+    index: u64,
+    chunk_offset: u32,
+    len: u32,
+    buf_offset: usize,
+}
+
+/// The pieces of `[offset, offset + len)` in file order.
+fn pieces(chunk_size: u32, offset: u64, len: u64) -> impl Iterator<Item = Piece> {
+    assert!(chunk_size > 0, "layouts are checked before splitting");
+    let chunk = u64::from(chunk_size);
+    let end = offset + len;
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let index = pos / chunk;
+        let chunk_offset = pos % chunk;
+        let piece_len = (chunk - chunk_offset).min(end - pos);
+        let piece = Piece {
+            index,
+            chunk_offset: chunk_offset as u32,
+            len: piece_len as u32,
+            buf_offset: (pos - offset) as usize,
+        };
+        pos += piece_len;
+        Some(piece)
+    })
+}
+
+/// The chain that holds chunk `index` (see the module docs).
+fn chain_of(layout: &Layout, index: u64) -> ChainId {
+    layout.chains[(index % u64::from(layout.stripe)) as usize]
+}
+
+fn check_layout(layout: &Layout) -> Result<(), StorageClientError> {
+    let bad = |reason: String| Err(StorageClientError::BadLayout { reason });
+    if layout.chunk_size == 0 {
+        return bad("chunk size is 0".into());
+    }
+    if layout.chunk_size > CHUNK_SIZE_MAX {
+        return bad(format!(
+            "chunk size {} exceeds {CHUNK_SIZE_MAX}",
+            layout.chunk_size
+        ));
+    }
+    if layout.stripe == 0 {
+        return bad("stripe is 0".into());
+    }
+    if layout.chains.len() < layout.stripe as usize {
+        return bad(format!(
+            "stripe {} over only {} chains",
+            layout.stripe,
+            layout.chains.len()
+        ));
+    }
+    Ok(())
+}
+
+fn check_range(offset: u64, len: u64) -> Result<(), StorageClientError> {
+    let bad = |reason| {
+        Err(StorageClientError::BadRange {
+            offset,
+            len,
+            reason,
+        })
+    };
+    if len > IO_BYTES_MAX {
+        return bad("longer than IO_BYTES_MAX");
+    }
+    if offset.checked_add(len).is_none() {
+        return bad("ends past u64::MAX");
+    }
+    Ok(())
+}
+
+/// Whether an `Io` refusal means "this chunk was never written" (chunk
+/// engine `NotFound`, which the wire carries only as text).
+fn is_missing_chunk(e: &StorageError) -> bool {
+    matches!(e, StorageError::NotFound { .. })
+}
+
+fn find_chain(info: &RoutingInfo, id: ChainId) -> Result<&Chain, AttemptError> {
+    info.chain(id).ok_or_else(|| {
+        AttemptError::Routing(format!(
+            "chain {id} is not in routing info version {}",
+            info.version
+        ))
+    })
+}
+
+fn target_address(info: &RoutingInfo, target: TargetId) -> Result<SocketAddr, AttemptError> {
+    let t = info
+        .target(target)
+        .ok_or_else(|| AttemptError::Routing(format!("target {target} not in routing info")))?;
+    let node = info.node(t.node).ok_or_else(|| {
+        AttemptError::Routing(format!(
+            "node {} of target {target} not in routing info",
+            t.node
+        ))
+    })?;
+    node.address.parse().map_err(|e| {
+        AttemptError::Routing(format!("node {} address {:?}: {e}", node.id, node.address))
+    })
+}
+
+/// Reads and writes file bytes on storage chains. Cheap to clone; clones
+/// share connections and the client id.
+#[derive(Clone)]
+pub struct StorageClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    routing: watch::Receiver<Option<Arc<RoutingInfo>>>,
+    config: StorageClientConfig,
+    rpc: RpcClient,
+    /// Identifies this client's writes to heads (with `request_next`).
+    client_id: u64,
+    request_next: AtomicU64,
+}
+
+impl StorageClient {
+    /// Routes by the routing info `routing` publishes (from
+    /// `RoutingWatcher::subscribe`, or a fixed channel in tests).
+    pub fn new(
+        routing: watch::Receiver<Option<Arc<RoutingInfo>>>,
+        config: StorageClientConfig,
+    ) -> StorageClient {
+        let rpc = RpcClient::new(ClientConfig {
+            connections_per_addr: config.connections_per_node.max(1),
+            ..ClientConfig::default()
+        });
+        StorageClient {
+            inner: Arc::new(Inner {
+                routing,
+                config,
+                rpc,
+                client_id: rand::random(),
+                request_next: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    pub fn client_id(&self) -> u64 {
+        self.inner.client_id
+    }
+
+    /// Writes `data` at byte `offset` of `inode`; returns the bytes written
+    /// (all of them: a failed piece fails the call, and pieces already
+    /// written stay written).
+    pub async fn write(
+        &self,
+        layout: &Layout,
+        inode: u64,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<u64, StorageClientError> {
+        check_layout(layout)?;
+        let len = data.len() as u64;
+        check_range(offset, len)?;
+        let writes = pieces(layout.chunk_size, offset, len).map(|p| {
+            let addr = ChunkAddr {
+                chain: chain_of(layout, p.index),
+                inode,
+                index: p.index,
+            };
+            let bytes = data.slice(p.buf_offset..p.buf_offset + p.len as usize);
+            self.write_piece(addr, p, layout.chunk_size, bytes)
+        });
+        futures::stream::iter(writes)
+            .buffer_unordered(self.inner.config.pieces_in_flight_max.max(1))
+            .try_fold(0u64, |sum, n| async move { Ok(sum + n) })
+            .await
+    }
+
+    /// Reads `len` bytes at `offset` of `inode`. Holes and bytes past a
+    /// chunk's committed length read as zeros.
+    pub async fn read(
+        &self,
+        layout: &Layout,
+        inode: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, StorageClientError> {
+        check_layout(layout)?;
+        check_range(offset, len)?;
+        let reads = pieces(layout.chunk_size, offset, len).map(|p| {
+            let addr = ChunkAddr {
+                chain: chain_of(layout, p.index),
+                inode,
+                index: p.index,
+            };
+            async move { self.read_piece(addr, p).await.map(|data| (p, data)) }
+        });
+        let mut results = futures::stream::iter(reads)
+            .buffer_unordered(self.inner.config.pieces_in_flight_max.max(1));
+        let mut out = BytesMut::zeroed(len as usize);
+        while let Some((p, data)) = results.try_next().await? {
+            assert!(
+                data.len() <= p.len as usize,
+                "read_piece clips to the piece"
+            );
+            out[p.buf_offset..p.buf_offset + data.len()].copy_from_slice(&data);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn write_piece(
+        &self,
+        addr: ChunkAddr,
+        piece: Piece,
+        chunk_size: u32,
+        data: Bytes,
+    ) -> Result<u64, StorageClientError> {
+        let base = WriteRequest {
+            addr,
+            chain_ver: 0,
+            offset: piece.chunk_offset,
+            chunk_size,
+            crc: crc32c::crc32c(&data),
+            client: self.inner.client_id,
+            request: self.inner.request_next.fetch_add(1, Ordering::Relaxed),
+        };
+        self.with_retries(addr, |info| self.write_attempt(info, &base, data.clone()))
+            .await?;
+        Ok(u64::from(piece.len))
+    }
+
+    async fn write_attempt(
+        &self,
+        info: Arc<RoutingInfo>,
+        base: &WriteRequest,
+        data: Bytes,
+    ) -> Result<ChunkVersion, AttemptError> {
+        let chain = find_chain(&info, base.addr.chain)?;
+        let head = chain
+            .targets
+            .first()
+            .filter(|t| t.state == PublicState::Serving)
+            .ok_or_else(|| {
+                AttemptError::Routing(format!("chain {} has no SERVING head", chain.id))
+            })?;
+        let node = target_address(&info, head.target)?;
+        let req = WriteRequest {
+            chain_ver: chain.version,
+            ..base.clone()
+        };
+        let (resp, _) = self
+            .inner
+            .rpc
+            .call_with_payload::<Write>(node, &req, data, self.call_options())
+            .await?;
+        Ok(resp?)
+    }
+
+    /// The bytes of one piece, possibly short (the chunk ends early or is missing).
+    async fn read_piece(&self, addr: ChunkAddr, piece: Piece) -> Result<Bytes, StorageClientError> {
+        let req = ReadRequest {
+            addr,
+            offset: piece.chunk_offset,
+            length: piece.len,
+        };
+        self.with_retries(addr, |info| self.read_attempt(info, &req))
+            .await
+    }
+
+    /// Tries every SERVING replica once, starting at a random one.
+    async fn read_attempt(
+        &self,
+        info: Arc<RoutingInfo>,
+        req: &ReadRequest,
+    ) -> Result<Bytes, AttemptError> {
+        let chain = find_chain(&info, req.addr.chain)?;
+        let serving: Vec<TargetId> = chain
+            .targets
+            .iter()
+            .filter(|t| t.state == PublicState::Serving)
+            .map(|t| t.target)
+            .collect();
+        if serving.is_empty() {
+            return Err(AttemptError::Routing(format!(
+                "chain {} has no SERVING target",
+                chain.id
+            )));
+        }
+        let start = rand::random_range(0..serving.len());
+        let mut last = None;
+        for i in 0..serving.len() {
+            let target = serving[(start + i) % serving.len()];
+            match self.read_replica(&info, target, req).await {
+                Ok(data) => return Ok(data),
+                Err(e) if next_step(&e) == Next::Fail => return Err(e),
+                Err(e) => {
+                    if matches!(
+                        e,
+                        AttemptError::Storage(StorageError::Checksum { .. })
+                            | AttemptError::ReadChecksum { .. }
+                    ) {
+                        tracing::warn!(chunk = ?req.addr, target, error = %e, "corrupt replica; reading another");
+                    } else {
+                        tracing::debug!(chunk = ?req.addr, target, error = %e, "replica failed a read; trying another");
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("at least one replica was tried"))
+    }
+
+    async fn read_replica(
+        &self,
+        info: &RoutingInfo,
+        target: TargetId,
+        req: &ReadRequest,
+    ) -> Result<Bytes, AttemptError> {
+        let node = target_address(info, target)?;
+        let (resp, data) = self
+            .inner
+            .rpc
+            .call_with_payload::<Read>(node, req, Bytes::new(), self.call_options())
+            .await?;
+        let resp = match resp {
+            Ok(resp) => resp,
+            Err(e) if is_missing_chunk(&e) => return Ok(Bytes::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let computed = crc32c::crc32c(&data);
+        if computed != resp.crc {
+            return Err(AttemptError::ReadChecksum {
+                target,
+                sent: resp.crc,
+                computed,
+            });
+        }
+        // A server never sends more than asked; clip if one does.
+        Ok(data.slice(..data.len().min(req.length as usize)))
+    }
+
+    fn call_options(&self) -> CallOptions {
+        CallOptions {
+            timeout: self.inner.config.call_timeout,
+            retry: RetryPolicy::none(),
+            idempotent: true,
+        }
+    }
+
+    /// Runs `attempt` with the newest routing info until it succeeds, fails
+    /// for good, or runs out of attempts (see the module docs).
+    async fn with_retries<T, F, Fut>(
+        &self,
+        addr: ChunkAddr,
+        mut attempt: F,
+    ) -> Result<T, StorageClientError>
+    where
+        F: FnMut(Arc<RoutingInfo>) -> Fut,
+        Fut: Future<Output = Result<T, AttemptError>>,
+    {
+        let config = &self.inner.config;
+        let attempts_max = config.attempts_max.max(1);
+        let mut routing = self.inner.routing.clone();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let snapshot = routing.borrow_and_update().clone();
+            let result = match snapshot {
+                Some(info) => attempt(info).await,
+                None => Err(AttemptError::Routing("no routing info yet".into())),
+            };
+            let error = match result {
+                Ok(value) => return Ok(value),
+                Err(e) => e,
+            };
+            let next = next_step(&error);
+            if next == Next::Fail {
+                return Err(StorageClientError::Refused { addr, error });
+            }
+            if attempts >= attempts_max {
+                return Err(StorageClientError::Exhausted {
+                    addr,
+                    attempts,
+                    last: error,
+                });
+            }
+            tracing::debug!(chunk = ?addr, attempts, error = %error, "retrying chunk I/O");
+            let backoff = self.backoff(attempts);
+            match next {
+                Next::AwaitRouting => {
+                    let changed =
+                        tokio::time::timeout(config.routing_wait, routing.changed()).await;
+                    if matches!(changed, Ok(Err(_))) {
+                        // The routing sender is gone: nothing newer will come.
+                        tokio::time::sleep(backoff).await;
+                    }
+                }
+                Next::Backoff => tokio::time::sleep(backoff).await,
+                Next::Fail => unreachable!("handled above"),
+            }
+        }
+    }
+
+    /// Wait before attempt `attempt + 1`: the exponential step, jittered into
+    /// its upper half.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let config = &self.inner.config;
+        let shift = attempt.saturating_sub(1).min(20);
+        let step = config
+            .backoff_initial
+            .saturating_mul(1 << shift)
+            .min(config.backoff_max);
+        let half = step / 2;
+        let jitter = rand::random_range(0..=half.as_nanos().min(u64::MAX as u128) as u64);
+        half + Duration::from_nanos(jitter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(chunk_size: u32, offset: u64, len: u64, expect: &[(u64, u32, u32, usize)]) {
+        let got: Vec<_> = pieces(chunk_size, offset, len)
+            .map(|p| (p.index, p.chunk_offset, p.len, p.buf_offset))
+            .collect();
+        assert_eq!(got, expect);
+    }
+
+    #[test]
+    fn ranges_split_at_chunk_boundaries() {
+        check(10, 0, 0, &[]);
+        check(10, 0, 10, &[(0, 0, 10, 0)]);
+        check(10, 5, 3, &[(0, 5, 3, 0)]);
+        check(10, 5, 20, &[(0, 5, 5, 0), (1, 0, 10, 5), (2, 0, 5, 15)]);
+        check(10, 30, 11, &[(3, 0, 10, 0), (4, 0, 1, 10)]);
+    }
+
+    #[test]
+    fn chunks_go_round_robin_over_the_stripe() {
+        let layout = Layout {
+            chunk_size: 10,
+            stripe: 2,
+            chains: vec![7, 8, 9],
+        };
+        let chains: Vec<_> = (0..5).map(|i| chain_of(&layout, i)).collect();
+        assert_eq!(chains, [7, 8, 7, 8, 7]);
+    }
+
+    #[test]
+    fn bad_layouts_and_ranges_are_einval() {
+        let ok = Layout {
+            chunk_size: 10,
+            stripe: 2,
+            chains: vec![1, 2],
+        };
+        assert!(check_layout(&ok).is_ok());
+        for bad in [
+            Layout {
+                chunk_size: 0,
+                ..ok.clone()
+            },
+            Layout {
+                stripe: 0,
+                ..ok.clone()
+            },
+            Layout {
+                stripe: 3,
+                ..ok.clone()
+            },
+            Layout {
+                chunk_size: CHUNK_SIZE_MAX + 1,
+                ..ok.clone()
+            },
+        ] {
+            assert_eq!(check_layout(&bad).unwrap_err().errno(), libc::EINVAL);
+        }
+        assert_eq!(check_range(u64::MAX, 1).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(
+            check_range(0, IO_BYTES_MAX + 1).unwrap_err().errno(),
+            libc::EINVAL
+        );
+    }
+
+    #[test]
+    fn only_not_found_is_a_hole() {
+        let addr = ChunkAddr {
+            chain: 1,
+            inode: 7,
+            index: 3,
+        };
+        assert!(is_missing_chunk(&StorageError::NotFound { addr }));
+        let io = StorageError::Io {
+            target: 1,
+            reason: "chunk 7:3 not found".into(),
+        };
+        assert!(
+            !is_missing_chunk(&io),
+            "an I/O error is never taken for a hole"
+        );
+        assert!(!is_missing_chunk(&StorageError::NotServing { chain: 1 }));
+    }
+}

@@ -1,0 +1,459 @@
+//! StorageClient against real storage nodes on loopback: three nodes, two
+//! chains of three (each node holds one target of each chain), routing info
+//! given directly through watch channels.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use r3fs_client::storage::StorageClientConfig;
+use r3fs_client::{StorageClient, StorageClientError};
+use r3fs_net::{Router, RpcServer, ServerConfig};
+use r3fs_storage::chunk::{ChunkEngine, ChunkId};
+use r3fs_storage::craq::StorageService;
+use r3fs_wire::meta::Layout;
+use r3fs_wire::mgmt::*;
+use r3fs_wire::storage::StorageError;
+use tokio::sync::watch;
+
+/// The chunk size limit of every engine.
+const CHUNK_MAX: u32 = 1024 * 1024;
+/// The chunk size of most test layouts.
+const CHUNK: u32 = 64 * 1024;
+const CHAINS: [ChainId; 2] = [1, 2];
+const NODES: usize = 3;
+const INODE: u64 = 7;
+
+type Routing = watch::Sender<Option<Arc<RoutingInfo>>>;
+
+struct Node {
+    addr: SocketAddr,
+    /// By chain.
+    engines: HashMap<ChainId, Arc<ChunkEngine>>,
+    server: Option<RpcServer>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+struct Fixture {
+    nodes: Vec<Node>,
+    /// What the servers route by.
+    routing: Routing,
+}
+
+fn target_of(chain: ChainId, node: usize) -> TargetId {
+    u64::from(chain) * 100 + node as u64
+}
+
+/// Chain `c` starts at node `c - 1`, so the two chains have different heads.
+fn routing(addrs: &[SocketAddr], version: u64) -> RoutingInfo {
+    let order = |chain: ChainId| (0..NODES).map(move |i| (i + chain as usize - 1) % NODES);
+    RoutingInfo {
+        version,
+        epoch: 1,
+        nodes: addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| NodeInfo {
+                id: i as u32 + 1,
+                node_type: NodeType::Storage,
+                address: a.to_string(),
+                hostname: format!("s{i}"),
+                registered_at: 0,
+                last_heartbeat: 0,
+                alive: true,
+            })
+            .collect(),
+        chain_tables: vec![],
+        chains: CHAINS
+            .iter()
+            .map(|&c| Chain {
+                id: c,
+                version,
+                targets: order(c)
+                    .map(|i| ChainTarget {
+                        target: target_of(c, i),
+                        state: PublicState::Serving,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        targets: CHAINS
+            .iter()
+            .flat_map(|&c| {
+                (0..NODES).map(move |i| TargetInfo {
+                    id: target_of(c, i),
+                    node: i as u32 + 1,
+                    chain: Some(c),
+                    public_state: PublicState::Serving,
+                    local_state: LocalState::UpToDate,
+                })
+            })
+            .collect(),
+    }
+}
+
+impl Fixture {
+    async fn start() -> Fixture {
+        let (tx, rx) = watch::channel(None);
+        let mut nodes = Vec::new();
+        for i in 0..NODES {
+            let mut dirs = Vec::new();
+            let mut engines = HashMap::new();
+            for &c in &CHAINS {
+                let dir = tempfile::tempdir().unwrap();
+                engines.insert(
+                    c,
+                    Arc::new(ChunkEngine::open(dir.path(), CHUNK_MAX).unwrap()),
+                );
+                dirs.push(dir);
+            }
+            let targets = engines
+                .iter()
+                .map(|(&c, e)| (target_of(c, i), e.clone()))
+                .collect();
+            let service = StorageService::new(i as u32 + 1, targets, rx.clone());
+            let mut router = Router::new();
+            service.register(&mut router);
+            let server = RpcServer::bind(
+                "127.0.0.1:0".parse().unwrap(),
+                router,
+                ServerConfig::default(),
+            )
+            .await
+            .unwrap();
+            nodes.push(Node {
+                addr: server.local_addr(),
+                engines,
+                server: Some(server),
+                _dirs: dirs,
+            });
+        }
+        let f = Fixture { nodes, routing: tx };
+        f.routing.send_replace(Some(Arc::new(f.routing_info(1))));
+        f
+    }
+
+    fn routing_info(&self, version: u64) -> RoutingInfo {
+        let addrs: Vec<SocketAddr> = self.nodes.iter().map(|n| n.addr).collect();
+        routing(&addrs, version)
+    }
+
+    /// A client that routes by the servers' channel.
+    fn client(&self) -> StorageClient {
+        StorageClient::new(self.routing.subscribe(), StorageClientConfig::default())
+    }
+
+    /// A client with a channel of its own, and that channel.
+    fn client_with_own_routing(
+        &self,
+        version: u64,
+        config: StorageClientConfig,
+    ) -> (StorageClient, Routing) {
+        let (tx, rx) = watch::channel(Some(Arc::new(self.routing_info(version))));
+        (StorageClient::new(rx, config), tx)
+    }
+
+    async fn stop(&mut self, node: usize) {
+        self.nodes[node].server.take().unwrap().shutdown().await;
+    }
+}
+
+fn layout(chunk_size: u32, stripe: u32) -> Layout {
+    Layout {
+        chunk_size,
+        stripe,
+        chains: CHAINS[..stripe as usize].to_vec(),
+    }
+}
+
+/// Deterministic bytes that differ from chunk to chunk.
+fn pattern(len: usize, seed: u64) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+fn id(index: u64) -> ChunkId {
+    ChunkId {
+        inode: INODE,
+        index,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_unaligned_write_reads_back_byte_for_byte_across_chunks_and_chains() {
+    let f = Fixture::start().await;
+    let c = f.client();
+    let layout = layout(CHUNK, 2);
+    let offset = 3 * u64::from(CHUNK) + 4567;
+    let data = pattern(1024 * 1024 + 123, 1);
+    let written = c.write(&layout, INODE, offset, data.clone()).await.unwrap();
+    assert_eq!(written, data.len() as u64);
+    let back = c
+        .read(&layout, INODE, offset, data.len() as u64)
+        .await
+        .unwrap();
+    assert_eq!(back.len(), data.len());
+    assert_eq!(crc32c::crc32c(&back), crc32c::crc32c(&data));
+    assert!(back == data, "bytes differ");
+    // Placement: chunk i on chain CHAINS[i % 2], on every replica.
+    let first = offset / u64::from(CHUNK);
+    let last = (offset + data.len() as u64 - 1) / u64::from(CHUNK);
+    for index in first..=last {
+        let (on, off) = if index % 2 == 0 { (1, 2) } else { (2, 1) };
+        for node in &f.nodes {
+            assert!(node.engines[&on].meta(id(index)).unwrap().is_some());
+            assert!(node.engines[&off].meta(id(index)).unwrap().is_none());
+        }
+    }
+    // A read that starts and ends inside chunks.
+    let sub = c
+        .read(&layout, INODE, offset + 70_000, 200_000)
+        .await
+        .unwrap();
+    assert!(sub == data.slice(70_000..270_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holes_and_bytes_past_a_chunk_end_read_as_zeros() {
+    let f = Fixture::start().await;
+    let c = f.client();
+    let layout = layout(CHUNK, 2);
+    let chunk = u64::from(CHUNK);
+    c.write(&layout, INODE, 10, Bytes::from_static(b"head"))
+        .await
+        .unwrap();
+    c.write(&layout, INODE, 3 * chunk, Bytes::from_static(b"tail"))
+        .await
+        .unwrap();
+    let back = c.read(&layout, INODE, 0, 4 * chunk).await.unwrap();
+    let mut expect = vec![0u8; 4 * chunk as usize];
+    expect[10..14].copy_from_slice(b"head");
+    expect[3 * chunk as usize..3 * chunk as usize + 4].copy_from_slice(b"tail");
+    assert!(back == expect, "holes must be zeros");
+    // An inode never written at all.
+    let none = c.read(&layout, INODE + 1, 5, 100).await.unwrap();
+    assert!(none == vec![0u8; 100]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_on_from_other_replicas_when_a_node_stops() {
+    let mut f = Fixture::start().await;
+    let c = f.client();
+    let layout = layout(CHUNK, 2);
+    let data = pattern(8 * CHUNK as usize, 2);
+    c.write(&layout, INODE, 0, data.clone()).await.unwrap();
+    // Node 0 is the head of chain 1 and the tail of chain 2; routing still
+    // calls it SERVING, so readers meet it and move on.
+    f.stop(0).await;
+    let start = Instant::now();
+    for _ in 0..20 {
+        let back = c.read(&layout, INODE, 0, data.len() as u64).await.unwrap();
+        assert!(back == data);
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "no routing waits: {:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_with_a_stale_chain_version_succeeds_once_routing_catches_up() {
+    let f = Fixture::start().await;
+    f.routing.send_replace(Some(Arc::new(f.routing_info(2))));
+    let (c, client_routing) = f.client_with_own_routing(1, StorageClientConfig::default());
+    let layout = layout(CHUNK, 1);
+    let data = pattern(100_000, 3);
+    let write = {
+        let (c, layout, data) = (c.clone(), layout.clone(), data.clone());
+        tokio::spawn(async move { c.write(&layout, INODE, 0, data).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!write.is_finished(), "the stale write waits for routing");
+    client_routing.send_replace(Some(Arc::new(f.routing_info(2))));
+    let written = tokio::time::timeout(Duration::from_secs(5), write)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(written, data.len() as u64);
+    assert!(c.read(&layout, INODE, 0, 100_000).await.unwrap() == data);
+    // Each chunk was applied once despite the retries.
+    for index in 0..2 {
+        let meta = f.nodes[2].engines[&1].meta(id(index)).unwrap().unwrap();
+        assert_eq!(meta.commit_ver, 1, "chunk {index}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_gives_up_with_eio_when_routing_never_catches_up() {
+    let f = Fixture::start().await;
+    f.routing.send_replace(Some(Arc::new(f.routing_info(2))));
+    let config = StorageClientConfig {
+        attempts_max: 3,
+        routing_wait: Duration::from_millis(100),
+        ..StorageClientConfig::default()
+    };
+    let (c, _client_routing) = f.client_with_own_routing(1, config);
+    let start = Instant::now();
+    let err = c
+        .write(&layout(CHUNK, 1), INODE, 0, Bytes::from_static(b"x"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StorageClientError::Exhausted {
+                attempts: 3,
+                last: r3fs_client::storage::AttemptError::Storage(
+                    StorageError::ChainVersion { .. }
+                ),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.errno(), libc::EIO);
+    assert!(start.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_meets_a_dirty_replica_returns_the_committed_bytes() {
+    let f = Fixture::start().await;
+    let c = f.client();
+    let layout = layout(CHUNK, 1);
+    c.write(&layout, INODE, 0, Bytes::from_static(b"committed"))
+        .await
+        .unwrap();
+    // A write in flight: two replicas hold a pending version.
+    for node in [1, 2] {
+        f.nodes[node].engines[&1]
+            .write_pending(id(0), 2, 1, 0, b"PENDING!!", CHUNK)
+            .unwrap();
+    }
+    for _ in 0..20 {
+        let back = c.read(&layout, INODE, 0, 9).await.unwrap();
+        assert_eq!(&back[..], b"committed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_replica_is_skipped() {
+    let f = Fixture::start().await;
+    let c = f.client();
+    let layout = layout(CHUNK, 1);
+    c.write(&layout, INODE, 0, Bytes::from_static(b"precious bytes"))
+        .await
+        .unwrap();
+    for node in [0, 2] {
+        let path = f.nodes[node].engines[&1]
+            .data_path(id(0), 1)
+            .unwrap()
+            .expect("committed version file");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[3] ^= 0x40;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    for _ in 0..20 {
+        let back = c.read(&layout, INODE, 0, 14).await.unwrap();
+        assert_eq!(&back[..], b"precious bytes");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_no_retry_can_fix_fails_at_once() {
+    let f = Fixture::start().await;
+    let c = f.client();
+    // The layout's chunks are larger than the engines allow.
+    let big = layout(2 * CHUNK_MAX, 1);
+    let start = Instant::now();
+    let err = c
+        .write(&big, INODE, 0, pattern(CHUNK_MAX as usize + 1, 4))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StorageClientError::Refused {
+                error: r3fs_client::storage::AttemptError::Storage(StorageError::OutOfRange { .. }),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.errno(), libc::EINVAL);
+    assert!(start.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_layout_is_einval() {
+    let f = Fixture::start().await;
+    let c = f.client();
+    for bad in [
+        Layout {
+            chunk_size: 0,
+            stripe: 1,
+            chains: vec![1],
+        },
+        Layout {
+            chunk_size: CHUNK,
+            stripe: 0,
+            chains: vec![1],
+        },
+        Layout {
+            chunk_size: CHUNK,
+            stripe: 3,
+            chains: vec![1, 2],
+        },
+    ] {
+        let w = c
+            .write(&bad, INODE, 0, Bytes::from_static(b"x"))
+            .await
+            .unwrap_err();
+        assert!(matches!(w, StorageClientError::BadLayout { .. }), "{w}");
+        assert_eq!(w.errno(), libc::EINVAL);
+        let r = c.read(&bad, INODE, 0, 1).await.unwrap_err();
+        assert_eq!(r.errno(), libc::EINVAL);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_one_mib_writes_and_reads_report_throughput() {
+    let f = Fixture::start().await;
+    let c = f.client();
+    let layout = layout(CHUNK_MAX, 2);
+    let block = pattern(1024 * 1024, 5);
+    const BLOCKS: u64 = 32;
+    let start = Instant::now();
+    for i in 0..BLOCKS {
+        c.write(&layout, INODE, i * 1024 * 1024, block.clone())
+            .await
+            .unwrap();
+    }
+    let write = start.elapsed();
+    let start = Instant::now();
+    for i in 0..BLOCKS {
+        let back = c
+            .read(&layout, INODE, i * 1024 * 1024, 1024 * 1024)
+            .await
+            .unwrap();
+        assert_eq!(crc32c::crc32c(&back), crc32c::crc32c(&block));
+    }
+    let read = start.elapsed();
+    let mib = BLOCKS as f64;
+    println!(
+        "sequential 1 MiB I/O, 3 replicas, loopback: write {:.0} MiB/s, read {:.0} MiB/s",
+        mib / write.as_secs_f64(),
+        mib / read.as_secs_f64()
+    );
+}
