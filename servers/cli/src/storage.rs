@@ -34,6 +34,10 @@ pub struct StorageArgs {
     /// A target as ID=DIRECTORY; repeat for several.
     #[arg(long = "target", value_parser = parse_target)]
     targets: Vec<TargetConfig>,
+    /// Heartbeat interval in milliseconds [default: 1000]; keep it well under
+    /// mgmtd's heartbeat timeout.
+    #[arg(long)]
+    heartbeat_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -109,6 +113,9 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     }
     if !args.targets.is_empty() {
         cfg.targets = args.targets;
+    }
+    if let Some(v) = args.heartbeat_interval_ms {
+        cfg.heartbeat_interval_ms = v;
     }
     if cfg.node_id == 0 {
         bail!("a storage node needs a node id: --node-id N or node_id = N");

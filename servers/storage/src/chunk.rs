@@ -1004,6 +1004,30 @@ impl ChunkEngine {
         Ok((bytes[start..end].to_vec(), record.meta))
     }
 
+    /// The whole pending version of `id` (CRC verified) with its metadata, or
+    /// `None` when no pending version exists or it is a removal. The CRAQ head
+    /// re-drives it down the chain after a failed forward.
+    pub fn read_pending(&self, id: ChunkId) -> ChunkResult<Option<(Vec<u8>, ChunkMeta)>> {
+        let _guard = self.lock(id);
+        let Some(record) = self.load(id)? else {
+            return Ok(None);
+        };
+        if !record.meta.is_dirty() || record.pending_file == FILE_NONE {
+            return Ok(None);
+        }
+        let path = self.file_path(id, record.pending_file);
+        let bytes = fs::read(&path).map_err(|e| io_error(Some(id), &path, e))?;
+        let actual = crc32c::crc32c(&bytes);
+        if actual != record.meta.pending_crc || bytes.len() != record.meta.pending_length as usize {
+            return Err(ChunkError::Corrupt {
+                id,
+                expected: record.meta.pending_crc,
+                actual,
+            });
+        }
+        Ok(Some((bytes, record.meta)))
+    }
+
     /// The metadata of `id`, if it exists.
     pub fn meta(&self, id: ChunkId) -> ChunkResult<Option<ChunkMeta>> {
         Ok(self.load(id)?.map(|r| r.meta))

@@ -67,6 +67,9 @@ struct Inner {
     rpc: RpcClient,
     locks: Vec<tokio::sync::Mutex<()>>,
     dedup: Mutex<Dedup>,
+    /// The client request behind each pending version on this node, so the
+    /// request is remembered as done when the version is re-driven.
+    origins: Mutex<HashMap<ChunkAddr, (u64, u64)>>,
     /// SYNCING targets whose copy a predecessor declared complete, with the
     /// chain version it was complete at.
     synced: Mutex<HashMap<TargetId, u64>>,
@@ -105,6 +108,7 @@ impl StorageService {
                     .map(|_| tokio::sync::Mutex::new(()))
                     .collect(),
                 dedup: Mutex::new(Dedup::default()),
+                origins: Mutex::new(HashMap::new()),
                 synced: Mutex::new(HashMap::new()),
             }),
         }
@@ -221,18 +225,16 @@ impl StorageService {
         }
         check_chain_version(&chain, req.chain_ver)?;
         let _guard = self.lock_for(req.addr).lock().await;
-        let engine = self.engine(me.target).clone();
-        let id = chunk_id(req.addr);
-        let update_ver = blocking(move || {
-            let meta = engine.meta(id)?;
-            if meta.is_some_and(|m| m.is_dirty()) {
-                // A pending version left by a write that failed to forward.
-                engine.abort_pending(id)?;
-            }
-            Ok(meta.map_or(1, |m| m.commit_ver + 1))
-        })
-        .await
-        .map_err(|e| storage_error(e, req.addr, me.target))?;
+        // A pending version left by a write whose forward failed is never
+        // dropped: a successor may have committed it and serve it. Drive it
+        // down the current chain first, then check again whether this very
+        // request was that write.
+        let update_ver = self
+            .recover_pending(&routing, &chain, pos, req.addr)
+            .await?;
+        if let Some(done) = self.inner.dedup.lock().done.get(&(req.client, req.request)) {
+            return Ok(*done);
+        }
         let update = UpdateRequest {
             addr: req.addr,
             chain_ver: chain.version,
@@ -242,24 +244,78 @@ impl StorageService {
             chunk_size: req.chunk_size,
             crc: req.crc,
             full: false,
+            client: req.client,
+            request: req.request,
+        };
+        self.apply_and_forward(&routing, &chain, pos, update, data)
+            .await
+    }
+
+    /// If this target holds a pending version of `addr`, forwards it whole down
+    /// the chain and commits it; returns the version the next write gets.
+    async fn recover_pending(
+        &self,
+        routing: &RoutingInfo,
+        chain: &Chain,
+        pos: usize,
+        addr: ChunkAddr,
+    ) -> StorageResult<u64> {
+        let me = chain.targets[pos].target;
+        let engine = self.engine(me).clone();
+        let id = chunk_id(addr);
+        let (meta, pending) = {
+            let engine = engine.clone();
+            blocking(move || Ok((engine.meta(id)?, engine.read_pending(id)?)))
+                .await
+                .map_err(|e| storage_error(e, addr, me))?
+        };
+        let Some(meta) = meta else { return Ok(1) };
+        let Some((bytes, pending_meta)) = pending else {
+            return Ok(meta.commit_ver + 1);
+        };
+        let (client, request) = self
+            .inner
+            .origins
+            .lock()
+            .get(&addr)
+            .copied()
+            .unwrap_or((0, 0));
+        tracing::info!(
+            ?addr,
+            update_ver = pending_meta.update_ver,
+            "re-driving a pending version down the chain"
+        );
+        let redo = UpdateRequest {
+            addr,
+            chain_ver: chain.version,
+            target: me,
+            update_ver: pending_meta.update_ver,
+            offset: 0,
+            chunk_size: engine.chunk_size_max(),
+            crc: crc32c::crc32c(&bytes),
+            full: true,
+            client,
+            request,
         };
         let version = self
-            .apply_and_forward(&routing, &chain, pos, update, data)
+            .apply_and_forward(routing, chain, pos, redo, Bytes::from(bytes))
             .await?;
+        Ok(version.commit_ver + 1)
+    }
+
+    fn remember(&self, client: u64, request: u64, version: ChunkVersion) {
+        if (client, request) == (0, 0) {
+            return;
+        }
         let mut dedup = self.inner.dedup.lock();
-        if dedup
-            .done
-            .insert((req.client, req.request), version)
-            .is_none()
-        {
-            dedup.order.push_back((req.client, req.request));
+        if dedup.done.insert((client, request), version).is_none() {
+            dedup.order.push_back((client, request));
         }
         while dedup.order.len() > DEDUP_ENTRIES_MAX {
             if let Some(old) = dedup.order.pop_front() {
                 dedup.done.remove(&old);
             }
         }
-        Ok(version)
     }
 
     /// A forwarded update, at a middle, tail or SYNCING target.
@@ -273,7 +329,7 @@ impl StorageService {
         }
         let _guard = self.lock_for(req.addr).lock().await;
         match (me.state, req.full) {
-            (PublicState::Serving, false) => {
+            (PublicState::Serving, _) => {
                 self.apply_and_forward(&routing, &chain, pos, req, data)
                     .await
             }
@@ -294,13 +350,16 @@ impl StorageService {
         let engine = self.engine(target).clone();
         let meta = installed_meta(req.update_ver, req.chain_ver, &data);
         let id = chunk_id(req.addr);
+        let origin = (req.client, req.request);
         let meta = blocking(move || engine.install(id, meta, &data))
             .await
             .map_err(|e| storage_error(e, req.addr, target))?;
-        Ok(ChunkVersion {
+        let version = ChunkVersion {
             commit_ver: meta.commit_ver,
             length: meta.length,
-        })
+        };
+        self.remember(origin.0, origin.1, version);
+        Ok(version)
     }
 
     /// Stores the pending version on this node's target, forwards it down the
@@ -317,6 +376,8 @@ impl StorageService {
         let engine = self.engine(me).clone();
         let id = chunk_id(req.addr);
         let (addr, update_ver, chain_ver) = (req.addr, req.update_ver, req.chain_ver);
+        let req_origin = (req.client, req.request);
+        self.inner.origins.lock().insert(addr, req_origin);
         let successor = chain.targets[pos + 1..]
             .iter()
             .find(|t| matches!(t.state, PublicState::Serving | PublicState::Syncing))
@@ -376,11 +437,9 @@ impl StorageService {
                 .call::<Update, _>(routing, chain.id, next.target, &forwarded, payload)
                 .await
                 .map(drop);
-            if let Err(e) = sent {
-                let engine = engine.clone();
-                let _ = blocking(move || engine.abort_pending(id)).await;
-                return Err(e);
-            }
+            // On failure the pending version stays: a successor may already
+            // have committed it. The next write to this chunk re-drives it.
+            sent?;
         }
         let meta = blocking(move || {
             engine.commit(id, update_ver)?;
@@ -392,10 +451,13 @@ impl StorageService {
             meta.commit_ver >= update_ver,
             "a chunk just committed is at least at that version"
         );
-        Ok(ChunkVersion {
+        let version = ChunkVersion {
             commit_ver: meta.commit_ver,
             length: meta.length,
-        })
+        };
+        self.inner.origins.lock().remove(&addr);
+        self.remember(req_origin.0, req_origin.1, version);
+        Ok(version)
     }
 
     /// Calls `M` on the node serving `target`, mapping transport failures and

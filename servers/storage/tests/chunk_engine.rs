@@ -1292,3 +1292,18 @@ mod model {
         }
     }
 }
+
+#[test]
+fn the_pending_version_can_be_read_whole_for_re_forwarding() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = r3fs_storage::chunk::ChunkEngine::open(dir.path(), 1 << 20).unwrap();
+    let id = r3fs_storage::chunk::ChunkId { inode: 1, index: 0 };
+    assert!(engine.read_pending(id).unwrap().is_none(), "no chunk");
+    engine.write_pending(id, 1, 1, 0, b"base", 1 << 20).unwrap();
+    engine.commit(id, 1).unwrap();
+    assert!(engine.read_pending(id).unwrap().is_none(), "clean chunk");
+    engine.write_pending(id, 2, 1, 6, b"xy", 1 << 20).unwrap();
+    let (bytes, meta) = engine.read_pending(id).unwrap().unwrap();
+    assert_eq!(bytes, b"base\0\0xy");
+    assert_eq!((meta.update_ver, meta.commit_ver), (2, 1));
+}

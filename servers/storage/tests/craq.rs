@@ -303,22 +303,31 @@ async fn a_retried_client_write_is_applied_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_tail_leaves_the_old_version_readable_everywhere() {
+async fn a_write_in_doubt_is_never_dropped_but_re_driven_by_the_next_write() {
     let mut f = Fixture::start().await;
     f.write_to(0, 1, 0, 0, b"old").await.unwrap();
     let tail = f.nodes[2].server.take().unwrap();
     tail.shutdown().await;
     let err = f.write_to(0, 1, 0, 0, b"new").await.unwrap_err();
     assert!(matches!(err, StorageError::Forward { .. }), "{err}");
+    // The write is in doubt (a dead tail may have committed it): head and
+    // middle keep it pending and serve neither version.
     for node in 0..2 {
-        let (resp, data) = f.read_from(node, 0).await.unwrap();
-        assert_eq!(
-            (&data[..], resp.commit_ver),
-            (&b"old"[..], 1),
-            "node {node} must not expose the failed write"
+        let err = f.read_from(node, 0).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StorageError::NotCommitted {
+                    committed: 1,
+                    pending: 2,
+                    ..
+                }
+            ),
+            "node {node}: {err}"
         );
     }
-    // mgmtd takes the tail out of the chain; writes go on with two replicas.
+    // mgmtd takes the tail out of the chain. The next write first commits
+    // the version in doubt down the new chain, then applies itself on top.
     f.set_states(
         2,
         &[
@@ -327,9 +336,15 @@ async fn a_failed_tail_leaves_the_old_version_readable_everywhere() {
             PublicState::Offline,
         ],
     );
-    let v = f.write_to(0, 2, 0, 0, b"new").await.unwrap();
-    assert_eq!(v.commit_ver, 2);
-    assert_eq!(&f.read_from(1, 0).await.unwrap().1[..], b"new");
+    let v = f.write_to(0, 2, 0, 3, b"+more").await.unwrap();
+    assert_eq!(v.commit_ver, 3);
+    for node in 0..2 {
+        assert_eq!(
+            &f.read_from(node, 0).await.unwrap().1[..],
+            b"new+more",
+            "node {node}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

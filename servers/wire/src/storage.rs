@@ -115,6 +115,10 @@ pub struct UpdateRequest {
     /// partial write builds on. It installs the chunk committed at once (it is
     /// the last target a write reaches).
     pub full: bool,
+    /// The client request this version carries (0, 0 when unknown), so every
+    /// chain member can answer a retry of it, whichever member is head then.
+    pub client: u64,
+    pub request: u64,
 }
 
 /// What a resync compares: one chunk's committed version on a target.

@@ -1,0 +1,345 @@
+//! CRAQ under faults, as operators run it: an `r3fs kv`, an `r3fs mgmtd` and
+//! three `r3fs storage` processes with one chain of three. Writers and
+//! readers work on a few chunks through StorageClient while the head, the
+//! middle and the tail are each killed with SIGKILL and restarted, twice.
+//! Afterwards every replica must hold the same bytes, no read may have seen
+//! a torn chunk, and each chunk's history must be linearizable.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{r3fs, ServerProcess};
+use nix::sys::signal::Signal;
+use parking_lot::Mutex;
+use r3fs_client::storage::StorageClientConfig;
+use r3fs_client::{MgmtClient, RoutingWatcher, StorageClient};
+use r3fs_tests::linearizability::{check_register, Event, Op};
+use r3fs_wire::meta::Layout;
+use r3fs_wire::mgmt::{PublicState, RoutingInfo};
+
+const CHUNKS: u64 = 8;
+/// Pause between a reader's reads, keeping each chunk's history within the
+/// checker's limit over a run.
+const READ_PAUSE: Duration = Duration::from_millis(2);
+const INODE: u64 = 42;
+const VALUE_BYTES: usize = 4096;
+const WRITERS: u64 = 3;
+const READERS: usize = 2;
+const ROUNDS: usize = 2;
+const WAIT: Duration = Duration::from_secs(30);
+
+fn layout() -> Layout {
+    Layout {
+        chunk_size: 64 * 1024,
+        stripe: 1,
+        chains: vec![1],
+    }
+}
+
+/// A whole 4 KiB value: the 8-byte number repeated, so a torn read shows.
+fn encode(v: u64) -> Bytes {
+    Bytes::from(v.to_le_bytes().repeat(VALUE_BYTES / 8))
+}
+
+fn decode(data: &[u8]) -> Result<u64, String> {
+    let first: [u8; 8] = data[..8].try_into().unwrap();
+    if data.chunks(8).any(|w| w != first) {
+        return Err(format!("torn read: {:02x?}...", &data[..32]));
+    }
+    Ok(u64::from_le_bytes(first))
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    _kv: ServerProcess,
+    _mgmtd: ServerProcess,
+    mgmtd_addr: String,
+    storage: Vec<Option<ServerProcess>>,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |name: &str| dir.path().join(name);
+        let kv = ServerProcess::start(
+            &["kv", "--data-dir", p("kv").to_str().unwrap()],
+            &p("kv.log"),
+        );
+        let kv_addr = kv.addr.to_string();
+        let mgmtd = ServerProcess::start(
+            &[
+                "mgmtd",
+                "--node-id",
+                "1",
+                "--kv-remote",
+                &kv_addr,
+                "--lease-ms",
+                "4000",
+                "--extend-interval-ms",
+                "500",
+                "--check-interval-ms",
+                "200",
+                "--heartbeat-timeout-ms",
+                "1500",
+            ],
+            &p("mgmtd.log"),
+        );
+        let mgmtd_addr = mgmtd.addr.to_string();
+        let mut c = Cluster {
+            dir,
+            _kv: kv,
+            _mgmtd: mgmtd,
+            mgmtd_addr,
+            storage: vec![None, None, None],
+        };
+        for n in 0..3 {
+            c.start_storage(n);
+        }
+        c
+    }
+
+    fn start_storage(&mut self, n: usize) {
+        let id = (n + 1).to_string();
+        let target = format!(
+            "{}={}",
+            101 + n,
+            self.dir.path().join(format!("t{id}")).display()
+        );
+        let log = self.dir.path().join(format!(
+            "storage{id}.{}.log",
+            Instant::now().elapsed().as_nanos()
+        ));
+        let args = [
+            "storage",
+            "--node-id",
+            &id,
+            "--mgmtd",
+            &self.mgmtd_addr,
+            "--target",
+            &target,
+            "--heartbeat-interval-ms",
+            "200",
+        ];
+        self.storage[n] = Some(ServerProcess::start(&args, &log));
+    }
+
+    fn kill_storage(&mut self, n: usize) {
+        if let Some(p) = self.storage[n].take() {
+            p.signal(Signal::SIGKILL);
+        }
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for p in self.storage.iter().flatten() {
+            out.push_str(&p.log_text());
+        }
+        out
+    }
+}
+
+async fn wait_routing(
+    watcher: &mut RoutingWatcher,
+    what: &str,
+    pred: impl FnMut(&RoutingInfo) -> bool,
+) -> Arc<RoutingInfo> {
+    watcher
+        .wait_for(WAIT, pred)
+        .await
+        .unwrap_or_else(|| panic!("timed out waiting until {what}"))
+}
+
+fn all_serving(r: &RoutingInfo) -> bool {
+    r.chain(1).is_some_and(|c| {
+        c.targets.len() == 3 && c.targets.iter().all(|t| t.state == PublicState::Serving)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_killing_head_middle_and_tail() {
+    let mut cluster = Cluster::start();
+    let out = r3fs(&[
+        "admin",
+        "--mgmtd",
+        &cluster.mgmtd_addr,
+        "create-chain-table",
+        "--replicas",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mgmt = MgmtClient::new(vec![cluster.mgmtd_addr.parse().unwrap()]).unwrap();
+    let mut watcher = RoutingWatcher::start(mgmt.clone());
+    wait_routing(&mut watcher, "the chain serves", all_serving).await;
+    let client = StorageClient::new(watcher.subscribe(), StorageClientConfig::default());
+
+    let epoch = Instant::now();
+    let now = move || epoch.elapsed().as_nanos() as u64;
+    let histories: Arc<Mutex<HashMap<u64, Vec<Event<u64>>>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..WRITERS {
+        let (client, histories, stop) = (client.clone(), histories.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                seq += 1;
+                let chunk = rand::random_range(0..CHUNKS);
+                let value = ((w + 1) << 32) | seq;
+                let invoked = now();
+                let ok = client
+                    .write(&layout(), INODE, chunk * 65536, encode(value))
+                    .await
+                    .is_ok();
+                let completed = ok.then(now);
+                histories.lock().entry(chunk).or_default().push(Event {
+                    op: Op::Write(value),
+                    invoked,
+                    completed,
+                });
+            }
+        }));
+    }
+    let torn: Arc<Mutex<Vec<String>>> = Arc::default();
+    for _ in 0..READERS {
+        let (client, histories, stop, torn) = (
+            client.clone(),
+            histories.clone(),
+            stop.clone(),
+            torn.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let chunk = rand::random_range(0..CHUNKS);
+                let invoked = now();
+                if let Ok(data) = client
+                    .read(&layout(), INODE, chunk * 65536, VALUE_BYTES as u64)
+                    .await
+                {
+                    let completed = Some(now());
+                    match decode(&data) {
+                        Ok(v) => histories.lock().entry(chunk).or_default().push(Event {
+                            op: Op::Read(v),
+                            invoked,
+                            completed,
+                        }),
+                        Err(e) => torn.lock().push(e),
+                    }
+                }
+                tokio::time::sleep(READ_PAUSE).await;
+            }
+        }));
+    }
+
+    for round in 0..ROUNDS {
+        for position in 0..3 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let r = watcher.current().unwrap();
+            let target = r.chain(1).unwrap().targets[position].target;
+            let n = (target - 101) as usize;
+            cluster.kill_storage(n);
+            wait_routing(
+                &mut watcher,
+                &format!("target {target} is offline (round {round})"),
+                |r| {
+                    r.target(target)
+                        .is_some_and(|t| t.public_state == PublicState::Offline)
+                },
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            cluster.start_storage(n);
+            let healed = watcher.wait_for(WAIT, all_serving).await;
+            assert!(
+                healed.is_some(),
+                "chain did not heal after restarting target {target}:\n{}",
+                cluster.logs()
+            );
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert!(
+        torn.lock().is_empty(),
+        "reads saw torn chunks: {:?}",
+        torn.lock()
+    );
+
+    // A final read of every chunk closes each history.
+    let mut final_values = HashMap::new();
+    for chunk in 0..CHUNKS {
+        let invoked = now();
+        let data = client
+            .read(&layout(), INODE, chunk * 65536, VALUE_BYTES as u64)
+            .await
+            .unwrap();
+        let v = decode(&data).unwrap();
+        final_values.insert(chunk, v);
+        histories.lock().entry(chunk).or_default().push(Event {
+            op: Op::Read(v),
+            invoked,
+            completed: Some(now()),
+        });
+    }
+    // Every replica holds the same committed bytes of every chunk.
+    let routing = watcher.current().unwrap();
+    for chunk in 0..CHUNKS {
+        for (i, node) in routing.nodes.iter().enumerate() {
+            let addr: std::net::SocketAddr = node.address.parse().unwrap();
+            let one = single_node_routing(&routing, node.id);
+            let (tx, rx) = tokio::sync::watch::channel(Some(Arc::new(one)));
+            let direct = StorageClient::new(rx, StorageClientConfig::default());
+            let data = direct
+                .read(&layout(), INODE, chunk * 65536, VALUE_BYTES as u64)
+                .await
+                .unwrap_or_else(|e| panic!("chunk {chunk} on node {} ({addr:?}): {e}", node.id));
+            assert_eq!(
+                decode(&data).unwrap(),
+                final_values[&chunk],
+                "chunk {chunk} differs on replica {i}"
+            );
+            drop(tx);
+        }
+    }
+    let histories = histories.lock();
+    let mut ops = 0;
+    for (chunk, history) in histories.iter() {
+        ops += history.len();
+        if let Err(e) = check_register(0u64, history) {
+            panic!("chunk {chunk}: {e}");
+        }
+    }
+    let acked = histories
+        .values()
+        .flatten()
+        .filter(|e| matches!(e.op, Op::Write(_)) && e.completed.is_some())
+        .count();
+    println!(
+        "{ops} operations checked, {acked} acknowledged writes, {} kills",
+        ROUNDS * 3
+    );
+    assert!(acked > 20, "the workload made progress");
+}
+
+/// Routing info in which only `node`'s target serves chain 1, so a client
+/// reads that replica alone.
+fn single_node_routing(r: &RoutingInfo, node: u32) -> RoutingInfo {
+    let mut one = r.clone();
+    for chain in &mut one.chains {
+        chain
+            .targets
+            .retain(|t| r.target(t.target).is_some_and(|i| i.node == node));
+    }
+    one
+}
