@@ -44,8 +44,9 @@ fi
 step "release build"
 cargo build --release --locked -p r3fs-cli -p r3fs-bench
 
-step "r3fs-bench meta (short run: checks the benchmark works; figures are not judged)"
+step "r3fs-bench meta and storage (short runs: check the benchmarks work; figures are not judged)"
 target/release/r3fs-bench meta --ops 2000 --listings 40
+target/release/r3fs-bench storage --size-mib 16 --random-reads 400
 
 step "main job: local cluster (kv, mgmtd, meta)"
 R3FS_BIN=target/release/r3fs bash tests/scripts/local-cluster.sh

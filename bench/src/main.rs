@@ -25,6 +25,9 @@ enum Suite {
     /// Meta service through MetaClient on loopback: create, stat, readdir,
     /// rename, unlink with 1 and 8 concurrent clients.
     Meta(suites::meta::MetaArgs),
+    /// Chunk storage through StorageClient on a chain of 3, side by side with
+    /// direct file I/O on the same disk.
+    Storage(suites::storage::StorageArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -37,6 +40,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match Cli::parse().suite {
         Suite::Meta(args) => suites::meta::run(args),
+        Suite::Storage(args) => suites::storage::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
