@@ -122,8 +122,13 @@ pub fn spawn<R: Reporter>(
                     Ok(version) => states.reported(version),
                     Err(e) => tracing::warn!(error = %e, "heartbeat to mgmtd failed"),
                 }
-                // Beat again at the interval, or at once when routing changes.
-                let _ = tokio::time::timeout(config.heartbeat_interval, routing.changed()).await;
+                // Beat again at the interval, or at once when routing changes;
+                // stop when the routing source is gone (the node shuts down).
+                if let Ok(Err(_)) =
+                    tokio::time::timeout(config.heartbeat_interval, routing.changed()).await
+                {
+                    return;
+                }
             }
         })
     };
@@ -152,7 +157,9 @@ pub fn spawn<R: Reporter>(
                     failed_at.insert(id, tokio::time::Instant::now());
                 }
             }
-            let _ = tokio::time::timeout(config.resync_retry, routing.changed()).await;
+            if let Ok(Err(_)) = tokio::time::timeout(config.resync_retry, routing.changed()).await {
+                return;
+            }
         }
     });
     NodeTasks {
