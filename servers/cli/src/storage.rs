@@ -38,6 +38,13 @@ pub struct StorageArgs {
     /// mgmtd's heartbeat timeout.
     #[arg(long)]
     heartbeat_interval_ms: Option<u64>,
+    /// Meta servers to take removed files from for garbage collection;
+    /// without any, this node collects no garbage.
+    #[arg(long = "meta", value_delimiter = ',')]
+    meta: Vec<SocketAddr>,
+    /// Pause between garbage collection rounds, in milliseconds [default: 5000].
+    #[arg(long)]
+    gc_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +75,9 @@ pub struct StorageConfig {
     /// Largest chunk a target accepts, in bytes.
     pub chunk_size_max: u32,
     pub heartbeat_interval_ms: u64,
+    /// Meta servers to collect removed files from (empty: no GC here).
+    pub meta: Vec<SocketAddr>,
+    pub gc_interval_ms: u64,
 }
 
 impl Default for StorageConfig {
@@ -79,6 +89,8 @@ impl Default for StorageConfig {
             targets: Vec::new(),
             chunk_size_max: CHUNK_BYTES_MAX,
             heartbeat_interval_ms: 1000,
+            meta: Vec::new(),
+            gc_interval_ms: 5000,
         }
     }
 }
@@ -116,6 +128,12 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.heartbeat_interval_ms {
         cfg.heartbeat_interval_ms = v;
+    }
+    if !args.meta.is_empty() {
+        cfg.meta = args.meta;
+    }
+    if let Some(v) = args.gc_interval_ms {
+        cfg.gc_interval_ms = v;
     }
     if cfg.node_id == 0 {
         bail!("a storage node needs a node id: --node-id N or node_id = N");
@@ -172,6 +190,15 @@ async fn serve(cfg: StorageConfig) -> anyhow::Result<()> {
         watcher.subscribe(),
         node_config,
     );
+    let _gc = if cfg.meta.is_empty() {
+        None
+    } else {
+        Some(spawn_gc(
+            cfg.meta.clone(),
+            watcher.subscribe(),
+            cfg.gc_interval_ms,
+        )?)
+    };
     tracing::info!(listen = %server.local_addr(), node_id = cfg.node_id, targets = ?cfg.targets.iter().map(|t| t.id).collect::<Vec<_>>(), "storage node ready");
     crate::engine::wait_for_signal().await?;
     tracing::info!("shutting down");
@@ -179,6 +206,37 @@ async fn serve(cfg: StorageConfig) -> anyhow::Result<()> {
     tracing::info!("storage node stopped");
     drop(watcher);
     Ok(())
+}
+
+/// Collects removed files' chunks every `interval_ms` until dropped.
+fn spawn_gc(
+    meta: Vec<SocketAddr>,
+    routing: tokio::sync::watch::Receiver<Option<Arc<r3fs_wire::mgmt::RoutingInfo>>>,
+    interval_ms: u64,
+) -> anyhow::Result<AbortOnDrop> {
+    let meta = r3fs_client::MetaClient::new(r3fs_client::MetaClientConfig::new(meta))?;
+    let storage = r3fs_client::StorageClient::new(routing, Default::default());
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(interval_ms.max(100))).await;
+            match r3fs_client::gc::collect_garbage(&meta, &storage).await {
+                Ok(round) if round.files > 0 || round.failed > 0 => {
+                    tracing::info!(?round, "garbage collected");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "garbage collection round failed"),
+            }
+        }
+    });
+    Ok(AbortOnDrop(task))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn hostname() -> String {

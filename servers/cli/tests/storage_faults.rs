@@ -59,11 +59,17 @@ struct Cluster {
     _kv: ServerProcess,
     _mgmtd: ServerProcess,
     mgmtd_addr: String,
+    /// A meta server storage nodes collect removed files from, if started.
+    meta: Option<ServerProcess>,
     storage: Vec<Option<ServerProcess>>,
 }
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with_meta(false)
+    }
+
+    fn start_with_meta(with_meta: bool) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let p = |name: &str| dir.path().join(name);
         let kv = ServerProcess::start(
@@ -90,11 +96,18 @@ impl Cluster {
             &p("mgmtd.log"),
         );
         let mgmtd_addr = mgmtd.addr.to_string();
+        let meta = with_meta.then(|| {
+            ServerProcess::start(
+                &["meta", "--data-dir", p("meta").to_str().unwrap()],
+                &p("meta.log"),
+            )
+        });
         let mut c = Cluster {
             dir,
             _kv: kv,
             _mgmtd: mgmtd,
             mgmtd_addr,
+            meta,
             storage: vec![None, None, None],
         };
         for n in 0..3 {
@@ -114,7 +127,7 @@ impl Cluster {
             "storage{id}.{}.log",
             Instant::now().elapsed().as_nanos()
         ));
-        let args = [
+        let mut args = vec![
             "storage",
             "--node-id",
             &id,
@@ -125,6 +138,10 @@ impl Cluster {
             "--heartbeat-interval-ms",
             "200",
         ];
+        let meta_addr = self.meta.as_ref().map(|m| m.addr.to_string());
+        if let Some(meta) = &meta_addr {
+            args.extend(["--meta", meta, "--gc-interval-ms", "200"]);
+        }
         self.storage[n] = Some(ServerProcess::start(&args, &log));
     }
 
@@ -342,4 +359,81 @@ fn single_node_routing(r: &RoutingInfo, node: u32) -> RoutingInfo {
             .retain(|t| r.target(t.target).is_some_and(|i| i.node == node));
     }
     one
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chunks_of_a_removed_file_are_garbage_collected() {
+    use r3fs_client::{MetaClient, MetaClientConfig};
+    use r3fs_wire::meta::{CreateRequest, OpenFlags, User, ROOT_INODE};
+    let cluster = Cluster::start_with_meta(true);
+    let out = r3fs(&[
+        "admin",
+        "--mgmtd",
+        &cluster.mgmtd_addr,
+        "create-chain-table",
+        "--replicas",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mgmt = MgmtClient::new(vec![cluster.mgmtd_addr.parse().unwrap()]).unwrap();
+    let mut watcher = RoutingWatcher::start(mgmt);
+    wait_routing(&mut watcher, "the chain serves", all_serving).await;
+    let storage = StorageClient::new(watcher.subscribe(), StorageClientConfig::default());
+    let meta = MetaClient::new(MetaClientConfig::new(vec![
+        cluster.meta.as_ref().unwrap().addr,
+    ]))
+    .unwrap();
+    // A file in the namespace, its data in the chain.
+    let req = CreateRequest {
+        user: User::root(),
+        parent: ROOT_INODE,
+        name: b"doomed".to_vec(),
+        perm: 0o644,
+        exclusive: true,
+        flags: OpenFlags::default(),
+        client: 0,
+    };
+    let attr = meta.create(req).await.unwrap().attr;
+    let layout = attr.layout.clone().expect("files have a layout");
+    let data = Bytes::from(vec![7u8; 3 * layout.chunk_size as usize / 2]);
+    storage
+        .write(&layout, attr.inode, 0, data.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        storage
+            .read(&layout, attr.inode, 0, data.len() as u64)
+            .await
+            .unwrap(),
+        data
+    );
+    // Unlinking it queues it; the storage nodes delete its chunks and take it off the queue.
+    meta.unlink(&User::root(), ROOT_INODE, b"doomed")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let queued = meta.gc_list(10).await.unwrap();
+        if queued.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "removed file still queued: {queued:?}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let back = storage
+        .read(&layout, attr.inode, 0, data.len() as u64)
+        .await
+        .unwrap();
+    assert!(
+        back.iter().all(|&b| b == 0),
+        "the removed file's chunks are gone"
+    );
 }

@@ -7,6 +7,7 @@
 //! through `r3fs-net`.
 
 pub mod failover;
+pub mod gc;
 pub mod meta;
 pub mod mgmt;
 pub mod storage;

@@ -329,6 +329,16 @@ impl MetaClient {
         self.call::<RemoveXattr>(&req, false).await
     }
 
+    /// Removed files whose chunks storage must still delete.
+    pub async fn gc_list(&self, limit: u32) -> Result<Vec<GcEntry>, MetaClientError> {
+        self.call::<GcList>(&GcListRequest { limit }, true).await
+    }
+
+    /// Tells meta these files' chunks are deleted.
+    pub async fn gc_done(&self, inodes: Vec<InodeId>) -> Result<(), MetaClientError> {
+        self.call::<GcDone>(&GcDoneRequest { inodes }, true).await
+    }
+
     /// Walks an absolute `path` from the root, following symlinks in every
     /// component and, if `follow`, in the last one.
     pub async fn resolve(

@@ -47,7 +47,8 @@ use r3fs_net::{CallOptions, ClientConfig, RetryPolicy, RpcClient, RpcError};
 use r3fs_wire::meta::Layout;
 use r3fs_wire::mgmt::{Chain, ChainId, PublicState, RoutingInfo, TargetId};
 use r3fs_wire::storage::{
-    ChunkAddr, ChunkVersion, Read, ReadRequest, StorageError, Write, WriteRequest,
+    ChunkAddr, ChunkVersion, Read, ReadRequest, RemoveInode, RemoveInodeRequest, StorageError,
+    Write, WriteRequest,
 };
 use tokio::sync::watch;
 
@@ -423,6 +424,58 @@ impl StorageClient {
         self.with_retries(addr, |info| self.write_attempt(info, &base, data.clone()))
             .await?;
         Ok(u64::from(piece.len))
+    }
+
+    /// Removes every chunk of `inode` from each chain `layout` uses (garbage
+    /// collection of a deleted file); returns how many chunks the heads
+    /// dropped. Idempotent.
+    pub async fn remove_inode(
+        &self,
+        layout: &Layout,
+        inode: u64,
+    ) -> Result<u64, StorageClientError> {
+        check_layout(layout)?;
+        let mut removed = 0;
+        for &chain in layout.chains.iter().take(layout.stripe as usize) {
+            let addr = ChunkAddr {
+                chain,
+                inode,
+                index: 0,
+            };
+            removed += self
+                .with_retries(addr, |info| self.remove_attempt(info, chain, inode))
+                .await?;
+        }
+        Ok(removed)
+    }
+
+    async fn remove_attempt(
+        &self,
+        info: Arc<RoutingInfo>,
+        chain_id: ChainId,
+        inode: u64,
+    ) -> Result<u64, AttemptError> {
+        let chain = find_chain(&info, chain_id)?;
+        let head = chain
+            .targets
+            .first()
+            .filter(|t| t.state == PublicState::Serving)
+            .ok_or_else(|| {
+                AttemptError::Routing(format!("chain {} has no SERVING head", chain.id))
+            })?;
+        let node = target_address(&info, head.target)?;
+        let req = RemoveInodeRequest {
+            chain: chain.id,
+            chain_ver: chain.version,
+            target: head.target,
+            inode,
+        };
+        let resp = self
+            .inner
+            .rpc
+            .call::<RemoveInode>(node, &req, self.call_options())
+            .await?;
+        Ok(resp?)
     }
 
     async fn write_attempt(

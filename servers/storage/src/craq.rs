@@ -170,6 +170,11 @@ impl StorageService {
             async move { Ok(s.sync_remove(req).await) }
         });
         let s = self.clone();
+        router.register::<RemoveInode, _, _>(move |req, _ctx| {
+            let s = s.clone();
+            async move { Ok(s.remove_inode(req).await) }
+        });
+        let s = self.clone();
         router.register::<SyncDone, _, _>(move |req, _ctx| {
             let s = s.clone();
             async move { Ok(s.sync_done(req)) }
@@ -520,6 +525,44 @@ impl StorageService {
             crc: crc32c::crc32c(&data),
         };
         Ok((resp, Bytes::from(data)))
+    }
+
+    /// Removes every chunk of a deleted file on this node's target, after
+    /// the rest of the chain has (the tail first, as for writes). Returns how
+    /// many chunks this target dropped.
+    pub async fn remove_inode(&self, req: RemoveInodeRequest) -> StorageResult<u64> {
+        let (routing, chain, pos) = self.locate(req.chain)?;
+        check_chain_version(&chain, req.chain_ver)?;
+        let me = chain.targets[pos];
+        if me.target != req.target
+            || !matches!(me.state, PublicState::Serving | PublicState::Syncing)
+        {
+            return Err(StorageError::NotServing { chain: chain.id });
+        }
+        if req.target == chain.targets[0].target && pos != 0 {
+            return Err(StorageError::NotHead {
+                chain: chain.id,
+                target: me.target,
+            });
+        }
+        let successor = chain.targets[pos + 1..]
+            .iter()
+            .find(|t| matches!(t.state, PublicState::Serving | PublicState::Syncing))
+            .copied();
+        if let Some(next) = successor {
+            let forwarded = RemoveInodeRequest {
+                target: next.target,
+                ..req
+            };
+            self.call::<RemoveInode, _>(&routing, chain.id, next.target, &forwarded, Bytes::new())
+                .await?;
+        }
+        let engine = self.engine(me.target).clone();
+        let inode = req.inode;
+        let removed = blocking(move || engine.remove_inode(inode))
+            .await
+            .map_err(|e| io_error(e, me.target))?;
+        Ok(removed as u64)
     }
 
     /// The SYNCING target named by a sync request, if it is ours and the

@@ -457,3 +457,41 @@ async fn sequential_one_mib_writes_and_reads_report_throughput() {
         mib / read.as_secs_f64()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_an_inode_drops_its_chunks_from_every_replica_of_every_chain() {
+    let f = Fixture::start().await;
+    let c = f.client();
+    let layout = layout(CHUNK, 2);
+    c.write(&layout, INODE, 0, pattern(5 * CHUNK as usize, 3))
+        .await
+        .unwrap();
+    c.write(&layout, INODE + 1, 0, pattern(1000, 4))
+        .await
+        .unwrap();
+    let removed = c.remove_inode(&layout, INODE).await.unwrap();
+    assert_eq!(removed, 5, "the heads dropped all five chunks");
+    for node in &f.nodes {
+        for engine in node.engines.values() {
+            assert!(engine.list_inode(INODE).unwrap().is_empty());
+        }
+    }
+    let back = c
+        .read(&layout, INODE, 0, 3 * u64::from(CHUNK))
+        .await
+        .unwrap();
+    assert!(
+        back.iter().all(|&b| b == 0),
+        "a removed file reads as a hole"
+    );
+    assert_eq!(
+        c.read(&layout, INODE + 1, 0, 1000).await.unwrap(),
+        pattern(1000, 4),
+        "other files stay"
+    );
+    assert_eq!(
+        c.remove_inode(&layout, INODE).await.unwrap(),
+        0,
+        "removing again is a no-op"
+    );
+}

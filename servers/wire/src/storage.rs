@@ -181,6 +181,17 @@ pub struct ReadResponse {
     pub crc: u32,
 }
 
+/// Removes every chunk of a deleted file from a chain: sent to the head,
+/// forwarded down the chain (`target` names the member that must act).
+/// Idempotent: removing what is gone does nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveInodeRequest {
+    pub chain: ChainId,
+    pub chain_ver: u64,
+    pub target: TargetId,
+    pub inode: u64,
+}
+
 macro_rules! methods {
     ($($name:ident = $id:literal : $req:ty => $resp:ty;)*) => {
         $(
@@ -206,6 +217,7 @@ methods! {
     SyncInstall = 0x0305: SyncInstallRequest => StorageResult<()>;
     SyncRemove = 0x0306: SyncRemoveRequest => StorageResult<()>;
     SyncDone = 0x0307: SyncDoneRequest => StorageResult<()>;
+    RemoveInode = 0x0308: RemoveInodeRequest => StorageResult<u64>;
 }
 
 #[cfg(test)]
