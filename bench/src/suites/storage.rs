@@ -43,6 +43,11 @@ pub struct StorageArgs {
     /// Concurrent requests for the random reads.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// 1 MiB blocks in flight for the sequential write and read at depth
+    /// (as a client with write-back or readahead keeps them); depth 1 is
+    /// always measured too.
+    #[arg(long, default_value_t = 8)]
+    depth: usize,
 }
 
 struct Chain3 {
@@ -184,20 +189,10 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     let (chain_write, chain_read, chain_random) = runtime.block_on(async {
         let chain = start_chain(dir.path()).await?;
         let c = &chain.client;
-        let t = Instant::now();
-        for i in 0..blocks {
-            c.write(&layout(), 1, i * BLOCK as u64, block(i)).await?;
-        }
-        let write = mib / t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        for i in 0..blocks {
-            let data = c.read(&layout(), 1, i * BLOCK as u64, BLOCK as u64).await?;
-            anyhow::ensure!(
-                data[0] == (i % 251) as u8 && data.len() == BLOCK,
-                "block {i} read back wrong"
-            );
-        }
-        let read = mib / t.elapsed().as_secs_f64();
+        let write1 = seq(c, blocks, 1, true).await?;
+        let read1 = seq(c, blocks, 1, false).await?;
+        let write = seq(c, blocks, args.depth, true).await?;
+        let read = seq(c, blocks, args.depth, false).await?;
         let per_task = (args.random_reads / args.concurrency as u64).max(1);
         let t = Instant::now();
         let mut tasks = Vec::new();
@@ -224,8 +219,9 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
             elapsed: t.elapsed(),
             latencies_ns: lat,
         };
-        Ok::<_, anyhow::Error>((write, read, random))
+        Ok::<_, anyhow::Error>(((write1, write), (read1, read), random))
     })?;
+    let ((chain_write1, chain_write), (chain_read1, chain_read)) = (chain_write, chain_read);
 
     let mut table = Table::new(&[
         "workload",
@@ -235,20 +231,42 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
         "vs limit",
     ]);
     let write_limit = direct_write / 3.0;
-    table.row(vec![
-        "seq write MiB/s".into(),
-        format!("{direct_write:.0}"),
-        format!("{chain_write:.0}"),
-        format!("{write_limit:.0}"),
-        format!("{:.2}", chain_write / write_limit),
-    ]);
-    table.row(vec![
-        "seq read MiB/s".into(),
-        format!("{direct_read:.0}"),
-        format!("{chain_read:.0}"),
-        format!("{direct_read:.0}"),
-        format!("{:.2}", chain_read / direct_read),
-    ]);
+    let d = args.depth;
+    let rows = [
+        (
+            "seq write MiB/s, depth 1".to_string(),
+            direct_write,
+            chain_write1,
+            write_limit,
+        ),
+        (
+            format!("seq write MiB/s, depth {d}"),
+            direct_write,
+            chain_write,
+            write_limit,
+        ),
+        (
+            "seq read MiB/s, depth 1".to_string(),
+            direct_read,
+            chain_read1,
+            direct_read,
+        ),
+        (
+            format!("seq read MiB/s, depth {d}"),
+            direct_read,
+            chain_read,
+            direct_read,
+        ),
+    ];
+    for (name, direct, chain, limit) in rows {
+        table.row(vec![
+            name,
+            format!("{direct:.0}"),
+            format!("{chain:.0}"),
+            format!("{limit:.0}"),
+            format!("{:.2}", chain / limit),
+        ]);
+    }
     table.row(vec![
         "rand 4K read IOPS".into(),
         format!("{:.0}", direct_random.ops_per_sec()),
@@ -271,6 +289,8 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     result(SUITE, "direct_write", direct_write, "MiB/s");
     result(SUITE, "direct_read", direct_read, "MiB/s");
     result(SUITE, "direct_rand4k", direct_random.ops_per_sec(), "IOPS");
+    result(SUITE, "chain_write_depth1", chain_write1, "MiB/s");
+    result(SUITE, "chain_read_depth1", chain_read1, "MiB/s");
     result(SUITE, "chain_write", chain_write, "MiB/s");
     result(SUITE, "chain_read", chain_read, "MiB/s");
     result(SUITE, "chain_rand4k", chain_random.ops_per_sec(), "IOPS");
@@ -278,4 +298,27 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     ratio(SUITE, "write_vs_limit", chain_write / write_limit);
     ratio(SUITE, "read_vs_limit", chain_read / direct_read);
     Ok(())
+}
+
+/// MiB/s of `blocks` sequential 1 MiB writes (or reads) with `depth` in flight.
+async fn seq(c: &StorageClient, blocks: u64, depth: usize, write: bool) -> anyhow::Result<f64> {
+    use futures::stream::{self, StreamExt, TryStreamExt};
+    let t = Instant::now();
+    stream::iter(0..blocks)
+        .map(|i| async move {
+            if write {
+                c.write(&layout(), 1, i * BLOCK as u64, block(i)).await?;
+            } else {
+                let data = c.read(&layout(), 1, i * BLOCK as u64, BLOCK as u64).await?;
+                anyhow::ensure!(
+                    data.len() == BLOCK && data[0] == (i % 251) as u8,
+                    "block {i} read back wrong"
+                );
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+        .buffer_unordered(depth.max(1))
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(blocks as f64 / t.elapsed().as_secs_f64())
 }
