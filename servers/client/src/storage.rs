@@ -47,8 +47,8 @@ use r3fs_net::{CallOptions, ClientConfig, RetryPolicy, RpcClient, RpcError};
 use r3fs_wire::meta::Layout;
 use r3fs_wire::mgmt::{Chain, ChainId, PublicState, RoutingInfo, TargetId};
 use r3fs_wire::storage::{
-    ChunkAddr, ChunkVersion, Read, ReadRequest, RemoveInode, RemoveInodeRequest, StorageError,
-    Write, WriteRequest,
+    ChunkAddr, ChunkVersion, LastChunk, LastChunkRequest, QueryLastChunk, Read, ReadRequest,
+    RemoveInode, RemoveInodeRequest, StorageError, Write, WriteRequest,
 };
 use tokio::sync::watch;
 
@@ -447,6 +447,66 @@ impl StorageClient {
                 .await?;
         }
         Ok(removed)
+    }
+
+    /// The length of `inode`'s data as storage holds it: the end of its
+    /// highest committed chunk over the chains of `layout` (0 if none).
+    pub async fn query_length(
+        &self,
+        layout: &Layout,
+        inode: u64,
+    ) -> Result<u64, StorageClientError> {
+        check_layout(layout)?;
+        let mut length = 0u64;
+        for &chain in layout.chains.iter().take(layout.stripe as usize) {
+            let addr = ChunkAddr {
+                chain,
+                inode,
+                index: 0,
+            };
+            let last = self
+                .with_retries(addr, |info| self.last_chunk_attempt(info, chain, inode))
+                .await?;
+            if let Some(last) = last {
+                length =
+                    length.max(last.index * u64::from(layout.chunk_size) + u64::from(last.length));
+            }
+        }
+        Ok(length)
+    }
+
+    async fn last_chunk_attempt(
+        &self,
+        info: Arc<RoutingInfo>,
+        chain_id: ChainId,
+        inode: u64,
+    ) -> Result<Option<LastChunk>, AttemptError> {
+        let chain = find_chain(&info, chain_id)?;
+        let mut last = None;
+        for t in chain
+            .targets
+            .iter()
+            .filter(|t| t.state == PublicState::Serving)
+        {
+            let node = target_address(&info, t.target)?;
+            let req = LastChunkRequest {
+                chain: chain.id,
+                inode,
+            };
+            match self
+                .inner
+                .rpc
+                .call::<QueryLastChunk>(node, &req, self.call_options())
+                .await
+            {
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(e)) => last = Some(AttemptError::from(e)),
+                Err(e) => last = Some(AttemptError::from(e)),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            AttemptError::Routing(format!("chain {} has no SERVING replica", chain.id))
+        }))
     }
 
     async fn remove_attempt(

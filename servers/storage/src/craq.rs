@@ -170,6 +170,11 @@ impl StorageService {
             async move { Ok(s.sync_remove(req).await) }
         });
         let s = self.clone();
+        router.register::<QueryLastChunk, _, _>(move |req, _ctx| {
+            let s = s.clone();
+            async move { Ok(s.last_chunk(req).await) }
+        });
+        let s = self.clone();
         router.register::<RemoveInode, _, _>(move |req, _ctx| {
             let s = s.clone();
             async move { Ok(s.remove_inode(req).await) }
@@ -525,6 +530,30 @@ impl StorageService {
             crc: crc32c::crc32c(&data),
         };
         Ok((resp, Bytes::from(data)))
+    }
+
+    /// The last committed chunk of a file on this node's SERVING target.
+    /// A chunk whose newest version is still pending reports its committed
+    /// length: the in-flight write settles later.
+    pub async fn last_chunk(&self, req: LastChunkRequest) -> StorageResult<Option<LastChunk>> {
+        let (_routing, chain, pos) = self.locate(req.chain)?;
+        let me = chain.targets[pos];
+        if me.state != PublicState::Serving {
+            return Err(StorageError::NotServing { chain: chain.id });
+        }
+        let engine = self.engine(me.target).clone();
+        let inode = req.inode;
+        let last = blocking(move || {
+            let mut chunks = engine.list_inode(inode)?;
+            chunks.retain(|(_, m)| m.commit_ver > 0);
+            Ok(chunks.into_iter().max_by_key(|(id, _)| id.index))
+        })
+        .await
+        .map_err(|e| io_error(e, me.target))?;
+        Ok(last.map(|(id, m)| LastChunk {
+            index: id.index,
+            length: m.length,
+        }))
     }
 
     /// Removes every chunk of a deleted file on this node's target, after

@@ -495,3 +495,27 @@ async fn removing_an_inode_drops_its_chunks_from_every_replica_of_every_chain() 
         "removing again is a no-op"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_length_storage_holds_is_the_end_of_the_last_chunk_over_all_chains() {
+    let f = Fixture::start().await;
+    let c = f.client();
+    let layout = layout(CHUNK, 2);
+    assert_eq!(
+        c.query_length(&layout, INODE).await.unwrap(),
+        0,
+        "nothing written"
+    );
+    c.write(&layout, INODE, 0, pattern(100, 1)).await.unwrap();
+    let end = 3 * u64::from(CHUNK) + 600;
+    c.write(&layout, INODE, end - 500, pattern(500, 2))
+        .await
+        .unwrap();
+    assert_eq!(c.query_length(&layout, INODE).await.unwrap(), end);
+    // A later chunk on the other chain wins, whichever chain holds it.
+    let further = 4 * u64::from(CHUNK) + 10;
+    c.write(&layout, INODE, further - 10, pattern(10, 3))
+        .await
+        .unwrap();
+    assert_eq!(c.query_length(&layout, INODE).await.unwrap(), further);
+}

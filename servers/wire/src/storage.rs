@@ -192,6 +192,21 @@ pub struct RemoveInodeRequest {
     pub inode: u64,
 }
 
+/// Asks a SERVING replica of `chain` for the last chunk of `inode` it
+/// holds, to settle a file's length.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastChunkRequest {
+    pub chain: ChainId,
+    pub inode: u64,
+}
+
+/// The highest-index committed chunk of a file on one chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastChunk {
+    pub index: u64,
+    pub length: u32,
+}
+
 macro_rules! methods {
     ($($name:ident = $id:literal : $req:ty => $resp:ty;)*) => {
         $(
@@ -218,6 +233,7 @@ methods! {
     SyncRemove = 0x0306: SyncRemoveRequest => StorageResult<()>;
     SyncDone = 0x0307: SyncDoneRequest => StorageResult<()>;
     RemoveInode = 0x0308: RemoveInodeRequest => StorageResult<u64>;
+    QueryLastChunk = 0x0309: LastChunkRequest => StorageResult<Option<LastChunk>>;
 }
 
 #[cfg(test)]
