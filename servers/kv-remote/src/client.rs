@@ -4,7 +4,7 @@
 //! Never holds data: a client transaction buffers writes until the next read
 //! or the commit, and the server's engine does the rest.
 
-use r3fs_kv::limits::{check_key, check_range, check_value, WriteBudget};
+use r3fs_kv::limits::{check_key, check_range, WriteBudget};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -399,10 +399,8 @@ impl Transaction for RemoteTxn {
     }
 
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
-        check_key(key)?;
-        check_value(value)?;
+        self.budget.set(key, value)?;
         let bytes = key.len() + value.len();
-        self.budget.charge(bytes)?;
         let mutation = Mutation::Set {
             key: key.to_vec(),
             value: value.to_vec(),
@@ -411,15 +409,13 @@ impl Transaction for RemoteTxn {
     }
 
     fn clear(&mut self, key: &[u8]) -> Result<(), KvError> {
-        check_key(key)?;
-        self.budget.charge(key.len())?;
+        self.budget.clear(key)?;
         self.push(Mutation::Clear { key: key.to_vec() }, key.len())
     }
 
     fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
-        check_range(begin, end)?;
+        self.budget.clear_range(begin, end)?;
         let bytes = begin.len() + end.len();
-        self.budget.charge(bytes)?;
         let mutation = Mutation::ClearRange {
             begin: begin.to_vec(),
             end: end.to_vec(),

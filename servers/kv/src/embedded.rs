@@ -55,7 +55,7 @@
 mod buffer;
 mod history;
 
-use crate::limits::{check_key, check_range, check_value, WriteBudget};
+use crate::limits::{check_key, check_range, WriteBudget};
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -617,23 +617,19 @@ impl Transaction for EmbeddedTxn {
     }
 
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
-        check_key(key)?;
-        check_value(value)?;
-        self.budget.charge(key.len() + value.len())?;
+        self.budget.set(key, value)?;
         self.buffer.set(key, value);
         Ok(())
     }
 
     fn clear(&mut self, key: &[u8]) -> Result<(), KvError> {
-        check_key(key)?;
-        self.budget.charge(key.len())?;
+        self.budget.clear(key)?;
         self.buffer.clear(key);
         Ok(())
     }
 
     fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
-        check_range(begin, end)?;
-        self.budget.charge(begin.len() + end.len())?;
+        self.budget.clear_range(begin, end)?;
         self.buffer.clear_range(begin, end);
         Ok(())
     }

@@ -28,7 +28,7 @@
 //! FoundationDB's. Range reads page through FDB with `WantAll` streaming, at most
 //! `RangeOptions::limit` pairs when a limit is set.
 
-use crate::limits::{check_key, check_range, check_value, WriteBudget};
+use crate::limits::{check_key, check_range, WriteBudget};
 use std::sync::OnceLock;
 
 use foundationdb::api::NetworkAutoStop;
@@ -212,23 +212,19 @@ impl Transaction for FdbTxn {
     }
 
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
-        check_key(key)?;
-        check_value(value)?;
-        self.budget.charge(key.len() + value.len())?;
+        self.budget.set(key, value)?;
         self.tr.set(key, value);
         Ok(())
     }
 
     fn clear(&mut self, key: &[u8]) -> Result<(), KvError> {
-        check_key(key)?;
-        self.budget.charge(key.len())?;
+        self.budget.clear(key)?;
         self.tr.clear(key);
         Ok(())
     }
 
     fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
-        check_range(begin, end)?;
-        self.budget.charge(begin.len() + end.len())?;
+        self.budget.clear_range(begin, end)?;
         if begin < end {
             self.tr.clear_range(begin, end);
         }

@@ -54,6 +54,25 @@ impl WriteBudget {
     pub fn used(&self) -> usize {
         self.used
     }
+
+    /// Checks a `set` and counts its bytes.
+    pub fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
+        check_key(key)?;
+        check_value(value)?;
+        self.charge(key.len() + value.len())
+    }
+
+    /// Checks a `clear` (or an atomic op's key) and counts its bytes.
+    pub fn clear(&mut self, key: &[u8]) -> Result<(), KvError> {
+        check_key(key)?;
+        self.charge(key.len())
+    }
+
+    /// Checks a `clear_range` and counts its bytes.
+    pub fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), KvError> {
+        check_range(begin, end)?;
+        self.charge(begin.len() + end.len())
+    }
 }
 
 #[cfg(test)]
