@@ -544,9 +544,17 @@ impl StorageService {
         let engine = self.engine(me.target).clone();
         let inode = req.inode;
         let last = blocking(move || {
-            let mut chunks = engine.list_inode(inode)?;
-            chunks.retain(|(_, m)| m.commit_ver > 0);
-            Ok(chunks.into_iter().max_by_key(|(id, _)| id.index))
+            // The highest chunk, unless its first version is still in flight:
+            // then the highest one with something committed.
+            match engine.last_chunk(inode)? {
+                Some((id, m)) if m.commit_ver > 0 => Ok(Some((id, m))),
+                Some(_) => {
+                    let mut chunks = engine.list_inode(inode)?;
+                    chunks.retain(|(_, m)| m.commit_ver > 0);
+                    Ok(chunks.into_iter().max_by_key(|(id, _)| id.index))
+                }
+                None => Ok(None),
+            }
         })
         .await
         .map_err(|e| io_error(e, me.target))?;

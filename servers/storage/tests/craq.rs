@@ -497,3 +497,39 @@ async fn a_returning_target_is_resynced_while_writes_go_on() {
         "the stray chunk was removed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_chunk_skips_a_chunk_whose_first_version_is_in_flight() {
+    let f = Fixture::start().await;
+    let query = |chain| LastChunkRequest { chain, inode: 7 };
+    let ask = |node: usize| {
+        let rpc = f.rpc.clone();
+        let addr = f.nodes[node].addr;
+        async move {
+            rpc.call::<QueryLastChunk>(addr, &query(CHAIN), Fixture::opts())
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(ask(1).await.unwrap(), None, "no chunks yet");
+    f.write_to(0, 1, 2, 0, b"0123456789").await.unwrap();
+    assert_eq!(
+        ask(1).await.unwrap(),
+        Some(LastChunk {
+            index: 2,
+            length: 10
+        })
+    );
+    // A higher chunk whose first version is only pending does not count yet.
+    f.nodes[1]
+        .engine
+        .write_pending(id(9), 1, 1, 0, b"in flight", CHUNK)
+        .unwrap();
+    assert_eq!(
+        ask(1).await.unwrap(),
+        Some(LastChunk {
+            index: 2,
+            length: 10
+        })
+    );
+}

@@ -14,6 +14,7 @@ use crate::perm::{self, EXEC, READ, S_ISGID, WRITE};
 use crate::schema::{self, DentryRecord, InodeRecord};
 
 /// What a new entry will be; the common part of create, mkdir, mknod, symlink.
+#[derive(Clone)]
 struct NewInode {
     file_type: FileType,
     perm: u32,
@@ -105,19 +106,13 @@ impl MetaStore {
 
     pub fn mkdir(&self, req: &MkdirRequest) -> Result<Attr, MetaError> {
         validate_name(&req.name, libc::EEXIST)?;
-        let mut id = None;
-        self.run(|tx| {
-            let parent = tx.dir(req.parent)?;
-            let new = NewInode {
-                file_type: FileType::Directory,
-                perm: req.perm,
-                rdev: 0,
-                target: None,
-            };
-            let (new_id, rec) =
-                self.make_entry(tx, &mut id, req.parent, parent, &req.name, &req.user, new)?;
-            tx.attr(new_id, &rec)
-        })
+        let new = NewInode {
+            file_type: FileType::Directory,
+            perm: req.perm,
+            rdev: 0,
+            target: None,
+        };
+        self.make_node(req.parent, &req.name, &req.user, new)
     }
 
     pub fn mknod(&self, req: &MknodRequest) -> Result<Attr, MetaError> {
@@ -136,19 +131,13 @@ impl MetaStore {
                 )
             }
         }
-        let mut id = None;
-        self.run(|tx| {
-            let parent = tx.dir(req.parent)?;
-            let new = NewInode {
-                file_type: req.file_type,
-                perm: req.perm,
-                rdev: req.rdev,
-                target: None,
-            };
-            let (new_id, rec) =
-                self.make_entry(tx, &mut id, req.parent, parent, &req.name, &req.user, new)?;
-            tx.attr(new_id, &rec)
-        })
+        let new = NewInode {
+            file_type: req.file_type,
+            perm: req.perm,
+            rdev: req.rdev,
+            target: None,
+        };
+        self.make_node(req.parent, &req.name, &req.user, new)
     }
 
     pub fn symlink(&self, req: &SymlinkRequest) -> Result<Attr, MetaError> {
@@ -166,17 +155,29 @@ impl MetaStore {
         if req.target.contains(&0) {
             fail!(EINVAL, "symlink target contains NUL");
         }
+        let new = NewInode {
+            file_type: FileType::Symlink,
+            perm: 0o777,
+            rdev: 0,
+            target: Some(req.target.clone()),
+        };
+        self.make_node(req.parent, &req.name, &req.user, new)
+    }
+
+    /// Makes an entry that is not opened as it is made (mkdir, mknod,
+    /// symlink) in one retried transaction and returns its attributes.
+    fn make_node(
+        &self,
+        parent: InodeId,
+        name: &[u8],
+        user: &User,
+        new: NewInode,
+    ) -> Result<Attr, MetaError> {
         let mut id = None;
         self.run(|tx| {
-            let parent = tx.dir(req.parent)?;
-            let new = NewInode {
-                file_type: FileType::Symlink,
-                perm: 0o777,
-                rdev: 0,
-                target: Some(req.target.clone()),
-            };
+            let parent_rec = tx.dir(parent)?;
             let (new_id, rec) =
-                self.make_entry(tx, &mut id, req.parent, parent, &req.name, &req.user, new)?;
+                self.make_entry(tx, &mut id, parent, parent_rec, name, user, new.clone())?;
             tx.attr(new_id, &rec)
         })
     }
