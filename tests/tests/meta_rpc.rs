@@ -337,3 +337,347 @@ async fn a_dead_meta_server_is_skipped() {
     assert_eq!(err.errno(), libc::EIO);
     cluster.shutdown().await;
 }
+
+fn lock_req(
+    inode: InodeId,
+    (client, owner): (u64, u64),
+    lock_type: LockType,
+    start: u64,
+    end: u64,
+) -> SetLockRequest {
+    SetLockRequest {
+        inode,
+        client,
+        owner,
+        pid: owner as u32,
+        kind: LockKind::Posix,
+        lock_type,
+        start,
+        end,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_write_locks_through_two_servers_have_one_winner_per_round() {
+    let cluster = MetaCluster::start(2).await;
+    let setup = cluster.client();
+    let ino = setup
+        .create(create_req(ROOT_INODE, "locked"))
+        .await
+        .unwrap()
+        .attr
+        .inode;
+    let (x, y) = (cluster.client_of(0), cluster.client_of(1));
+    let (cx, cy) = (x.client_id(), y.client_id());
+    for round in 0..40u64 {
+        // Same or partly overlapping ranges; the loser sees the winner's lock.
+        let shift = [0, 50, 99][round as usize % 3];
+        let (rx, ry) = tokio::join!(
+            x.set_lock(lock_req(ino, (cx, round), LockType::Write, 100, 199)),
+            y.set_lock(lock_req(
+                ino,
+                (cy, round),
+                LockType::Write,
+                100 + shift,
+                299
+            ))
+        );
+        assert!(
+            rx.is_ok() != ry.is_ok(),
+            "round {round}: exactly one lock is granted: {rx:?} {ry:?}"
+        );
+        for e in [&rx, &ry].into_iter().filter_map(|r| r.as_ref().err()) {
+            assert_eq!(e.errno(), libc::EAGAIN, "{e}");
+        }
+        let (winner, client, other) = if rx.is_ok() {
+            (&x, cx, cy)
+        } else {
+            (&y, cy, cx)
+        };
+        let seen = setup
+            .get_lock(GetLockRequest {
+                inode: ino,
+                client: other,
+                owner: round,
+                kind: LockKind::Posix,
+                lock_type: LockType::Read,
+                start: 199,
+                end: 199,
+            })
+            .await
+            .unwrap()
+            .expect("the winner's lock is visible through any server");
+        assert_eq!(
+            (seen.client, seen.owner, seen.lock_type),
+            (client, round, LockType::Write)
+        );
+        winner
+            .set_lock(lock_req(
+                ino,
+                (client, round),
+                LockType::Unlock,
+                0,
+                LOCK_END_EOF,
+            ))
+            .await
+            .unwrap();
+    }
+    // A clean unmount drops the lease and every lock.
+    x.set_lock(lock_req(ino, (cx, 0), LockType::Read, 0, 0))
+        .await
+        .unwrap();
+    x.drop_client_locks(cx).await.unwrap();
+    y.set_lock(lock_req(ino, (cy, 0), LockType::Write, 0, LOCK_END_EOF))
+        .await
+        .unwrap();
+    cluster.shutdown().await;
+}
+
+/// The model of POSIX byte-range locks: each owner's lock type per position.
+/// Positions 0..MODEL_TAIL are single bytes; position MODEL_TAIL stands for
+/// every byte from there to the end (only ranges to EOF reach it).
+mod posix_model {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+    /// Ranges start below this and have finite ends below MODEL_TAIL.
+    const START_MAX: u64 = 12;
+    const LEN_MAX: u64 = 6;
+    const MODEL_TAIL: usize = 20;
+    const POSITIONS: usize = MODEL_TAIL + 1;
+    /// Three owners: two of one client, one of another.
+    const OWNERS: [(u64, u64); 3] = [(0xc1, 1), (0xc1, 2), (0xc2, 1)];
+
+    #[derive(Debug, Clone, Copy)]
+    enum End {
+        Len(u64),
+        Eof,
+        /// Ends before it starts: EINVAL.
+        Backwards,
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Op {
+        Set(usize, LockType, u64, End),
+        Release(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let ty = prop_oneof![
+            Just(LockType::Read),
+            Just(LockType::Write),
+            Just(LockType::Unlock)
+        ];
+        let end = prop_oneof![
+            6 => (0..LEN_MAX).prop_map(End::Len),
+            2 => Just(End::Eof),
+            1 => Just(End::Backwards),
+        ];
+        prop_oneof![
+            10 => (0..OWNERS.len(), ty, 0..START_MAX, end).prop_map(|(o, t, s, e)| Op::Set(o, t, s, e)),
+            1 => (0..OWNERS.len()).prop_map(Op::Release),
+        ]
+    }
+
+    type Held = [Option<bool>; POSITIONS];
+
+    fn span(start: u64, end: u64) -> std::ops::RangeInclusive<usize> {
+        let last = if end == LOCK_END_EOF {
+            MODEL_TAIL
+        } else {
+            end as usize
+        };
+        start as usize..=last
+    }
+
+    /// What the model answers for one step; `None` means EINVAL.
+    fn apply(model: &mut [Held; 3], op: Op) -> Option<Result<(), ()>> {
+        let (who, ty, start, end) = match op {
+            Op::Release(who) => {
+                model[who] = [None; POSITIONS];
+                return Some(Ok(()));
+            }
+            Op::Set(who, ty, start, End::Len(len)) => (who, ty, start, start + len),
+            Op::Set(who, ty, start, End::Eof) => (who, ty, start, LOCK_END_EOF),
+            Op::Set(_, _, start, End::Backwards) if start > 0 => return None,
+            // From 0, "one before the start" wraps to a lock to EOF.
+            Op::Set(who, ty, _, End::Backwards) => (who, ty, 0, LOCK_END_EOF),
+        };
+        let want = match ty {
+            LockType::Read => Some(false),
+            LockType::Write => Some(true),
+            LockType::Unlock => None,
+        };
+        if let Some(write) = want {
+            let blocked = (0..3)
+                .filter(|&o| o != who)
+                .any(|o| span(start, end).any(|p| model[o][p].is_some_and(|held| held || write)));
+            if blocked {
+                return Some(Err(()));
+            }
+        }
+        for p in span(start, end) {
+            model[who][p] = want;
+        }
+        Some(Ok(()))
+    }
+
+    /// The model's F_GETLK answer for a write probe of position `at` by `who`:
+    /// each other owner's maximal same-type run there, lowest start first.
+    fn getlk(model: &[Held; 3], who: usize, at: usize) -> Option<LockInfo> {
+        (0..3)
+            .filter(|&o| o != who)
+            .filter_map(|o| {
+                let write = model[o][at]?;
+                let mut first = at;
+                while first > 0 && model[o][first - 1] == Some(write) {
+                    first -= 1;
+                }
+                let mut last = at;
+                while last < MODEL_TAIL && model[o][last + 1] == Some(write) {
+                    last += 1;
+                }
+                let end = if last == MODEL_TAIL {
+                    LOCK_END_EOF
+                } else {
+                    last as u64
+                };
+                let (client, owner) = OWNERS[o];
+                Some(LockInfo {
+                    kind: LockKind::Posix,
+                    lock_type: if write {
+                        LockType::Write
+                    } else {
+                        LockType::Read
+                    },
+                    start: first as u64,
+                    end,
+                    client,
+                    owner,
+                    pid: owner as u32,
+                })
+            })
+            .min_by_key(|l| (l.start, l.client, l.owner))
+    }
+
+    fn request(ino: InodeId, op: Op) -> Option<SetLockRequest> {
+        let Op::Set(who, ty, start, end) = op else {
+            return None;
+        };
+        let end = match end {
+            End::Len(len) => start + len,
+            End::Eof => LOCK_END_EOF,
+            End::Backwards => start.wrapping_sub(1),
+        };
+        Some(lock_req(ino, OWNERS[who], ty, start, end))
+    }
+
+    async fn run_case(
+        clients: &[MetaClient; 2],
+        ino: InodeId,
+        ops: &[Op],
+    ) -> Result<(), TestCaseError> {
+        for &(client, _) in &OWNERS {
+            clients[0].renew_lock_lease(client).await.unwrap();
+        }
+        let mut model: [Held; 3] = [[None; POSITIONS]; 3];
+        for (step, &op) in ops.iter().enumerate() {
+            let expect = apply(&mut model, op);
+            let via = &clients[step % 2];
+            let got = match (request(ino, op), op) {
+                (Some(req), _) => via.set_lock(req).await,
+                (None, Op::Release(who)) => {
+                    via.release_locks(ReleaseLocksRequest {
+                        inode: ino,
+                        client: OWNERS[who].0,
+                        owner: OWNERS[who].1,
+                        kind: LockKind::Posix,
+                    })
+                    .await
+                }
+                (None, Op::Set(..)) => unreachable!("every Set makes a request"),
+            };
+            let got = got.map_err(|e| e.errno());
+            let want = match expect {
+                None => Err(libc::EINVAL),
+                Some(Ok(())) => Ok(()),
+                Some(Err(())) => Err(libc::EAGAIN),
+            };
+            prop_assert_eq!(got, want, "step {} {:?}", step, op);
+            // Every owner's view of every position, probed concurrently.
+            let mut probes = tokio::task::JoinSet::new();
+            for who in 0..3 {
+                for at in 0..POSITIONS {
+                    let c = clients[(who + at) % 2].clone();
+                    let (start, end) = if at == MODEL_TAIL {
+                        (1 << 40, LOCK_END_EOF)
+                    } else {
+                        (at as u64, at as u64)
+                    };
+                    let req = GetLockRequest {
+                        inode: ino,
+                        client: OWNERS[who].0,
+                        owner: OWNERS[who].1,
+                        kind: LockKind::Posix,
+                        lock_type: LockType::Write,
+                        start,
+                        end,
+                    };
+                    probes.spawn(async move { (who, at, c.get_lock(req).await.unwrap()) });
+                }
+            }
+            while let Some(probe) = probes.join_next().await {
+                let (who, at, got) = probe.unwrap();
+                let got = got.map(|l| LockInfo {
+                    // A probe beyond the tail sees the tail position.
+                    start: l.start.min(MODEL_TAIL as u64),
+                    ..l
+                });
+                prop_assert_eq!(
+                    got,
+                    getlk(&model, who, at),
+                    "step {} {:?}: owner {} at {}",
+                    step,
+                    op,
+                    who,
+                    at
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn random_posix_lock_sequences_match_the_byte_model() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let cluster = rt.block_on(MetaCluster::start(2));
+        let clients = [cluster.client_of(0), cluster.client_of(1)];
+        let files = std::sync::atomic::AtomicU64::new(0);
+        let mut runner = TestRunner::new(Config {
+            cases: 64,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let result = runner.run(&proptest::collection::vec(op(), 1..24), |ops| {
+            let n = files.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            rt.block_on(async {
+                let ino = clients[0]
+                    .create(create_req(ROOT_INODE, &format!("case{n}")))
+                    .await
+                    .unwrap()
+                    .attr
+                    .inode;
+                run_case(&clients, ino, &ops).await
+            })
+        });
+        rt.block_on(cluster.shutdown());
+        if let Err(e) = result {
+            panic!("{e}");
+        }
+    }
+}

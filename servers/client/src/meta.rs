@@ -339,6 +339,39 @@ impl MetaClient {
         self.call::<GcDone>(&GcDoneRequest { inodes }, true).await
     }
 
+    /// `F_SETLK` / `flock(LOCK_NB)`: a conflict fails with EAGAIN; a
+    /// blocking caller retries. `req.client` is normally [`Self::client_id`].
+    /// Retried after timeouts: applying one owner's lock twice is the same as
+    /// once.
+    pub async fn set_lock(&self, req: SetLockRequest) -> Result<(), MetaClientError> {
+        self.call::<SetLock>(&req, true).await
+    }
+
+    /// `F_GETLK`: the first lock of another owner that conflicts, or None.
+    pub async fn get_lock(&self, req: GetLockRequest) -> Result<Option<LockInfo>, MetaClientError> {
+        self.call::<GetLock>(&req, true).await
+    }
+
+    /// Drops every lock of one kind one owner holds on one inode (POSIX
+    /// locks on flush, flock locks on the last release of a file handle).
+    pub async fn release_locks(&self, req: ReleaseLocksRequest) -> Result<(), MetaClientError> {
+        self.call::<ReleaseLocks>(&req, true).await
+    }
+
+    /// Extends `client`'s lock lease (call every [`LOCK_LEASE_RENEW_INTERVAL`]
+    /// while holding locks). A changed epoch means the lease had expired and
+    /// every lock of the client is lost.
+    pub async fn renew_lock_lease(&self, client: u64) -> Result<LockLease, MetaClientError> {
+        self.call::<RenewLockLease>(&RenewLockLeaseRequest { client }, true)
+            .await
+    }
+
+    /// Drops every lock of `client` and its lease (clean unmount).
+    pub async fn drop_client_locks(&self, client: u64) -> Result<(), MetaClientError> {
+        self.call::<DropClientLocks>(&DropClientLocksRequest { client }, true)
+            .await
+    }
+
     /// Walks an absolute `path` from the root, following symlinks in every
     /// component and, if `follow`, in the last one.
     pub async fn resolve(

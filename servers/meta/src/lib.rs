@@ -13,9 +13,17 @@
 //! # Limits
 //! Names up to 255 bytes, symlink targets up to 4096 bytes, xattr values up to
 //! 64 KiB and [`store::XATTRS_PER_INODE_MAX`] xattrs per inode, at most
-//! [`store::LINKS_MAX`] hard links, readdir pages of at most 4096 entries.
+//! [`store::LINKS_MAX`] hard links, readdir pages of at most 4096 entries,
+//! [`store::LOCKS_PER_INODE_MAX`] lock ranges of each kind per inode (then
+//! ENOLCK).
+//!
+//! # Locks
+//! flock and POSIX record locks live in the KV store (see [`schema`]) under
+//! per-client leases, so they are shared by every mount; a client's locks die
+//! with its lease. Meta never waits for a lock: conflicts answer EAGAIN.
 
 pub mod alloc;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod perm;

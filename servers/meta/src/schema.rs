@@ -14,12 +14,25 @@
 //! | `GCQ_` inode | [`GcEntry`]: a removed file whose chunks storage must delete |
 //! | `IALC` shard(BE u16) | u64 LE: next inode id block of that shard |
 //! | `STAT` name | u64 LE counters (inodes, bytes), atomic add |
+//! | `LOCK` inode kind client(BE) owner(BE) start(BE) | [`LockRecord`]: one locked range of one owner |
+//! | `LKCI` client(BE) inode kind | empty: the client has `LOCK` records of that kind on that inode |
+//! | `LKLS` client(BE) | [`LockLeaseRecord`]: the client's lock lease |
 //!
 //! The directory mtime and subdirectory count live in their own keys so that
 //! creating entries in one directory from many clients does not make every
 //! transaction conflict on the parent inode.
+//!
+//! # Locks
+//! `kind` is one byte ([`lock_kind_byte`]: flock 0, POSIX 1), so each kind of
+//! an inode is one range and flock calls never conflict with POSIX calls in
+//! the engine. A flock lock is one record with start 0 and end `u64::MAX`.
+//! The ranges of one (client, owner) never overlap and never touch when of
+//! the same type (they are merged). Every `LOCK` record has its `LKCI` entry;
+//! an entry may outlive its records when the inode is destroyed, until the
+//! client drops its locks. A record is valid only while its client's lease
+//! exists, carries the record's epoch, and has not expired.
 
-use r3fs_wire::meta::{FileType, GcEntry, InodeId, Layout, Time};
+use r3fs_wire::meta::{FileType, GcEntry, InodeId, Layout, LockKind, Time};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::error::MetaError;
@@ -33,6 +46,9 @@ pub const XATTR: &[u8; 4] = b"XATR";
 pub const GC_QUEUE: &[u8; 4] = b"GCQ_";
 pub const ID_ALLOC: &[u8; 4] = b"IALC";
 pub const COUNTER: &[u8; 4] = b"STAT";
+pub const LOCK: &[u8; 4] = b"LOCK";
+pub const LOCK_CLIENT_INDEX: &[u8; 4] = b"LKCI";
+pub const LOCK_LEASE: &[u8; 4] = b"LKLS";
 
 pub const COUNTER_INODES: &[u8] = b"inodes";
 pub const COUNTER_BYTES: &[u8] = b"bytes";
@@ -73,6 +89,26 @@ pub struct SessionRecord {
     pub client: u64,
     pub opened_at: Time,
     pub write: bool,
+}
+
+/// One locked range as stored; the key holds inode, kind, client, owner and
+/// the first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockRecord {
+    /// Exclusive (else shared).
+    pub write: bool,
+    /// Last byte, inclusive.
+    pub end: u64,
+    pub pid: u32,
+    /// The client's lease epoch when the lock was taken.
+    pub epoch: u64,
+}
+
+/// A client's lock lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockLeaseRecord {
+    pub epoch: u64,
+    pub expires: Time,
 }
 
 fn key(tag: &[u8; 4], inode: InodeId) -> Vec<u8> {
@@ -130,7 +166,87 @@ pub fn counter_key(name: &[u8]) -> Vec<u8> {
     k
 }
 
-/// The inode id at the end of a key made by [`key`] (after a 4-byte tag).
+pub fn lock_kind_byte(kind: LockKind) -> u8 {
+    match kind {
+        LockKind::Flock => 0,
+        LockKind::Posix => 1,
+    }
+}
+
+fn lock_kind_of_byte(b: u8) -> Option<LockKind> {
+    match b {
+        0 => Some(LockKind::Flock),
+        1 => Some(LockKind::Posix),
+        _ => None,
+    }
+}
+
+/// The prefix of every lock of `kind` on `inode`.
+pub fn lock_prefix(inode: InodeId, kind: LockKind) -> Vec<u8> {
+    let mut k = key(LOCK, inode);
+    k.push(lock_kind_byte(kind));
+    k
+}
+/// The prefix of every lock of `kind` one client holds on `inode`.
+pub fn lock_client_prefix(inode: InodeId, kind: LockKind, client: u64) -> Vec<u8> {
+    let mut k = lock_prefix(inode, kind);
+    k.extend_from_slice(&client.to_be_bytes());
+    k
+}
+pub fn lock_key(inode: InodeId, kind: LockKind, client: u64, owner: u64, start: u64) -> Vec<u8> {
+    let mut k = lock_client_prefix(inode, kind, client);
+    k.extend_from_slice(&owner.to_be_bytes());
+    k.extend_from_slice(&start.to_be_bytes());
+    k
+}
+/// Client, owner and start of a key made by [`lock_key`].
+pub fn lock_key_parts(k: &[u8]) -> Result<(u64, u64, u64), MetaError> {
+    let part = |at: usize| -> Option<u64> {
+        let bytes: [u8; 8] = k.get(at..at + 8)?.try_into().ok()?;
+        Some(u64::from_be_bytes(bytes))
+    };
+    match (k.len(), part(13), part(21), part(29)) {
+        (37, Some(client), Some(owner), Some(start)) => Ok((client, owner, start)),
+        _ => Err(MetaError::Corrupt {
+            key: printable(k),
+            reason: "not a lock key".into(),
+        }),
+    }
+}
+/// The prefix of the lock index entries of one client.
+pub fn lock_index_prefix(client: u64) -> Vec<u8> {
+    let mut k = LOCK_CLIENT_INDEX.to_vec();
+    k.extend_from_slice(&client.to_be_bytes());
+    k
+}
+pub fn lock_index_key(client: u64, inode: InodeId, kind: LockKind) -> Vec<u8> {
+    let mut k = lock_index_prefix(client);
+    k.extend_from_slice(&inode.to_le_bytes());
+    k.push(lock_kind_byte(kind));
+    k
+}
+/// Inode and kind of a key made by [`lock_index_key`].
+pub fn lock_index_parts(k: &[u8]) -> Result<(InodeId, LockKind), MetaError> {
+    let inode = k
+        .get(12..20)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(InodeId::from_le_bytes);
+    let kind = k.get(20).copied().and_then(lock_kind_of_byte);
+    match (k.len(), inode, kind) {
+        (21, Some(inode), Some(kind)) => Ok((inode, kind)),
+        _ => Err(MetaError::Corrupt {
+            key: printable(k),
+            reason: "not a lock index key".into(),
+        }),
+    }
+}
+pub fn lock_lease_key(client: u64) -> Vec<u8> {
+    let mut k = LOCK_LEASE.to_vec();
+    k.extend_from_slice(&client.to_be_bytes());
+    k
+}
+
+/// The inode id at the end of a key made by `key` (after a 4-byte tag).
 pub fn inode_of_key(k: &[u8]) -> Option<InodeId> {
     let bytes: [u8; 8] = k.get(4..12)?.try_into().ok()?;
     Some(InodeId::from_le_bytes(bytes))
@@ -189,6 +305,22 @@ mod tests {
             Some(0x0102_0304_0506)
         );
         assert_eq!(inode_of_key(b"GCQ_"), None);
+    }
+
+    #[test]
+    fn lock_keys_read_back_and_group_by_inode_kind_and_client() {
+        let k = lock_key(7, LockKind::Posix, 3, 4, 5);
+        assert_eq!(lock_key_parts(&k).unwrap(), (3, 4, 5));
+        assert!(k.starts_with(&lock_client_prefix(7, LockKind::Posix, 3)));
+        assert!(k.starts_with(&lock_prefix(7, LockKind::Posix)));
+        assert!(!k.starts_with(&lock_prefix(7, LockKind::Flock)));
+        // Ranges of one owner sort by start.
+        assert!(lock_key(7, LockKind::Posix, 3, 4, 5) < lock_key(7, LockKind::Posix, 3, 4, 256));
+        let i = lock_index_key(3, 7, LockKind::Flock);
+        assert!(i.starts_with(&lock_index_prefix(3)));
+        assert_eq!(lock_index_parts(&i).unwrap(), (7, LockKind::Flock));
+        assert!(lock_key_parts(&i).is_err());
+        assert!(lock_index_parts(&k).is_err());
     }
 
     #[test]

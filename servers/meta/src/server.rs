@@ -58,6 +58,12 @@ pub fn register(router: &mut Router, store: Arc<MetaStore>) {
     blocking!(SetXattr, |s, r| s.setxattr(&r));
     blocking!(RemoveXattr, |s, r| s.removexattr(&r));
     blocking!(GcDone, |s, r| s.gc_done(&r.inodes));
+    // Lock calls may write even when they only ask: they remove expired locks.
+    blocking!(SetLock, |s, r| s.set_lock(&r));
+    blocking!(GetLock, |s, r| s.get_lock(&r));
+    blocking!(ReleaseLocks, |s, r| s.release_locks(&r));
+    blocking!(RenewLockLease, |s, r| s.renew_lock_lease(r.client));
+    blocking!(DropClientLocks, |s, r| s.drop_client_locks(&r));
 }
 
 fn answer<T>(result: Result<T, MetaError>) -> Result<T, ErrorBody> {

@@ -3,6 +3,17 @@
 //! Every request that acts for a user carries that user's [`User`] so meta can
 //! check permissions itself. Failures come back as `ErrorCode::Errno(errno)`.
 //! Names are raw bytes (POSIX names need not be UTF-8).
+//!
+//! # File locks
+//! flock(2) and POSIX record locks (fcntl, OFD locks as POSIX locks with their
+//! own owner) are held in meta so every mount sees them. A lock belongs to a
+//! (client, owner) pair: `client` names the mount, `owner` is the kernel's lock
+//! owner. Locks never block in meta: a conflict answers EAGAIN and a blocking
+//! caller retries. Each client's locks live under a lock lease of
+//! [`LOCK_LEASE_DURATION`] that it renews every [`LOCK_LEASE_RENEW_INTERVAL`];
+//! the locks of a client whose lease expired are void.
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -410,6 +421,109 @@ pub struct GcDoneRequest {
     pub inodes: Vec<InodeId>,
 }
 
+/// How long a client's locks outlive its last lease renewal.
+pub const LOCK_LEASE_DURATION: Duration = Duration::from_secs(30);
+/// How often a client holding locks renews its lock lease.
+pub const LOCK_LEASE_RENEW_INTERVAL: Duration = Duration::from_secs(10);
+const _: () = assert!(3 * LOCK_LEASE_RENEW_INTERVAL.as_secs() <= LOCK_LEASE_DURATION.as_secs());
+/// The end of a lock range that runs to the end of the file (and beyond).
+pub const LOCK_END_EOF: u64 = u64::MAX;
+
+/// Which lock family: flock(2) locks and POSIX record locks never conflict
+/// with each other (as on Linux).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LockKind {
+    /// Whole-file lock, one per (client, owner) per inode.
+    Flock,
+    /// Byte-range lock; ranges of one (client, owner) merge and split.
+    Posix,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LockType {
+    /// Shared.
+    Read,
+    /// Exclusive.
+    Write,
+    /// Remove (only in [`SetLockRequest`]).
+    Unlock,
+}
+
+/// `F_SETLK` or `flock(LOCK_NB)`: take, change or drop a lock without
+/// waiting. A conflict fails with EAGAIN; the caller retries to wait.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetLockRequest {
+    pub inode: InodeId,
+    /// The mount asking: one id per mount, the one whose lease it renews.
+    pub client: u64,
+    /// The kernel's lock owner.
+    pub owner: u64,
+    /// Reported by [`GetLock`] to others.
+    pub pid: u32,
+    pub kind: LockKind,
+    pub lock_type: LockType,
+    /// First byte of the range (POSIX only; flock locks the whole file).
+    pub start: u64,
+    /// Last byte of the range, inclusive; [`LOCK_END_EOF`] runs to the end.
+    pub end: u64,
+}
+
+/// `F_GETLK`: the lock that would block `lock_type` (Read or Write) on the
+/// range for this owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetLockRequest {
+    pub inode: InodeId,
+    pub client: u64,
+    pub owner: u64,
+    pub kind: LockKind,
+    pub lock_type: LockType,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// A lock someone holds, as `F_GETLK` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    pub kind: LockKind,
+    /// Read or Write.
+    pub lock_type: LockType,
+    pub start: u64,
+    pub end: u64,
+    pub client: u64,
+    pub owner: u64,
+    pub pid: u32,
+}
+
+/// Drops every lock of `kind` that (client, owner) holds on `inode`: POSIX
+/// locks on flush, flock locks on release of the last handle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseLocksRequest {
+    pub inode: InodeId,
+    pub client: u64,
+    pub owner: u64,
+    pub kind: LockKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewLockLeaseRequest {
+    pub client: u64,
+}
+
+/// A client's lock lease after a renewal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockLease {
+    /// Changes whenever the lease starts anew (first lock, or a renewal after
+    /// it expired): every lock taken under an older epoch is void, so a client
+    /// that sees its epoch change has lost all its locks.
+    pub epoch: u64,
+}
+
+/// Drops every lock of a client and its lease (clean unmount).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropClientLocksRequest {
+    pub client: u64,
+}
+
 macro_rules! methods {
     ($($name:ident = $id:literal : $req:ty => $resp:ty;)*) => {
         $(
@@ -452,4 +566,53 @@ methods! {
     RemoveXattr = 0x0216: RemoveXattrRequest => ();
     GcList = 0x0217: GcListRequest => Vec<GcEntry>;
     GcDone = 0x0218: GcDoneRequest => ();
+    SetLock = 0x0219: SetLockRequest => ();
+    GetLock = 0x021a: GetLockRequest => Option<LockInfo>;
+    ReleaseLocks = 0x021b: ReleaseLocksRequest => ();
+    RenewLockLease = 0x021c: RenewLockLeaseRequest => LockLease;
+    DropClientLocks = 0x021d: DropClientLocksRequest => ();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_ids_are_in_the_meta_block_and_distinct() {
+        let mut ids = METHOD_IDS.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), METHOD_IDS.len());
+        assert!(ids.iter().all(|id| id >> 8 == 0x02));
+    }
+
+    #[test]
+    fn lock_requests_round_trip() {
+        let req = SetLockRequest {
+            inode: 9,
+            client: u64::MAX,
+            owner: 3,
+            pid: 77,
+            kind: LockKind::Posix,
+            lock_type: LockType::Write,
+            start: 10,
+            end: LOCK_END_EOF,
+        };
+        let bytes = postcard::to_stdvec(&req).unwrap();
+        assert_eq!(postcard::from_bytes::<SetLockRequest>(&bytes).unwrap(), req);
+        let info = Some(LockInfo {
+            kind: LockKind::Flock,
+            lock_type: LockType::Read,
+            start: 0,
+            end: LOCK_END_EOF,
+            client: 1,
+            owner: 2,
+            pid: 3,
+        });
+        let bytes = postcard::to_stdvec(&info).unwrap();
+        assert_eq!(
+            postcard::from_bytes::<Option<LockInfo>>(&bytes).unwrap(),
+            info
+        );
+    }
 }

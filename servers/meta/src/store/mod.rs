@@ -3,22 +3,27 @@
 //! Each public method runs one retried transaction ([`r3fs_kv::run`]) whose
 //! body is idempotent: ids and session numbers are chosen outside the body and
 //! reused by retries. Checks (existence, type, permission) happen inside the
-//! transaction, so a concurrent change either is seen or conflicts.
+//! transaction, so a concurrent change either is seen or conflicts. The one
+//! exception is `drop_client_locks`, a bounded series of transactions (its
+//! first one voids all the client's locks at once).
 
 mod file;
+mod lock;
 mod namespace;
 mod xattr;
 
 pub use file::GC_LIST_MAX;
+pub use lock::{LOCKS_PER_INODE_MAX, LOCK_DROP_BATCH_MAX, LOCK_DROP_ROUNDS_MAX};
 pub use xattr::{XATTRS_PER_INODE_MAX, XATTR_LIST_BYTES_MAX};
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use r3fs_kv::{AtomicOp, KvEngine, RangeOptions, RetryPolicy, Transaction};
-use r3fs_wire::meta::{Attr, FileType, InodeId, Time, ROOT_INODE};
+use r3fs_wire::meta::{Attr, FileType, InodeId, LockKind, Time, ROOT_INODE};
 
 use crate::alloc::InodeAllocator;
+use crate::clock::{Clock, SystemClock};
 use crate::config::MetaConfig;
 use crate::error::{errno, fail, MetaError};
 use crate::schema::{self, DentryRecord, InodeRecord};
@@ -38,6 +43,7 @@ pub struct MetaStore {
     retry: RetryPolicy,
     /// Where statfs measures capacity when the config does not set it.
     data_dir: Option<PathBuf>,
+    clock: Arc<dyn Clock>,
 }
 
 impl MetaStore {
@@ -48,6 +54,17 @@ impl MetaStore {
         config: MetaConfig,
         data_dir: Option<PathBuf>,
     ) -> Result<MetaStore, MetaError> {
+        MetaStore::with_clock(engine, config, data_dir, Arc::new(SystemClock))
+    }
+
+    /// [`MetaStore::new`] reading the time from `clock` (tests move it to
+    /// expire lock leases).
+    pub fn with_clock(
+        engine: Arc<dyn KvEngine>,
+        config: MetaConfig,
+        data_dir: Option<PathBuf>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<MetaStore, MetaError> {
         config
             .validate()
             .map_err(|e| errno!(EINVAL, "meta config: {e}"))?;
@@ -57,6 +74,7 @@ impl MetaStore {
             config,
             retry: RetryPolicy::default(),
             data_dir,
+            clock,
         };
         store.ensure_root()?;
         Ok(store)
@@ -106,7 +124,7 @@ impl MetaStore {
         r3fs_kv::run(self.engine.as_ref(), self.retry, |txn| {
             let mut tx = Tx {
                 t: txn,
-                now: Time::now(),
+                now: self.clock.now(),
             };
             body(&mut tx)
         })
@@ -271,13 +289,19 @@ impl Tx<'_> {
     }
 
     /// Deletes an inode with no links and no sessions, and queues a regular
-    /// file's chunks for garbage collection.
+    /// file's chunks for garbage collection. Its locks go with it (their
+    /// clients' index entries stay until those clients drop their locks).
     pub fn destroy(&mut self, id: InodeId, rec: &InodeRecord) -> Result<(), MetaError> {
         assert!(id != ROOT_INODE, "the root directory is never destroyed");
         self.t.clear(&schema::inode_key(id))?;
         let xattrs = schema::xattr_prefix(id);
         let end = r3fs_kv::prefix_end(&xattrs).expect("xattr prefix has a non-0xff byte");
         self.t.clear_range(&xattrs, &end)?;
+        for kind in [LockKind::Flock, LockKind::Posix] {
+            let locks = schema::lock_prefix(id, kind);
+            let end = r3fs_kv::prefix_end(&locks).expect("lock prefix has a non-0xff byte");
+            self.t.clear_range(&locks, &end)?;
+        }
         if rec.file_type == FileType::Directory {
             self.t.clear(&schema::dir_mtime_key(id))?;
             self.t.clear(&schema::dir_subdirs_key(id))?;
