@@ -1,6 +1,7 @@
 //! Helpers shared by the workspace tests: meta servers on loopback over one
 //! embedded engine, torn down when the test ends, pass or fail.
 pub mod linearizability;
+pub mod posix;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
