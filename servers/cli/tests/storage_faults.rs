@@ -1,9 +1,16 @@
 //! CRAQ under faults, as operators run it: an `r3fs kv`, an `r3fs mgmtd` and
-//! three `r3fs storage` processes with one chain of three. Writers and
-//! readers work on a few chunks through StorageClient while the head, the
-//! middle and the tail are each killed with SIGKILL and restarted, twice.
-//! Afterwards every replica must hold the same bytes, no read may have seen
-//! a torn chunk, and each chunk's history must be linearizable.
+//! three `r3fs storage` processes with one chain of three. Writers, a
+//! truncater and readers work on a few chunks through StorageClient while
+//! the head, the middle and the tail are each killed with SIGKILL and
+//! restarted, twice. Afterwards every replica must hold the same bytes and
+//! chunk lengths, no read may have seen a torn chunk, and each chunk's
+//! history must be linearizable.
+//!
+//! Each chunk is a register: a write puts a whole value (its 4 KiB, then a
+//! 4 KiB tail of the same value) at the chunk's start. A truncate to
+//! `k * chunk + 4 KiB` cuts chunk `k`'s tail (a versioned truncate; the
+//! register keeps its value) and removes every later chunk: for each of
+//! those it is a write of value 0, the value of a missing chunk.
 
 mod common;
 
@@ -28,6 +35,11 @@ const CHUNKS: u64 = 8;
 const READ_PAUSE: Duration = Duration::from_millis(2);
 const INODE: u64 = 42;
 const VALUE_BYTES: usize = 4096;
+/// What a write puts in a chunk: the value, then a tail a truncate cuts off.
+const WRITE_BYTES: usize = 2 * VALUE_BYTES;
+const CHUNK_BYTES: u64 = 64 * 1024;
+/// Pause between truncates.
+const TRUNCATE_PAUSE: Duration = Duration::from_millis(20);
 const WRITERS: u64 = 3;
 const READERS: usize = 2;
 const ROUNDS: usize = 2;
@@ -35,21 +47,31 @@ const WAIT: Duration = Duration::from_secs(30);
 
 fn layout() -> Layout {
     Layout {
-        chunk_size: 64 * 1024,
+        chunk_size: CHUNK_BYTES as u32,
         stripe: 1,
         chains: vec![1],
     }
 }
 
-/// A whole 4 KiB value: the 8-byte number repeated, so a torn read shows.
+/// A whole write: the 8-byte number repeated, so a torn read shows.
 fn encode(v: u64) -> Bytes {
-    Bytes::from(v.to_le_bytes().repeat(VALUE_BYTES / 8))
+    Bytes::from(v.to_le_bytes().repeat(WRITE_BYTES / 8))
 }
 
+/// The value of a chunk's first [`WRITE_BYTES`]: the value's 4 KiB, then
+/// its tail or (truncated) zeros. A missing chunk reads as zeros: value 0.
 fn decode(data: &[u8]) -> Result<u64, String> {
-    let first: [u8; 8] = data[..8].try_into().unwrap();
-    if data.chunks(8).any(|w| w != first) {
-        return Err(format!("torn read: {:02x?}...", &data[..32]));
+    let torn = || format!("torn read: {:02x?}...", &data[..32]);
+    let (value, tail) = data.split_at(VALUE_BYTES);
+    let first: [u8; 8] = value[..8].try_into().unwrap();
+    if value.chunks(8).any(|w| w != first) {
+        return Err(torn());
+    }
+    let zero = [0u8; 8];
+    let whole = tail.chunks(8).all(|w| w == first);
+    let cut = tail.chunks(8).all(|w| w == zero);
+    if !whole && !cut {
+        return Err(torn());
     }
     Ok(u64::from_le_bytes(first))
 }
@@ -213,7 +235,7 @@ async fn acknowledged_writes_survive_killing_head_middle_and_tail() {
                 let value = ((w + 1) << 32) | seq;
                 let invoked = now();
                 let ok = client
-                    .write(&layout(), INODE, chunk * 65536, encode(value))
+                    .write(&layout(), INODE, chunk * CHUNK_BYTES, encode(value))
                     .await
                     .is_ok();
                 let completed = ok.then(now);
@@ -222,6 +244,28 @@ async fn acknowledged_writes_survive_killing_head_middle_and_tail() {
                     invoked,
                     completed,
                 });
+            }
+        }));
+    }
+    {
+        let (client, histories, stop) = (client.clone(), histories.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let k = rand::random_range(0..CHUNKS);
+                let invoked = now();
+                let ok = client
+                    .truncate(&layout(), INODE, k * CHUNK_BYTES + VALUE_BYTES as u64)
+                    .await
+                    .is_ok();
+                let completed = ok.then(now);
+                for chunk in k + 1..CHUNKS {
+                    histories.lock().entry(chunk).or_default().push(Event {
+                        op: Op::Write(0),
+                        invoked,
+                        completed,
+                    });
+                }
+                tokio::time::sleep(TRUNCATE_PAUSE).await;
             }
         }));
     }
@@ -238,7 +282,7 @@ async fn acknowledged_writes_survive_killing_head_middle_and_tail() {
                 let chunk = rand::random_range(0..CHUNKS);
                 let invoked = now();
                 if let Ok(data) = client
-                    .read(&layout(), INODE, chunk * 65536, VALUE_BYTES as u64)
+                    .read(&layout(), INODE, chunk * CHUNK_BYTES, WRITE_BYTES as u64)
                     .await
                 {
                     let completed = Some(now());
@@ -298,37 +342,42 @@ async fn acknowledged_writes_survive_killing_head_middle_and_tail() {
     for chunk in 0..CHUNKS {
         let invoked = now();
         let data = client
-            .read(&layout(), INODE, chunk * 65536, VALUE_BYTES as u64)
+            .read(&layout(), INODE, chunk * CHUNK_BYTES, WRITE_BYTES as u64)
             .await
             .unwrap();
         let v = decode(&data).unwrap();
-        final_values.insert(chunk, v);
+        final_values.insert(chunk, data);
         histories.lock().entry(chunk).or_default().push(Event {
             op: Op::Read(v),
             invoked,
             completed: Some(now()),
         });
     }
-    // Every replica holds the same committed bytes of every chunk.
+    // Every replica holds the same chunks, lengths and committed bytes.
     let routing = watcher.current().unwrap();
-    for chunk in 0..CHUNKS {
-        for (i, node) in routing.nodes.iter().enumerate() {
-            let addr: std::net::SocketAddr = node.address.parse().unwrap();
-            let one = single_node_routing(&routing, node.id);
-            let (tx, rx) = tokio::sync::watch::channel(Some(Arc::new(one)));
-            let direct = StorageClient::new(rx, StorageClientConfig::default());
+    let mut listings = Vec::new();
+    for (i, node) in routing.nodes.iter().enumerate() {
+        let addr: std::net::SocketAddr = node.address.parse().unwrap();
+        let one = single_node_routing(&routing, node.id);
+        let (tx, rx) = tokio::sync::watch::channel(Some(Arc::new(one)));
+        let direct = StorageClient::new(rx, StorageClientConfig::default());
+        for chunk in 0..CHUNKS {
             let data = direct
-                .read(&layout(), INODE, chunk * 65536, VALUE_BYTES as u64)
+                .read(&layout(), INODE, chunk * CHUNK_BYTES, WRITE_BYTES as u64)
                 .await
                 .unwrap_or_else(|e| panic!("chunk {chunk} on node {} ({addr:?}): {e}", node.id));
-            assert_eq!(
-                decode(&data).unwrap(),
-                final_values[&chunk],
+            assert!(
+                data == final_values[&chunk],
                 "chunk {chunk} differs on replica {i}"
             );
-            drop(tx);
         }
+        listings.push(direct.list_chunks(&layout(), INODE).await.unwrap());
+        drop(tx);
     }
+    assert!(
+        listings.iter().all(|l| *l == listings[0]),
+        "replicas list different chunks: {listings:?}"
+    );
     let histories = histories.lock();
     let mut ops = 0;
     for (chunk, history) in histories.iter() {
@@ -340,12 +389,18 @@ async fn acknowledged_writes_survive_killing_head_middle_and_tail() {
     let acked = histories
         .values()
         .flatten()
-        .filter(|e| matches!(e.op, Op::Write(_)) && e.completed.is_some())
+        .filter(|e| matches!(e.op, Op::Write(v) if v != 0) && e.completed.is_some())
+        .count();
+    let removals = histories
+        .values()
+        .flatten()
+        .filter(|e| matches!(e.op, Op::Write(0)) && e.completed.is_some())
         .count();
     println!(
-        "{ops} operations checked, {acked} acknowledged writes, {} kills",
+        "{ops} operations checked, {acked} acknowledged writes, {removals} chunk removals by truncates, {} kills",
         ROUNDS * 3
     );
+    assert!(removals > 0, "truncates made progress");
     assert!(acked > 20, "the workload made progress");
 }
 

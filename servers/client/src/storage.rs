@@ -2,6 +2,15 @@
 //! chunk pieces, sends each written piece to its chain's head, spreads reads
 //! over SERVING replicas, and retries across routing changes.
 //!
+//! Besides reads and writes it shrinks files (`truncate`: cut the chunk
+//! holding the new end, remove every later chunk), punches holes
+//! (`punch_hole`: zero the partial chunks at the ends, remove the whole
+//! chunks between), lists a file's chunks with their committed lengths
+//! (`list_chunks`, for SEEK_DATA/SEEK_HOLE), settles a file's length
+//! (`query_length`) and removes a deleted file's chunks (`remove_inode`).
+//! Truncates and holes never make a chunk longer; each chunk's change is a
+//! versioned CRAQ update applied once despite retries.
+//!
 //! Makes no chain decisions (mgmtd does) and never writes to a target other
 //! than the head its routing info names; it only reads routing info. It does
 //! not know file lengths: a read returns exactly the bytes asked for, with
@@ -23,8 +32,13 @@
 //! (`StorageError::is_retryable` false) fail at once. A piece keeps its
 //! request id across retries, so the head applies a retried write once; after
 //! a head change the new head does not know the id, and the piece is written
-//! again (same bytes at the same offset, so the result is the same). A read
-//! moves to the next SERVING replica before counting an attempt.
+//! again (same bytes at the same offset, so the result is the same). Every
+//! chain member remembers the request ids of the versions it applied, so a
+//! new head that was a member also answers a retry without applying it
+//! again; a truncate's or hole's chunk removals on one chain share one
+//! request id across retries and pages, so a chunk written after its removal
+//! is not removed again. A read or listing moves to the next SERVING replica
+//! before counting an attempt.
 //!
 //! # Limits
 //! - [`IO_BYTES_MAX`] bytes per call; layouts with chunks over
@@ -32,8 +46,11 @@
 //! - `pieces_in_flight_max` ([`PIECES_IN_FLIGHT_MAX`]) concurrent pieces per call.
 //! - `attempts_max` ([`ATTEMPTS_MAX`]) attempts per piece, each RPC bounded by
 //!   `call_timeout` ([`CALL_TIMEOUT`]).
-//! - A missing chunk is recognised by the text of the server's `Io` error
-//!   (the wire has no `NotFound` refusal yet).
+//! - `list_chunks` returns at most [`LIST_CHUNKS_TOTAL_MAX`] chunks (more is
+//!   `TooManyChunks`, EFBIG; `list_chunks_from` lists piecewise); a truncate
+//!   or hole makes at most [`REMOVE_PAGES_MAX`] removal calls per chain.
+//! - A full disk on any chain member is `ENOSPC`; the refused write is not
+//!   left pending anywhere.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -47,8 +64,10 @@ use r3fs_net::{CallOptions, ClientConfig, RetryPolicy, RpcClient, RpcError};
 use r3fs_wire::meta::Layout;
 use r3fs_wire::mgmt::{Chain, ChainId, PublicState, RoutingInfo, TargetId};
 use r3fs_wire::storage::{
-    ChunkAddr, ChunkVersion, LastChunk, LastChunkRequest, QueryLastChunk, Read, ReadRequest,
-    RemoveInode, RemoveInodeRequest, StorageError, Write, WriteRequest,
+    ChunkAddr, ChunkList, ChunkVersion, LastChunk, LastChunkRequest, ListChunks, ListChunksRequest,
+    Modify, ModifyOp, ModifyRequest, QueryLastChunk, Read, ReadRequest, RemoveChunks,
+    RemoveChunksRequest, RemoveChunksResponse, RemoveInode, RemoveInodeRequest, StorageError,
+    Write, WriteRequest, LIST_CHUNKS_MAX,
 };
 use tokio::sync::watch;
 
@@ -68,6 +87,12 @@ pub const IO_BYTES_MAX: u64 = 1 << 30;
 pub const CHUNK_SIZE_MAX: u32 = r3fs_wire::frame::FRAME_PAYLOAD_BYTES_MAX;
 /// Connections kept to each storage node.
 pub const CONNECTIONS_PER_NODE: usize = 2;
+/// Chunks [`StorageClient::list_chunks`] returns at most; a file with more
+/// is `TooManyChunks` (list it piecewise with `list_chunks_from`).
+pub const LIST_CHUNKS_TOTAL_MAX: usize = 1 << 20;
+/// `RemoveChunks` calls (each removing up to `REMOVE_CHUNKS_MAX` chunks) per
+/// chain in one truncate or hole punch.
+pub const REMOVE_PAGES_MAX: u32 = 1 << 20;
 
 #[derive(Debug, Clone)]
 pub struct StorageClientConfig {
@@ -136,6 +161,13 @@ pub enum StorageClientError {
         attempts: u32,
         last: AttemptError,
     },
+    /// The file has more chunks than one call handles.
+    #[error("inode {inode} has more than {limit} chunks to {what}")]
+    TooManyChunks {
+        inode: u64,
+        limit: u64,
+        what: &'static str,
+    },
 }
 
 impl StorageClientError {
@@ -154,6 +186,7 @@ impl StorageClientError {
                 AttemptError::Rpc(RpcError::Timeout { .. }) => libc::ETIMEDOUT,
                 _ => libc::EIO,
             },
+            StorageClientError::TooManyChunks { .. } => libc::EFBIG,
         }
     }
 }
@@ -273,8 +306,43 @@ fn check_range(offset: u64, len: u64) -> Result<(), StorageClientError> {
     Ok(())
 }
 
-/// Whether an `Io` refusal means "this chunk was never written" (chunk
-/// engine `NotFound`, which the wire carries only as text).
+/// The address of chunk `index` of `inode`.
+fn chunk_addr(layout: &Layout, inode: u64, index: u64) -> ChunkAddr {
+    ChunkAddr {
+        chain: chain_of(layout, index),
+        inode,
+        index,
+    }
+}
+
+/// The parts of a hole `[offset, offset + len)`: the pieces of at most two
+/// chunks it covers only partly, and the range of chunk indices it covers
+/// whole.
+fn hole_parts(chunk_size: u32, offset: u64, len: u64) -> ([Option<Piece>; 2], Option<(u64, u64)>) {
+    assert!(chunk_size > 0, "layouts are checked before splitting");
+    let chunk = u64::from(chunk_size);
+    let end = offset + len;
+    let partial = |start: u64, stop: u64| {
+        (start < stop).then(|| Piece {
+            index: start / chunk,
+            chunk_offset: (start % chunk) as u32,
+            len: (stop - start) as u32,
+            buf_offset: 0,
+        })
+    };
+    let whole_from = offset.div_ceil(chunk);
+    let whole_to = end / chunk;
+    if whole_from > whole_to {
+        // Inside one chunk, touching neither of its ends.
+        return ([partial(offset, end), None], None);
+    }
+    let head = partial(offset, whole_from * chunk);
+    let tail = partial(whole_to * chunk, end);
+    let whole = (whole_from < whole_to).then_some((whole_from, whole_to));
+    ([head, tail], whole)
+}
+
+/// Whether a refusal means "this chunk does not exist here" (a hole).
 fn is_missing_chunk(e: &StorageError) -> bool {
     matches!(e, StorageError::NotFound { .. })
 }
@@ -286,6 +354,16 @@ fn find_chain(info: &RoutingInfo, id: ChainId) -> Result<&Chain, AttemptError> {
             info.version
         ))
     })
+}
+
+/// The address of `chain`'s head, if it is SERVING.
+fn head_address(info: &RoutingInfo, chain: &Chain) -> Result<SocketAddr, AttemptError> {
+    let head = chain
+        .targets
+        .first()
+        .filter(|t| t.state == PublicState::Serving)
+        .ok_or_else(|| AttemptError::Routing(format!("chain {} has no SERVING head", chain.id)))?;
+    target_address(info, head.target)
 }
 
 fn target_address(info: &RoutingInfo, target: TargetId) -> Result<SocketAddr, AttemptError> {
@@ -419,11 +497,301 @@ impl StorageClient {
             chunk_size,
             crc: crc32c::crc32c(&data),
             client: self.inner.client_id,
-            request: self.inner.request_next.fetch_add(1, Ordering::Relaxed),
+            request: self.next_request(),
         };
         self.with_retries(addr, |info| self.write_attempt(info, &base, data.clone()))
             .await?;
         Ok(u64::from(piece.len))
+    }
+
+    /// Cuts `inode` to `length` bytes in storage: the chunk holding byte
+    /// `length` keeps only the bytes before it, and every chunk after it is
+    /// removed, on every chain of the stripe. Never makes a chunk longer:
+    /// bytes past `length` are gone, and re-grown bytes read as zeros.
+    /// Idempotent, and each chunk's change is applied once despite retries.
+    pub async fn truncate(
+        &self,
+        layout: &Layout,
+        inode: u64,
+        length: u64,
+    ) -> Result<(), StorageClientError> {
+        check_layout(layout)?;
+        let chunk = u64::from(layout.chunk_size);
+        let within = (length % chunk) as u32;
+        if within != 0 {
+            let index = length / chunk;
+            let op = ModifyOp::Truncate { length: within };
+            self.modify(chunk_addr(layout, inode, index), op).await?;
+        }
+        self.remove_chunks(layout, inode, length.div_ceil(chunk), u64::MAX)
+            .await
+            .map(drop)
+    }
+
+    /// Makes `[offset, offset + len)` of `inode` read as zeros without
+    /// making any chunk longer: whole chunks in the range are removed, and
+    /// the partial chunks at its ends get zeros over the bytes they have.
+    pub async fn punch_hole(
+        &self,
+        layout: &Layout,
+        inode: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), StorageClientError> {
+        check_layout(layout)?;
+        if offset.checked_add(len).is_none() {
+            return Err(StorageClientError::BadRange {
+                offset,
+                len,
+                reason: "ends past u64::MAX",
+            });
+        }
+        let (partials, whole) = hole_parts(layout.chunk_size, offset, len);
+        for p in partials.into_iter().flatten() {
+            let op = ModifyOp::Zero {
+                offset: p.chunk_offset,
+                len: p.len,
+            };
+            self.modify(chunk_addr(layout, inode, p.index), op).await?;
+        }
+        if let Some((from, to)) = whole {
+            self.remove_chunks(layout, inode, from, to).await?;
+        }
+        Ok(())
+    }
+
+    /// `(chunk index, committed length)` of every chunk of `inode` over the
+    /// chains of `layout`, in index order, read from SERVING replicas. At
+    /// most [`LIST_CHUNKS_TOTAL_MAX`] chunks, else `TooManyChunks`.
+    pub async fn list_chunks(
+        &self,
+        layout: &Layout,
+        inode: u64,
+    ) -> Result<Vec<(u64, u32)>, StorageClientError> {
+        let (chunks, complete) = self
+            .list_chunks_from(layout, inode, 0, LIST_CHUNKS_TOTAL_MAX)
+            .await?;
+        if !complete {
+            return Err(StorageClientError::TooManyChunks {
+                inode,
+                limit: LIST_CHUNKS_TOTAL_MAX as u64,
+                what: "list",
+            });
+        }
+        Ok(chunks)
+    }
+
+    /// The first `limit` chunks of `inode` with index `from_index` or
+    /// higher, as [`StorageClient::list_chunks`] gives them, and whether
+    /// those are all of them.
+    pub async fn list_chunks_from(
+        &self,
+        layout: &Layout,
+        inode: u64,
+        from_index: u64,
+        limit: usize,
+    ) -> Result<(Vec<(u64, u32)>, bool), StorageClientError> {
+        check_layout(layout)?;
+        let mut all = Vec::new();
+        let mut complete = true;
+        for &chain in layout.chains.iter().take(layout.stripe as usize) {
+            let (chunks, exhausted) = self.list_chain(chain, inode, from_index, limit).await?;
+            complete &= exhausted;
+            all.extend(chunks);
+        }
+        all.sort_unstable_by_key(|&(index, _)| index);
+        // Each chain gave all its chunks or at least `limit`, so the first
+        // `limit` of the merge are the file's first `limit`.
+        if all.len() > limit {
+            all.truncate(limit);
+            complete = false;
+        }
+        Ok((all, complete))
+    }
+
+    /// Up to `limit` committed chunks of `inode` on one chain from
+    /// `from_index` on, and whether the chain has no more.
+    async fn list_chain(
+        &self,
+        chain: ChainId,
+        inode: u64,
+        from_index: u64,
+        limit: usize,
+    ) -> Result<(Vec<(u64, u32)>, bool), StorageClientError> {
+        let mut out = Vec::new();
+        let mut cursor = from_index;
+        while out.len() < limit {
+            let req = ListChunksRequest {
+                chain,
+                inode,
+                from_index: cursor,
+                limit: (limit - out.len()).min(LIST_CHUNKS_MAX as usize) as u32,
+            };
+            let addr = ChunkAddr {
+                chain,
+                inode,
+                index: cursor,
+            };
+            let page: ChunkList = self
+                .with_retries(addr, |info| self.list_attempt(info, &req))
+                .await?;
+            out.extend(page.chunks.iter().map(|c| (c.index, c.length)));
+            match page.next_index {
+                Some(next) => {
+                    // Terminates: the cursor only moves forward.
+                    assert!(next > cursor, "a listing cursor moves forward");
+                    cursor = next;
+                }
+                None => return Ok((out, true)),
+            }
+        }
+        Ok((out, false))
+    }
+
+    async fn list_attempt(
+        &self,
+        info: Arc<RoutingInfo>,
+        req: &ListChunksRequest,
+    ) -> Result<ChunkList, AttemptError> {
+        let chain = find_chain(&info, req.chain)?;
+        let mut last = None;
+        for t in chain
+            .targets
+            .iter()
+            .filter(|t| t.state == PublicState::Serving)
+        {
+            let node = target_address(&info, t.target)?;
+            match self
+                .inner
+                .rpc
+                .call::<ListChunks>(node, req, self.call_options())
+                .await
+            {
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(e)) => last = Some(AttemptError::from(e)),
+                Err(e) => last = Some(AttemptError::from(e)),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            AttemptError::Routing(format!("chain {} has no SERVING replica", chain.id))
+        }))
+    }
+
+    /// A truncate or zeroing of one chunk at its head, with one request id
+    /// across retries.
+    async fn modify(&self, addr: ChunkAddr, op: ModifyOp) -> Result<(), StorageClientError> {
+        let base = ModifyRequest {
+            addr,
+            chain_ver: 0,
+            op,
+            client: self.inner.client_id,
+            request: self.next_request(),
+        };
+        self.with_retries(addr, |info| self.modify_attempt(info, &base))
+            .await
+            .map(drop)
+    }
+
+    async fn modify_attempt(
+        &self,
+        info: Arc<RoutingInfo>,
+        base: &ModifyRequest,
+    ) -> Result<ChunkVersion, AttemptError> {
+        let chain = find_chain(&info, base.addr.chain)?;
+        let node = head_address(&info, chain)?;
+        let req = ModifyRequest {
+            chain_ver: chain.version,
+            ..base.clone()
+        };
+        let resp = self
+            .inner
+            .rpc
+            .call::<Modify>(node, &req, self.call_options())
+            .await?;
+        Ok(resp?)
+    }
+
+    /// Removes the chunks of `inode` with index in `[from, to)` from every
+    /// chain of the stripe; returns how many the heads removed.
+    async fn remove_chunks(
+        &self,
+        layout: &Layout,
+        inode: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<u64, StorageClientError> {
+        let mut removed = 0;
+        for &chain in layout.chains.iter().take(layout.stripe as usize) {
+            removed += self.remove_chunks_on(chain, inode, from, to).await?;
+        }
+        Ok(removed)
+    }
+
+    /// Pages through `RemoveChunks` on one chain with one request id, so a
+    /// chunk removed by an earlier attempt and written since stays.
+    async fn remove_chunks_on(
+        &self,
+        chain: ChainId,
+        inode: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<u64, StorageClientError> {
+        let mut base = RemoveChunksRequest {
+            chain,
+            chain_ver: 0,
+            inode,
+            from_index: from,
+            to_index: to,
+            client: self.inner.client_id,
+            request: self.next_request(),
+        };
+        let mut removed = 0;
+        for _ in 0..REMOVE_PAGES_MAX {
+            let addr = ChunkAddr {
+                chain,
+                inode,
+                index: base.from_index,
+            };
+            let resp: RemoveChunksResponse = self
+                .with_retries(addr, |info| self.remove_chunks_attempt(info, &base))
+                .await?;
+            removed += resp.removed;
+            match resp.next_index {
+                Some(next) => {
+                    assert!(next > base.from_index, "a removal cursor moves forward");
+                    base.from_index = next;
+                }
+                None => return Ok(removed),
+            }
+        }
+        Err(StorageClientError::TooManyChunks {
+            inode,
+            limit: u64::from(REMOVE_PAGES_MAX) * u64::from(r3fs_wire::storage::REMOVE_CHUNKS_MAX),
+            what: "remove",
+        })
+    }
+
+    async fn remove_chunks_attempt(
+        &self,
+        info: Arc<RoutingInfo>,
+        base: &RemoveChunksRequest,
+    ) -> Result<RemoveChunksResponse, AttemptError> {
+        let chain = find_chain(&info, base.chain)?;
+        let node = head_address(&info, chain)?;
+        let req = RemoveChunksRequest {
+            chain_ver: chain.version,
+            ..base.clone()
+        };
+        let resp = self
+            .inner
+            .rpc
+            .call::<RemoveChunks>(node, &req, self.call_options())
+            .await?;
+        Ok(resp?)
+    }
+
+    fn next_request(&self) -> u64 {
+        self.inner.request_next.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Removes every chunk of `inode` from each chain `layout` uses (garbage
@@ -745,6 +1113,35 @@ mod tests {
         check(10, 30, 11, &[(3, 0, 10, 0), (4, 0, 1, 10)]);
     }
 
+    fn check_hole(
+        chunk_size: u32,
+        offset: u64,
+        len: u64,
+        expect_partial: &[(u64, u32, u32)],
+        expect_whole: Option<(u64, u64)>,
+    ) {
+        let (partials, whole) = hole_parts(chunk_size, offset, len);
+        let got: Vec<_> = partials
+            .into_iter()
+            .flatten()
+            .map(|p| (p.index, p.chunk_offset, p.len))
+            .collect();
+        assert_eq!(got, expect_partial, "partial chunks of {offset}+{len}");
+        assert_eq!(whole, expect_whole, "whole chunks of {offset}+{len}");
+    }
+
+    #[test]
+    fn holes_split_into_partial_ends_and_whole_chunks() {
+        check_hole(10, 0, 0, &[], None);
+        check_hole(10, 3, 4, &[(0, 3, 4)], None);
+        check_hole(10, 3, 7, &[(0, 3, 7)], None);
+        check_hole(10, 0, 10, &[], Some((0, 1)));
+        check_hole(10, 5, 20, &[(0, 5, 5), (2, 0, 5)], Some((1, 2)));
+        check_hole(10, 10, 30, &[], Some((1, 4)));
+        check_hole(10, 8, 4, &[(0, 8, 2), (1, 0, 2)], None);
+        check_hole(10, 0, 7, &[(0, 0, 7)], None);
+    }
+
     #[test]
     fn chunks_go_round_robin_over_the_stripe() {
         let layout = Layout {
@@ -788,6 +1185,20 @@ mod tests {
         assert_eq!(
             check_range(0, IO_BYTES_MAX + 1).unwrap_err().errno(),
             libc::EINVAL
+        );
+    }
+
+    #[test]
+    fn too_many_chunks_is_efbig() {
+        let e = StorageClientError::TooManyChunks {
+            inode: 7,
+            limit: LIST_CHUNKS_TOTAL_MAX as u64,
+            what: "list",
+        };
+        assert_eq!(e.errno(), libc::EFBIG);
+        assert_eq!(
+            e.to_string(),
+            "inode 7 has more than 1048576 chunks to list"
         );
     }
 

@@ -15,7 +15,8 @@
 //!   reused while the engine runs, so a referenced file is never overwritten.
 //!
 //! # Crash safety
-//! A new version (write, truncate, install) is written to a *fresh* file,
+//! A new version (write, truncate, zeroing, whole replacement, install) is
+//! written to a *fresh* file,
 //! `fsync`ed together with its directory, and only then referenced by a
 //! metadata commit. The metadata commit is the atomic switch: `commit` changes
 //! only metadata (the pending file becomes the committed one), so after a crash
@@ -44,8 +45,15 @@
 //! `chunk_size_max` given to [`ChunkEngine::open`]); every read and write
 //! loads the whole committed chunk to verify its CRC32C, so memory per call is
 //! bounded by twice the chunk size. Listing reads [`LIST_BATCH_CHUNKS`] records
-//! per KV transaction. An `ENOSPC` (or `EDQUOT`) from a data file is
-//! [`ChunkError::NoSpace`]; one from the KV journal arrives as `Kv` unless its
+//! per KV transaction.
+//!
+//! # Full disks
+//! A new version file is refused with [`ChunkError::NoSpace`] when writing
+//! it would leave less than [`SPACE_RESERVE_BYTES`] free, so the metadata
+//! store (whose journal poisons itself on a failed write) keeps room for the
+//! commits, aborts and removals that follow, and nothing committed is lost.
+//! An `ENOSPC` (or `EDQUOT`) from a data file is `NoSpace` too; one from the
+//! KV journal (another process filled the disk) arrives as `Kv` unless its
 //! message names OS error 28.
 
 use std::collections::HashSet;
@@ -66,6 +74,11 @@ pub const CHUNK_BYTES_MAX: u32 = 64 * 1024 * 1024;
 pub const LOCK_SHARDS: usize = 1024;
 /// Records read per KV transaction when listing.
 pub const LIST_BATCH_CHUNKS: usize = 4096;
+/// Free bytes a new version file must leave on the target's file system.
+/// The metadata store shares that file system, and a failed journal write
+/// poisons it until the target reopens, so chunk data must meet a full disk
+/// first: then commits, aborts and removals still have room.
+pub const SPACE_RESERVE_BYTES: u64 = 4 * 1024 * 1024;
 
 const META_DIR: &str = "meta";
 const DATA_DIR: &str = "data";
@@ -308,8 +321,22 @@ impl Record {
 
 /// A versioned change staged as the pending version.
 enum Change<'a> {
-    Write { offset: u32, data: &'a [u8] },
-    Truncate { length: u32 },
+    Write {
+        offset: u32,
+        data: &'a [u8],
+    },
+    Truncate {
+        length: u32,
+    },
+    /// Zeros over `[offset, offset + len)`, clipped to the committed length.
+    Zero {
+        offset: u32,
+        len: u32,
+    },
+    /// The whole new version.
+    Replace {
+        data: &'a [u8],
+    },
     Remove,
 }
 
@@ -352,6 +379,23 @@ fn parse_file_name(name: &str) -> Option<(u64, u64)> {
     let index = u64::from_str_radix(index, 16).ok()?;
     let file = u64::from_str_radix(file, 16).ok()?;
     Some((index, file))
+}
+
+/// Bytes an unprivileged writer may still use on the file system of `path`.
+fn available_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c_path` is a valid NUL-terminated string and `stat` points to
+    // writable memory of the right type; statvfs fills it on success.
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it initialized `stat`.
+    let stat = unsafe { stat.assume_init() };
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 fn sync_dir(id: Option<ChunkId>, dir: &Path) -> ChunkResult<()> {
@@ -559,6 +603,7 @@ impl ChunkEngine {
 
     /// Write `bytes` to a fresh version file and make it durable.
     fn write_version_file(&self, id: ChunkId, bytes: &[u8]) -> ChunkResult<u64> {
+        self.check_space(id, bytes.len() as u64)?;
         let file = self.next_file.fetch_add(1, Ordering::Relaxed);
         let path = self.file_path(id, file);
         let mut attempt = 0;
@@ -579,6 +624,19 @@ impl ChunkEngine {
         }
         sync_dir(Some(id), &self.inode_dir(id.inode))?;
         Ok(file)
+    }
+
+    /// `NoSpace` unless `bytes` more leave [`SPACE_RESERVE_BYTES`] free.
+    fn check_space(&self, id: ChunkId, bytes: u64) -> ChunkResult<()> {
+        let available =
+            available_bytes(&self.data_dir).map_err(|e| io_error(Some(id), &self.data_dir, e))?;
+        if available < bytes.saturating_add(SPACE_RESERVE_BYTES) {
+            return Err(ChunkError::NoSpace {
+                id: Some(id),
+                path: self.data_dir.clone(),
+            });
+        }
+        Ok(())
     }
 
     fn ensure_inode_dir(&self, id: ChunkId) -> ChunkResult<()> {
@@ -686,6 +744,52 @@ impl ChunkEngine {
             chain_ver,
             Change::Truncate { length },
         )
+    }
+
+    /// Stage pending version `update_ver`: the committed bytes with
+    /// `[offset, offset + len)` zeroed, clipped to the committed length (the
+    /// chunk never grows). A missing chunk stays missing: `Ok(None)`.
+    pub fn zero_pending(
+        &self,
+        id: ChunkId,
+        update_ver: u64,
+        chain_ver: u64,
+        offset: u32,
+        len: u32,
+    ) -> ChunkResult<Option<ChunkMeta>> {
+        let _guard = self.lock(id);
+        let Some(record) = self.load(id)? else {
+            return Ok(None);
+        };
+        self.stage(
+            id,
+            Some(record),
+            update_ver,
+            chain_ver,
+            Change::Zero { offset, len },
+        )
+        .map(Some)
+    }
+
+    /// Stage pending version `update_ver` as exactly `data`, whatever the
+    /// committed bytes (a re-driven version: it may be shorter than them).
+    pub fn replace_pending(
+        &self,
+        id: ChunkId,
+        update_ver: u64,
+        chain_ver: u64,
+        data: &[u8],
+    ) -> ChunkResult<ChunkMeta> {
+        if data.len() as u64 > u64::from(self.chunk_size_max) {
+            return Err(ChunkError::OutOfRange {
+                id,
+                end: data.len() as u64,
+                limit: self.chunk_size_max.into(),
+            });
+        }
+        let _guard = self.lock(id);
+        let record = self.load(id)?;
+        self.stage(id, record, update_ver, chain_ver, Change::Replace { data })
     }
 
     /// Stage the removal of `id` as pending version `update_ver`; its commit
@@ -799,6 +903,12 @@ impl ChunkEngine {
                 committed.get(start..start + data.len()) == Some(*data)
             }
             Change::Truncate { length } => meta.length == *length,
+            Change::Zero { offset, len } => {
+                let committed = self.committed_bytes(id, &record)?;
+                let (start, end) = clip(committed.len(), *offset, *len);
+                committed[start..end].iter().all(|&b| b == 0)
+            }
+            Change::Replace { data } => self.committed_bytes(id, &record)? == *data,
             Change::Remove => false,
         };
         if matches {
@@ -1028,6 +1138,34 @@ impl ChunkEngine {
         Ok(Some((bytes, record.meta)))
     }
 
+    /// The whole bytes of version `ver` of `id` (CRC verified), whether it is
+    /// the committed or the pending one; `None` when the chunk has no such
+    /// version or it is a removal.
+    pub fn read_version(&self, id: ChunkId, ver: u64) -> ChunkResult<Option<Vec<u8>>> {
+        let _guard = self.lock(id);
+        let Some(record) = self.load(id)? else {
+            return Ok(None);
+        };
+        let m = record.meta;
+        if ver == m.commit_ver && m.commit_ver > 0 {
+            return self.committed_bytes(id, &record).map(Some);
+        }
+        if ver != m.update_ver || !m.is_dirty() || m.pending_remove {
+            return Ok(None);
+        }
+        let path = self.file_path(id, record.pending_file);
+        let bytes = fs::read(&path).map_err(|e| io_error(Some(id), &path, e))?;
+        let actual = crc32c::crc32c(&bytes);
+        if actual != m.pending_crc || bytes.len() != m.pending_length as usize {
+            return Err(ChunkError::Corrupt {
+                id,
+                expected: m.pending_crc,
+                actual,
+            });
+        }
+        Ok(Some(bytes))
+    }
+
     /// The metadata of `id`, if it exists.
     pub fn meta(&self, id: ChunkId) -> ChunkResult<Option<ChunkMeta>> {
         Ok(self.load(id)?.map(|r| r.meta))
@@ -1049,6 +1187,40 @@ impl ChunkEngine {
         let mut out = Vec::new();
         self.scan(begin, end, |id, r| out.push((id, r.meta)))?;
         Ok(out)
+    }
+
+    /// At most `limit` chunks of `inode` with index `from_index` or higher,
+    /// in index order, read in one KV transaction; and whether more may follow.
+    pub fn list_inode_from(
+        &self,
+        inode: u64,
+        from_index: u64,
+        limit: usize,
+    ) -> ChunkResult<(Vec<(ChunkId, ChunkMeta)>, bool)> {
+        let begin = chunk_key(ChunkId {
+            inode,
+            index: from_index,
+        })
+        .to_vec();
+        let prefix = inode_prefix(inode);
+        let end = r3fs_kv::prefix_end(&prefix).unwrap_or_else(|| vec![KEY_PREFIX + 1]);
+        let opts = RangeOptions {
+            limit: limit.clamp(1, LIST_BATCH_CHUNKS),
+            reverse: false,
+            snapshot: true,
+        };
+        let batch = r3fs_kv::run(&self.kv, RetryPolicy::default(), |txn| {
+            Ok::<_, ChunkError>(txn.get_range(&begin, &end, opts)?)
+        })?;
+        let mut out = Vec::with_capacity(batch.kvs.len());
+        for kv in &batch.kvs {
+            let Some(id) = decode_key(&kv.key) else {
+                tracing::warn!(key = ?kv.key, "unknown key in chunk metadata");
+                continue;
+            };
+            out.push((id, decode_record(id, &kv.value)?.meta));
+        }
+        Ok((out, batch.more))
     }
 
     /// The chunk of `inode` with the highest index (settles the file length).
@@ -1089,8 +1261,21 @@ fn apply(mut bytes: Vec<u8>, change: &Change<'_>) -> Option<Vec<u8>> {
             bytes.resize(*length as usize, 0);
             Some(bytes)
         }
+        Change::Zero { offset, len } => {
+            let (start, end) = clip(bytes.len(), *offset, *len);
+            bytes[start..end].fill(0);
+            Some(bytes)
+        }
+        Change::Replace { data } => Some(data.to_vec()),
         Change::Remove => None,
     }
+}
+
+/// `[offset, offset + len)` clipped to `[0, length)`, as indices.
+fn clip(length: usize, offset: u32, len: u32) -> (usize, usize) {
+    let end = (u64::from(offset) + u64::from(len)).min(length as u64) as usize;
+    let start = (offset as usize).min(end);
+    (start, end)
 }
 
 #[cfg(test)]

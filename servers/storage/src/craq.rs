@@ -1,39 +1,70 @@
 //! CRAQ chain replication over the chunk engines of one storage node, and the
 //! resync that brings a returning target up to date.
 //!
-//! Only the head of a chain takes client writes. It locks the chunk, assigns
-//! `update_ver = commit_ver + 1`, stores the pending version, forwards it to
-//! its successor and commits when the successor acknowledges; the tail
-//! commits first, so a version is committed at a node only once every node
-//! after it has committed it. Every hop checks the chain version against its
-//! routing info and the CRC32C of the data.
+//! Only the head of a chain takes client updates of a chunk: writes
+//! (`Write`), truncates and zeroing (`Modify`) and removals of a range of
+//! chunks (`RemoveChunks`, one versioned removal per chunk). For each chunk
+//! it locks the chunk, assigns `update_ver = commit_ver + 1`, stores the
+//! pending version, forwards it to its successor as an [`UpdateOp`] and
+//! commits when the successor acknowledges; the tail commits first, so a
+//! version is committed at a node only once every node after it has
+//! committed it. Every hop checks the chain version against its routing info
+//! and the CRC32C of the data. Truncates and zeroing never make a chunk
+//! longer or create one: the head turns them into no-ops on a chunk already
+//! short enough or missing.
+//!
+//! A pending version whose forward failed is never dropped (a successor may
+//! have committed it); the next update of the chunk first re-drives it down
+//! the current chain as the exact bytes of that version (`Replace`, which
+//! also shrinks a successor's longer copy) or as a removal. The one exception
+//! is a successor's `NoSpace` refusal: it and everything after it did not
+//! commit the version, so each member drops its pending copy on the way back
+//! and the client gets `NoSpace` (ENOSPC), not an in-doubt write.
+//!
+//! Every member remembers the outcome of the client request
+//! `(client, request, chunk index)` behind each version it applied, so a
+//! retry — at the same head or at a member that became head — is answered
+//! without being applied again, even after newer updates of the chunk.
 //!
 //! Reads go to any SERVING replica. A replica holding an uncommitted version
 //! answers `NotCommitted` and the client reads elsewhere or retries: we follow
 //! 3FS here rather than asking the tail (CRAQ's option), because the tail may
 //! be the busiest node and a retry after a write's round trip is cheap.
+//! Listings (`ListChunks`, `QueryLastChunk`) show committed versions only.
 //!
 //! # Resync
 //! A SYNCING target follows every SERVING target in its chain, so its
-//! predecessor is the last SERVING target. Writes reach it as whole chunk
-//! versions (it may lack the base a partial write builds on) and it installs
-//! them committed at once, being the last target a write reaches. The
-//! predecessor compares chunk summaries with it, sends every chunk that
-//! differs or is missing and removes what it should not have, each under the
-//! same per-chunk lock that forwarded writes take, so no write interleaves
-//! with the copy of its chunk; then it declares the copy complete and the
-//! target reports up to date, which makes mgmtd turn it SERVING.
+//! predecessor is the last SERVING target. Updates reach it as whole chunk
+//! versions or removals (it may lack the base a partial update builds on)
+//! and it applies them committed at once, being the last target an update
+//! reaches. The predecessor compares chunk summaries with it, sends every
+//! chunk that differs or is missing and removes what it should not have,
+//! each under the same per-chunk lock that forwarded updates take, so no
+//! update interleaves with the copy of its chunk; then it declares the copy
+//! complete and the target reports up to date, which makes mgmtd turn it
+//! SERVING.
 //!
 //! Must not decide chain states (mgmtd does) or touch the namespace.
 //!
 //! # Limits
-//! Writes to one chunk are serialized by one of [`CHUNK_LOCK_STRIPES`] locks;
-//! the head remembers the outcome of the last [`DEDUP_ENTRIES_MAX`] client
-//! writes so a retried write is applied once.
+//! Updates of one chunk are serialized by one of [`CHUNK_LOCK_STRIPES`]
+//! locks; each member remembers the outcome of the last
+//! [`DEDUP_ENTRIES_MAX`] client requests per chunk so a retry is applied
+//! once. A `RemoveChunks` call removes at most `REMOVE_CHUNKS_MAX` chunks and
+//! a `ListChunks` answer holds at most `LIST_CHUNKS_MAX`; both answer with a
+//! cursor to continue from.
+//!
+//! # Known gaps
+//! A removed chunk leaves no tombstone, so its versions start again at 1. A
+//! forwarded update that a successor receives only after its sender gave up
+//! on it and the chunk was removed could stage a stale version 1 there; the
+//! chunk's next write would then fail with `Forward` until resync. (The
+//! same holds for `RemoveInode`.)
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,16 +100,32 @@ struct Inner {
     dedup: Mutex<Dedup>,
     /// The client request behind each pending version on this node, so the
     /// request is remembered as done when the version is re-driven.
-    origins: Mutex<HashMap<ChunkAddr, (u64, u64)>>,
+    origins: Mutex<HashMap<ChunkAddr, Origin>>,
     /// SYNCING targets whose copy a predecessor declared complete, with the
     /// chain version it was complete at.
     synced: Mutex<HashMap<TargetId, u64>>,
 }
 
+/// The client request an update carries; `(0, 0)` when unknown.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Origin {
+    client: u64,
+    request: u64,
+}
+
+/// Answers to client requests by `(client, request, chunk index)`: one
+/// request may touch many chunks of a chain (`RemoveChunks`).
 #[derive(Default)]
 struct Dedup {
-    done: HashMap<(u64, u64), ChunkVersion>,
-    order: VecDeque<(u64, u64)>,
+    done: HashMap<(u64, u64, u64), ChunkVersion>,
+    order: VecDeque<(u64, u64, u64)>,
+}
+
+/// What the head makes of a client request, given the chunk's committed state.
+struct Planned {
+    op: UpdateOp,
+    chunk_size: u32,
+    data: Bytes,
 }
 
 /// What one resync did.
@@ -180,6 +227,21 @@ impl StorageService {
             async move { Ok(s.remove_inode(req).await) }
         });
         let s = self.clone();
+        router.register::<Modify, _, _>(move |req, _ctx| {
+            let s = s.clone();
+            async move { Ok(s.modify(req).await) }
+        });
+        let s = self.clone();
+        router.register::<RemoveChunks, _, _>(move |req, _ctx| {
+            let s = s.clone();
+            async move { Ok(s.remove_chunks(req).await) }
+        });
+        let s = self.clone();
+        router.register::<ListChunks, _, _>(move |req, _ctx| {
+            let s = s.clone();
+            async move { Ok(s.list_chunks(req).await) }
+        });
+        let s = self.clone();
         router.register::<SyncDone, _, _>(move |req, _ctx| {
             let s = s.clone();
             async move { Ok(s.sync_done(req)) }
@@ -222,10 +284,60 @@ impl StorageService {
     /// A client write, at the head.
     pub async fn write(&self, req: WriteRequest, data: Bytes) -> StorageResult<ChunkVersion> {
         check_payload(req.crc, &data)?;
-        if let Some(done) = self.inner.dedup.lock().done.get(&(req.client, req.request)) {
-            return Ok(*done);
-        }
-        let (routing, chain, pos) = self.locate(req.addr.chain)?;
+        let origin = Origin {
+            client: req.client,
+            request: req.request,
+        };
+        let (offset, chunk_size) = (req.offset, req.chunk_size);
+        let plan = move |_: Option<ChunkMeta>| {
+            Some(Planned {
+                op: UpdateOp::Write { offset },
+                chunk_size,
+                data,
+            })
+        };
+        self.at_head(req.addr, req.chain_ver, origin, plan).await
+    }
+
+    /// A client truncate or zeroing of one chunk, at the head. Neither makes
+    /// a chunk longer or creates one: on a missing chunk, or one already
+    /// short enough, it changes nothing (and a retry still changes nothing).
+    pub async fn modify(&self, req: ModifyRequest) -> StorageResult<ChunkVersion> {
+        let origin = Origin {
+            client: req.client,
+            request: req.request,
+        };
+        let op = req.op;
+        let plan = move |meta: Option<ChunkMeta>| {
+            let meta = meta?;
+            let op = match op {
+                ModifyOp::Truncate { length } => {
+                    (meta.length > length).then_some(UpdateOp::Truncate { length })?
+                }
+                ModifyOp::Zero { offset, len } => {
+                    let end = (u64::from(offset) + u64::from(len)).min(meta.length.into());
+                    let len = end.checked_sub(offset.into()).filter(|&n| n > 0)? as u32;
+                    UpdateOp::Zero { offset, len }
+                }
+            };
+            Some(Planned {
+                op,
+                chunk_size: meta.length,
+                data: Bytes::new(),
+            })
+        };
+        self.at_head(req.addr, req.chain_ver, origin, plan).await
+    }
+
+    /// Removes the chunks of a file in an index range, at the head: each by a
+    /// versioned removal down the chain under its chunk lock, so a removal
+    /// never interleaves with a write of the same chunk. At most
+    /// [`REMOVE_CHUNKS_MAX`] chunks per call.
+    pub async fn remove_chunks(
+        &self,
+        req: RemoveChunksRequest,
+    ) -> StorageResult<RemoveChunksResponse> {
+        let (_routing, chain, pos) = self.locate(req.chain)?;
         let me = chain.targets[pos];
         if pos != 0 || me.state != PublicState::Serving {
             return Err(StorageError::NotHead {
@@ -234,92 +346,200 @@ impl StorageService {
             });
         }
         check_chain_version(&chain, req.chain_ver)?;
-        let _guard = self.lock_for(req.addr).lock().await;
-        // A pending version left by a write whose forward failed is never
-        // dropped: a successor may have committed it and serve it. Drive it
-        // down the current chain first, then check again whether this very
-        // request was that write.
-        let update_ver = self
-            .recover_pending(&routing, &chain, pos, req.addr)
-            .await?;
-        if let Some(done) = self.inner.dedup.lock().done.get(&(req.client, req.request)) {
-            return Ok(*done);
+        let mut response = RemoveChunksResponse {
+            removed: 0,
+            next_index: None,
+        };
+        if req.from_index >= req.to_index {
+            return Ok(response);
         }
-        let update = UpdateRequest {
-            addr: req.addr,
-            chain_ver: chain.version,
-            target: me.target,
-            update_ver,
-            offset: req.offset,
-            chunk_size: req.chunk_size,
-            crc: req.crc,
-            full: false,
+        let engine = self.engine(me.target).clone();
+        let (inode, from) = (req.inode, req.from_index);
+        let (chunks, more) =
+            blocking(move || engine.list_inode_from(inode, from, REMOVE_CHUNKS_MAX as usize))
+                .await
+                .map_err(|e| io_error(e, me.target))?;
+        let origin = Origin {
             client: req.client,
             request: req.request,
         };
-        self.apply_and_forward(&routing, &chain, pos, update, data)
+        for (id, _) in chunks.iter().filter(|(id, _)| id.index < req.to_index) {
+            let addr = ChunkAddr {
+                chain: chain.id,
+                inode: id.inode,
+                index: id.index,
+            };
+            let planned = AtomicBool::new(false);
+            let plan = |meta: Option<ChunkMeta>| {
+                meta?;
+                planned.store(true, Ordering::Relaxed);
+                Some(Planned {
+                    op: UpdateOp::Remove,
+                    chunk_size: 0,
+                    data: Bytes::new(),
+                })
+            };
+            self.at_head(addr, req.chain_ver, origin, plan).await?;
+            response.removed += u64::from(planned.load(Ordering::Relaxed));
+        }
+        let last = chunks.last().map(|(id, _)| id.index);
+        response.next_index = last
+            .filter(|_| more)
+            .and_then(|i| i.checked_add(1))
+            .filter(|&i| i < req.to_index);
+        Ok(response)
+    }
+
+    /// The head's part of every client update of one chunk: checks it is the
+    /// head at the request's chain version, locks the chunk, re-drives a
+    /// pending version left by a failed forward, answers a retry from the
+    /// dedup table, and otherwise applies what `plan` makes of the chunk's
+    /// committed state (`None`: nothing to change) as version
+    /// `commit_ver + 1` down the chain.
+    async fn at_head(
+        &self,
+        addr: ChunkAddr,
+        chain_ver: u64,
+        origin: Origin,
+        plan: impl FnOnce(Option<ChunkMeta>) -> Option<Planned>,
+    ) -> StorageResult<ChunkVersion> {
+        if let Some(done) = self.done(origin, addr) {
+            return Ok(done);
+        }
+        let (routing, chain, pos) = self.locate(addr.chain)?;
+        let me = chain.targets[pos];
+        if pos != 0 || me.state != PublicState::Serving {
+            return Err(StorageError::NotHead {
+                chain: chain.id,
+                target: me.target,
+            });
+        }
+        check_chain_version(&chain, chain_ver)?;
+        let _guard = self.lock_for(addr).lock().await;
+        // A pending version left by an update whose forward failed is never
+        // dropped: a successor may have committed it and serve it. Drive it
+        // down the current chain first, then check again whether this very
+        // request was that update.
+        let meta = self.recover_pending(&routing, &chain, pos, addr).await?;
+        if let Some(done) = self.done(origin, addr) {
+            return Ok(done);
+        }
+        let Some(planned) = plan(meta) else {
+            let version = chunk_version(meta.as_ref());
+            self.remember(origin, addr, version);
+            return Ok(version);
+        };
+        let update = UpdateRequest {
+            addr,
+            chain_ver: chain.version,
+            target: me.target,
+            update_ver: meta.map_or(0, |m| m.commit_ver) + 1,
+            op: planned.op,
+            chunk_size: planned.chunk_size,
+            crc: crc32c::crc32c(&planned.data),
+            client: origin.client,
+            request: origin.request,
+        };
+        self.apply_and_forward(&routing, &chain, pos, update, planned.data)
             .await
     }
 
-    /// If this target holds a pending version of `addr`, forwards it whole down
-    /// the chain and commits it; returns the version the next write gets.
+    /// If this target holds a pending version of `addr`, forwards it down the
+    /// chain whole (a removal as a removal) and commits it. Returns the
+    /// chunk's committed state afterwards, `None` when it does not exist.
     async fn recover_pending(
         &self,
         routing: &RoutingInfo,
         chain: &Chain,
         pos: usize,
         addr: ChunkAddr,
-    ) -> StorageResult<u64> {
+    ) -> StorageResult<Option<ChunkMeta>> {
         let me = chain.targets[pos].target;
         let engine = self.engine(me).clone();
         let id = chunk_id(addr);
         let (meta, pending) = {
             let engine = engine.clone();
-            blocking(move || Ok((engine.meta(id)?, engine.read_pending(id)?)))
-                .await
-                .map_err(|e| storage_error(e, addr, me))?
+            blocking(move || {
+                let meta = engine.meta(id)?;
+                let pending = match meta {
+                    Some(m) if m.is_dirty() && !m.pending_remove => {
+                        engine.read_version(id, m.update_ver)?
+                    }
+                    _ => None,
+                };
+                Ok((meta, pending))
+            })
+            .await
+            .map_err(|e| storage_error(e, addr, me))?
         };
-        let Some(meta) = meta else { return Ok(1) };
-        let Some((bytes, pending_meta)) = pending else {
-            return Ok(meta.commit_ver + 1);
+        let Some(meta) = meta.filter(|m| m.is_dirty()) else {
+            return Ok(meta);
         };
-        let (client, request) = self
+        let (op, data) = match pending {
+            None if meta.pending_remove => (UpdateOp::Remove, Bytes::new()),
+            Some(bytes) => (UpdateOp::Replace, Bytes::from(bytes)),
+            None => {
+                return Err(io_error(
+                    ChunkError::NoPending {
+                        id,
+                        update_ver: meta.update_ver,
+                        commit_ver: meta.commit_ver,
+                        newest_ver: meta.update_ver,
+                    },
+                    me,
+                ))
+            }
+        };
+        let origin = self
             .inner
             .origins
             .lock()
             .get(&addr)
             .copied()
-            .unwrap_or((0, 0));
+            .unwrap_or_default();
         tracing::info!(
             ?addr,
-            update_ver = pending_meta.update_ver,
+            update_ver = meta.update_ver,
+            ?op,
             "re-driving a pending version down the chain"
         );
         let redo = UpdateRequest {
             addr,
             chain_ver: chain.version,
             target: me,
-            update_ver: pending_meta.update_ver,
-            offset: 0,
+            update_ver: meta.update_ver,
+            op,
             chunk_size: engine.chunk_size_max(),
-            crc: crc32c::crc32c(&bytes),
-            full: true,
-            client,
-            request,
+            crc: crc32c::crc32c(&data),
+            client: origin.client,
+            request: origin.request,
         };
-        let version = self
-            .apply_and_forward(routing, chain, pos, redo, Bytes::from(bytes))
+        self.apply_and_forward(routing, chain, pos, redo, data)
             .await?;
-        Ok(version.commit_ver + 1)
+        let meta = blocking(move || engine.meta(id))
+            .await
+            .map_err(|e| storage_error(e, addr, me))?;
+        assert!(
+            meta.is_none_or(|m| !m.is_dirty()),
+            "a re-driven version is committed or removed"
+        );
+        Ok(meta)
     }
 
-    fn remember(&self, client: u64, request: u64, version: ChunkVersion) {
-        if (client, request) == (0, 0) {
+    /// The answer remembered for a client request on one chunk.
+    fn done(&self, origin: Origin, addr: ChunkAddr) -> Option<ChunkVersion> {
+        let key = (origin.client, origin.request, addr.index);
+        self.inner.dedup.lock().done.get(&key).copied()
+    }
+
+    fn remember(&self, origin: Origin, addr: ChunkAddr, version: ChunkVersion) {
+        if origin == Origin::default() {
             return;
         }
+        let key = (origin.client, origin.request, addr.index);
         let mut dedup = self.inner.dedup.lock();
-        if dedup.done.insert((client, request), version).is_none() {
-            dedup.order.push_back((client, request));
+        if dedup.done.insert(key, version).is_none() {
+            dedup.order.push_back(key);
         }
         while dedup.order.len() > DEDUP_ENTRIES_MAX {
             if let Some(old) = dedup.order.pop_front() {
@@ -337,20 +557,31 @@ impl StorageService {
         if me.target != req.target {
             return Err(StorageError::NotServing { chain: chain.id });
         }
+        if req.update_ver == 0 {
+            return Err(StorageError::Io {
+                target: me.target,
+                reason: format!("update of {:?} with version 0", req.addr),
+            });
+        }
         let _guard = self.lock_for(req.addr).lock().await;
-        match (me.state, req.full) {
+        match (me.state, req.op) {
             (PublicState::Serving, _) => {
                 self.apply_and_forward(&routing, &chain, pos, req, data)
                     .await
             }
-            (PublicState::Syncing, true) => self.install_full(me.target, req, data).await,
+            (PublicState::Syncing, UpdateOp::Replace) => {
+                self.install_full(me.target, req, data).await
+            }
+            (PublicState::Syncing, UpdateOp::Remove) => {
+                self.remove_at_syncing(me.target, req).await
+            }
             _ => Err(StorageError::NotServing { chain: chain.id }),
         }
     }
 
     /// A SYNCING target takes a whole chunk version and commits it at once:
-    /// it is the last target a write reaches (what follows it in the chain is
-    /// WAITING or OFFLINE and gets no writes).
+    /// it is the last target an update reaches (what follows it in the chain
+    /// is WAITING or OFFLINE and gets none).
     async fn install_full(
         &self,
         target: TargetId,
@@ -360,20 +591,34 @@ impl StorageService {
         let engine = self.engine(target).clone();
         let meta = installed_meta(req.update_ver, req.chain_ver, &data);
         let id = chunk_id(req.addr);
-        let origin = (req.client, req.request);
         let meta = blocking(move || engine.install(id, meta, &data))
             .await
             .map_err(|e| storage_error(e, req.addr, target))?;
-        let version = ChunkVersion {
-            commit_ver: meta.commit_ver,
-            length: meta.length,
-        };
-        self.remember(origin.0, origin.1, version);
+        let version = chunk_version(Some(&meta));
+        self.remember(origin_of(&req), req.addr, version);
+        Ok(version)
+    }
+
+    /// A SYNCING target drops a removed chunk at once, like `install_full`.
+    async fn remove_at_syncing(
+        &self,
+        target: TargetId,
+        req: UpdateRequest,
+    ) -> StorageResult<ChunkVersion> {
+        let engine = self.engine(target).clone();
+        let (id, chain_ver) = (chunk_id(req.addr), req.chain_ver);
+        blocking(move || drop_chunk(&engine, id, chain_ver))
+            .await
+            .map_err(|e| storage_error(e, req.addr, target))?;
+        let version = chunk_version(None);
+        self.remember(origin_of(&req), req.addr, version);
         Ok(version)
     }
 
     /// Stores the pending version on this node's target, forwards it down the
-    /// chain, and commits it once the successor has.
+    /// chain, and commits it once the successor has. A successor that ran out
+    /// of space has not committed it (nor has anything after it), so the
+    /// pending version is dropped again and the caller gets `NoSpace`.
     async fn apply_and_forward(
         &self,
         routing: &RoutingInfo,
@@ -385,89 +630,88 @@ impl StorageService {
         let me = chain.targets[pos].target;
         let engine = self.engine(me).clone();
         let id = chunk_id(req.addr);
-        let (addr, update_ver, chain_ver) = (req.addr, req.update_ver, req.chain_ver);
-        let req_origin = (req.client, req.request);
-        self.inner.origins.lock().insert(addr, req_origin);
+        let (addr, update_ver) = (req.addr, req.update_ver);
+        assert!(update_ver > 0, "versions start at 1: {req:?}");
+        let origin = origin_of(&req);
+        self.inner.origins.lock().insert(addr, origin);
         let successor = chain.targets[pos + 1..]
             .iter()
             .find(|t| matches!(t.state, PublicState::Serving | PublicState::Syncing))
             .copied();
         let to_syncing = successor.is_some_and(|t| t.state == PublicState::Syncing);
-        let full = {
+        let whole = {
             let engine = engine.clone();
-            let data = data.clone();
-            let (offset, chunk_size) = (req.offset, req.chunk_size);
+            let (req, data) = (req.clone(), data.clone());
             blocking(move || {
-                // A SYNCING successor gets the whole new version: read the
-                // base before staging the write on top of it.
-                let base = if to_syncing {
-                    Some(committed_bytes(&engine, id)?)
-                } else {
-                    None
-                };
-                let meta =
-                    engine.write_pending(id, update_ver, chain_ver, offset, &data, chunk_size)?;
-                Ok(base.map(|base| {
-                    let full = patch(base, offset, &data);
-                    assert_eq!(
-                        crc32c::crc32c(&full),
-                        meta.pending_crc,
-                        "the whole version sent to a syncing target is the version staged here"
-                    );
-                    Bytes::from(full)
-                }))
+                stage(&engine, id, &req, &data)?;
+                // A SYNCING successor gets the whole new version: it may
+                // lack the base the update builds on.
+                match to_syncing {
+                    true => engine.read_version(id, update_ver),
+                    false => Ok(None),
+                }
             })
             .await
             .map_err(|e| storage_error(e, addr, me))?
         };
         if let Some(next) = successor {
-            let (payload, forwarded) = match full {
-                Some(full) => {
-                    let crc = crc32c::crc32c(&full);
-                    (
-                        full,
-                        UpdateRequest {
-                            target: next.target,
-                            full: true,
-                            offset: 0,
-                            crc,
-                            ..req
-                        },
-                    )
-                }
-                None => (
-                    data,
-                    UpdateRequest {
-                        target: next.target,
-                        ..req
-                    },
-                ),
+            let (payload, op) = match (to_syncing, whole) {
+                (false, _) => (data, req.op),
+                (true, Some(whole)) => (Bytes::from(whole), UpdateOp::Replace),
+                (true, None) => (Bytes::new(), UpdateOp::Remove),
+            };
+            let forwarded = UpdateRequest {
+                target: next.target,
+                op,
+                crc: crc32c::crc32c(&payload),
+                ..req
             };
             let sent = self
                 .call::<Update, _>(routing, chain.id, next.target, &forwarded, payload)
-                .await
-                .map(drop);
-            // On failure the pending version stays: a successor may already
-            // have committed it. The next write to this chunk re-drives it.
-            sent?;
+                .await;
+            if let Err(e) = sent {
+                if matches!(e, StorageError::NoSpace { .. }) {
+                    self.abort_after_no_space(me, addr).await;
+                }
+                // Otherwise the pending version stays: a successor may
+                // already have committed it. The next update re-drives it.
+                return Err(e);
+            }
         }
-        let meta = blocking(move || {
-            engine.commit(id, update_ver)?;
-            engine.meta(id)?.ok_or(ChunkError::NotFound { id })
+        let meta = blocking(move || match engine.commit(id, update_ver) {
+            Ok(meta) => Ok(meta),
+            Err(ChunkError::NotFound { .. }) if removes_or_keeps_absent(req.op) => Ok(None),
+            Err(e) => Err(e),
         })
         .await
         .map_err(|e| storage_error(e, addr, me))?;
-        assert!(
-            meta.commit_ver >= update_ver,
-            "a chunk just committed is at least at that version"
-        );
-        let version = ChunkVersion {
-            commit_ver: meta.commit_ver,
-            length: meta.length,
-        };
+        if let Some(meta) = &meta {
+            assert!(
+                meta.commit_ver >= update_ver,
+                "a chunk just committed is at least at that version"
+            );
+            assert!(!meta.is_dirty(), "a chunk just committed is clean");
+        }
+        let version = chunk_version(meta.as_ref());
         self.inner.origins.lock().remove(&addr);
-        self.remember(req_origin.0, req_origin.1, version);
+        self.remember(origin, addr, version);
         Ok(version)
+    }
+
+    /// Drops this target's pending version of `addr` after the successor
+    /// refused it for lack of space. Best effort: a version that stays
+    /// pending is re-driven by the next update.
+    async fn abort_after_no_space(&self, me: TargetId, addr: ChunkAddr) {
+        let engine = self.engine(me).clone();
+        let id = chunk_id(addr);
+        match blocking(move || engine.abort_pending(id)).await {
+            Ok(()) => {
+                self.inner.origins.lock().remove(&addr);
+            }
+            Err(e) => {
+                tracing::warn!(?addr, error = %e, "cannot drop a version the chain had no space for")
+            }
+        }
     }
 
     /// Calls `M` on the node serving `target`, mapping transport failures and
@@ -506,6 +750,8 @@ impl StorageService {
             .await
         {
             Ok((Ok(value), data)) => Ok((value, data)),
+            // Passed up as is: the client must see ENOSPC, not a chain fault.
+            Ok((Err(e @ StorageError::NoSpace { .. }), _)) => Err(e),
             Ok((Err(e), _)) => Err(fail(format!("target {target} refused: {e}"))),
             Err(e) => Err(fail(format!("target {target} at {addr}: {e}"))),
         }
@@ -562,6 +808,37 @@ impl StorageService {
             index: id.index,
             length: m.length,
         }))
+    }
+
+    /// The committed chunks of a file on this node's SERVING target, from an
+    /// index on, at most [`LIST_CHUNKS_MAX`]. A chunk whose first version is
+    /// still in flight is left out; one with a newer version in flight shows
+    /// its committed length.
+    pub async fn list_chunks(&self, req: ListChunksRequest) -> StorageResult<ChunkList> {
+        let (_routing, chain, pos) = self.locate(req.chain)?;
+        let me = chain.targets[pos];
+        if me.state != PublicState::Serving {
+            return Err(StorageError::NotServing { chain: chain.id });
+        }
+        let engine = self.engine(me.target).clone();
+        let limit = req.limit.clamp(1, LIST_CHUNKS_MAX) as usize;
+        let (inode, from) = (req.inode, req.from_index);
+        let (chunks, more) = blocking(move || engine.list_inode_from(inode, from, limit))
+            .await
+            .map_err(|e| io_error(e, me.target))?;
+        let next_index = chunks
+            .last()
+            .filter(|_| more)
+            .and_then(|(id, _)| id.index.checked_add(1));
+        let chunks = chunks
+            .into_iter()
+            .filter(|(_, m)| m.commit_ver > 0)
+            .map(|(id, m)| ChunkEntry {
+                index: id.index,
+                length: m.length,
+            })
+            .collect();
+        Ok(ChunkList { chunks, next_index })
     }
 
     /// Removes every chunk of a deleted file on this node's target, after
@@ -653,24 +930,9 @@ impl StorageService {
         let _guard = self.lock_for(req.addr).lock().await;
         let id = chunk_id(req.addr);
         let chain_ver = req.chain_ver;
-        blocking(move || {
-            let Some(meta) = engine.meta(id)? else {
-                return Ok(());
-            };
-            if meta.is_dirty() {
-                engine.abort_pending(id)?;
-            }
-            let Some(meta) = engine.meta(id)? else {
-                return Ok(());
-            };
-            let version = meta.commit_ver + 1;
-            if engine.remove(id, version, chain_ver)?.is_some() {
-                engine.commit(id, version)?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| storage_error(e, req.addr, req.target))
+        blocking(move || drop_chunk(&engine, id, chain_ver))
+            .await
+            .map_err(|e| storage_error(e, req.addr, req.target))
     }
 
     fn sync_done(&self, req: SyncDoneRequest) -> StorageResult<()> {
@@ -828,19 +1090,67 @@ fn committed(
     }
 }
 
-fn committed_bytes(engine: &ChunkEngine, id: ChunkId) -> Result<Vec<u8>, ChunkError> {
-    Ok(committed(engine, id)?.map(|(_, b)| b).unwrap_or_default())
+/// Stages `req` as the pending version on `engine`.
+fn stage(
+    engine: &ChunkEngine,
+    id: ChunkId,
+    req: &UpdateRequest,
+    data: &[u8],
+) -> Result<(), ChunkError> {
+    let (v, cv) = (req.update_ver, req.chain_ver);
+    match req.op {
+        UpdateOp::Write { offset } => engine
+            .write_pending(id, v, cv, offset, data, req.chunk_size)
+            .map(drop),
+        UpdateOp::Truncate { length } => engine.truncate(id, length, v, cv).map(drop),
+        UpdateOp::Zero { offset, len } => engine.zero_pending(id, v, cv, offset, len).map(drop),
+        UpdateOp::Replace => engine.replace_pending(id, v, cv, data).map(drop),
+        UpdateOp::Remove => engine.remove(id, v, cv).map(drop),
+    }
 }
 
-/// `base` with `data` written at `offset`, zero-filling any gap.
-fn patch(mut base: Vec<u8>, offset: u32, data: &[u8]) -> Vec<u8> {
-    let start = offset as usize;
-    let end = start + data.len();
-    if base.len() < end {
-        base.resize(end, 0);
+/// Ops after which a missing chunk is a valid outcome (nothing to commit).
+fn removes_or_keeps_absent(op: UpdateOp) -> bool {
+    matches!(op, UpdateOp::Remove | UpdateOp::Zero { .. })
+}
+
+/// Drops whatever a SYNCING target holds of `id`, pending or committed.
+fn drop_chunk(engine: &ChunkEngine, id: ChunkId, chain_ver: u64) -> Result<(), ChunkError> {
+    let Some(meta) = engine.meta(id)? else {
+        return Ok(());
+    };
+    if meta.is_dirty() {
+        engine.abort_pending(id)?;
     }
-    base[start..end].copy_from_slice(data);
-    base
+    let Some(meta) = engine.meta(id)? else {
+        return Ok(());
+    };
+    let version = meta.commit_ver + 1;
+    if engine.remove(id, version, chain_ver)?.is_some() {
+        engine.commit(id, version)?;
+    }
+    Ok(())
+}
+
+fn origin_of(req: &UpdateRequest) -> Origin {
+    Origin {
+        client: req.client,
+        request: req.request,
+    }
+}
+
+/// What a client learns of a chunk's committed state; version 0 when absent.
+fn chunk_version(meta: Option<&ChunkMeta>) -> ChunkVersion {
+    match meta {
+        Some(m) => ChunkVersion {
+            commit_ver: m.commit_ver,
+            length: m.length,
+        },
+        None => ChunkVersion {
+            commit_ver: 0,
+            length: 0,
+        },
+    }
 }
 
 fn check_payload(sent: u32, data: &[u8]) -> StorageResult<()> {

@@ -1049,6 +1049,70 @@ fn full_disk_is_no_space_and_loses_nothing_acknowledged() {
     }
 }
 
+#[test]
+fn writes_stop_at_the_space_reserve_while_commits_and_removals_go_on() {
+    let guard = match mount_tmpfs("16m") {
+        Ok(guard) => guard,
+        Err(reason) => {
+            println!("skipped: cannot mount tmpfs ({reason})");
+            return;
+        }
+    };
+    let engine = ChunkEngine::open(guard.dir.path().join("t"), CHUNK_SIZE).expect("open");
+    let staged = cid(0);
+    engine
+        .write_pending(
+            staged,
+            1,
+            1,
+            0,
+            b"staged before the disk filled",
+            CHUNK_SIZE,
+        )
+        .unwrap();
+    // Something else fills the disk until less than the reserve is free.
+    let filler = guard.dir.path().join("filler");
+    let block = vec![0xaau8; 256 * 1024];
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let reserve = r3fs_storage::chunk::SPACE_RESERVE_BYTES;
+    loop {
+        file.write_all(&block).unwrap();
+        let free = fs_free_bytes(guard.dir.path());
+        if free < reserve {
+            assert!(free > 64 * 1024, "the filler left room for metadata");
+            break;
+        }
+    }
+    file.sync_all().unwrap();
+    // A new version is refused, though its bytes would fit...
+    let err = engine
+        .write_pending(cid(1), 1, 1, 0, b"tiny", CHUNK_SIZE)
+        .unwrap_err();
+    assert_eq!(error_name(&err), "NoSpace", "{err:?}");
+    assert!(engine.meta(cid(1)).unwrap().is_none());
+    // ...while metadata changes still have room.
+    engine.commit(staged, 1).unwrap();
+    engine.remove(staged, 2, 1).unwrap();
+    assert!(engine.commit(staged, 2).unwrap().is_none());
+    drop(file);
+    std::fs::remove_file(&filler).unwrap();
+    engine
+        .write_pending(cid(1), 1, 1, 0, b"room again", CHUNK_SIZE)
+        .unwrap();
+    engine.commit(cid(1), 1).unwrap();
+    drop(engine);
+}
+
+fn fs_free_bytes(path: &Path) -> u64 {
+    let out = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.lines().nth(1).unwrap().trim().parse().unwrap()
+}
+
 mod model {
     use super::*;
     use proptest::prelude::*;

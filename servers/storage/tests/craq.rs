@@ -533,3 +533,541 @@ async fn the_last_chunk_skips_a_chunk_whose_first_version_is_in_flight() {
         })
     );
 }
+
+// ---- truncate, zeroing, chunk removal and listing ----
+
+impl Fixture {
+    async fn modify_req(
+        &self,
+        node: usize,
+        chain_ver: u64,
+        index: u64,
+        op: ModifyOp,
+        request: u64,
+    ) -> StorageResult<ChunkVersion> {
+        let req = ModifyRequest {
+            addr: ChunkAddr {
+                chain: CHAIN,
+                inode: 7,
+                index,
+            },
+            chain_ver,
+            op,
+            client: 1,
+            request,
+        };
+        self.rpc
+            .call::<Modify>(self.nodes[node].addr, &req, Self::opts())
+            .await
+            .unwrap()
+    }
+
+    async fn modify(&self, index: u64, op: ModifyOp) -> StorageResult<ChunkVersion> {
+        let request = self
+            .next_request
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.modify_req(0, self.chain_ver(), index, op, request)
+            .await
+    }
+
+    fn chain_ver(&self) -> u64 {
+        self.routing
+            .borrow()
+            .as_ref()
+            .and_then(|r| r.chain(CHAIN).map(|c| c.version))
+            .unwrap()
+    }
+
+    async fn remove_chunks_req(
+        &self,
+        node: usize,
+        from: u64,
+        to: u64,
+        request: u64,
+    ) -> StorageResult<RemoveChunksResponse> {
+        let req = RemoveChunksRequest {
+            chain: CHAIN,
+            chain_ver: self.chain_ver(),
+            inode: 7,
+            from_index: from,
+            to_index: to,
+            client: 1,
+            request,
+        };
+        self.rpc
+            .call::<RemoveChunks>(self.nodes[node].addr, &req, Self::opts())
+            .await
+            .unwrap()
+    }
+
+    async fn list(&self, node: usize, from: u64, limit: u32) -> StorageResult<ChunkList> {
+        let req = ListChunksRequest {
+            chain: CHAIN,
+            inode: 7,
+            from_index: from,
+            limit,
+        };
+        self.rpc
+            .call::<ListChunks>(self.nodes[node].addr, &req, Self::opts())
+            .await
+            .unwrap()
+    }
+
+    /// `(commit_ver, length, crc)` of chunk `index` on every node; replicas
+    /// must hold no pending version.
+    fn replica_summaries(&self, index: u64) -> Vec<Option<(u64, u32, u32)>> {
+        self.nodes
+            .iter()
+            .map(|n| {
+                n.engine.meta(id(index)).unwrap().map(|m| {
+                    assert!(!m.is_dirty(), "{m:?}");
+                    (m.commit_ver, m.length, m.crc)
+                })
+            })
+            .collect()
+    }
+
+    /// Asserts every replica holds `expect` (None: no such chunk) as chunk `index`.
+    async fn check_replicas(&self, index: u64, expect: Option<&[u8]>) {
+        let summaries = self.replica_summaries(index);
+        assert!(
+            summaries.iter().all(|s| *s == summaries[0]),
+            "chunk {index}: replicas differ: {summaries:?}"
+        );
+        for node in 0..self.nodes.len() {
+            match (self.read_from(node, index).await, expect) {
+                (Ok((_, data)), Some(expect)) => {
+                    assert!(&data[..] == expect, "chunk {index} on node {node}")
+                }
+                (Err(StorageError::NotFound { .. }), None) => {}
+                (got, _) => panic!("chunk {index} on node {node}: {got:?}, expected {expect:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_shrinks_every_replica_and_a_regrown_region_reads_zeros() {
+    let f = Fixture::start().await;
+    f.write_to(0, 1, 0, 0, b"0123456789abcdefghij")
+        .await
+        .unwrap();
+    let v = f.modify(0, ModifyOp::Truncate { length: 5 }).await.unwrap();
+    assert_eq!((v.commit_ver, v.length), (2, 5));
+    f.check_replicas(0, Some(b"01234")).await;
+    // Writing past the cut re-grows the chunk with zeros, not the old bytes.
+    f.write_to(0, 1, 0, 12, b"XY").await.unwrap();
+    f.check_replicas(0, Some(b"01234\0\0\0\0\0\0\0XY")).await;
+    // Truncating to a longer length, or a missing chunk, changes nothing.
+    let same = f
+        .modify(0, ModifyOp::Truncate { length: 100 })
+        .await
+        .unwrap();
+    assert_eq!((same.commit_ver, same.length), (3, 14));
+    let absent = f.modify(5, ModifyOp::Truncate { length: 3 }).await.unwrap();
+    assert_eq!((absent.commit_ver, absent.length), (0, 0));
+    f.check_replicas(5, None).await;
+    // To length 0: the chunk stays, empty.
+    f.modify(0, ModifyOp::Truncate { length: 0 }).await.unwrap();
+    f.check_replicas(0, Some(b"")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zeroing_is_clipped_to_the_chunk_and_never_creates_one() {
+    let f = Fixture::start().await;
+    f.write_to(0, 1, 0, 0, b"0123456789").await.unwrap();
+    f.modify(0, ModifyOp::Zero { offset: 2, len: 3 })
+        .await
+        .unwrap();
+    f.check_replicas(0, Some(b"01\x00\x00\x0056789")).await;
+    // Past the end: clipped, the chunk keeps its length.
+    let v = f
+        .modify(
+            0,
+            ModifyOp::Zero {
+                offset: 8,
+                len: 1000,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((v.commit_ver, v.length), (3, 10));
+    f.check_replicas(0, Some(b"01\x00\x00\x00567\0\0")).await;
+    // Wholly past the end, or on a missing chunk: nothing changes.
+    let v = f
+        .modify(0, ModifyOp::Zero { offset: 10, len: 5 })
+        .await
+        .unwrap();
+    assert_eq!(v.commit_ver, 3);
+    let v = f
+        .modify(4, ModifyOp::Zero { offset: 0, len: 5 })
+        .await
+        .unwrap();
+    assert_eq!(v.commit_ver, 0);
+    f.check_replicas(4, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modify_and_remove_chunks_are_refused_off_the_head_or_with_a_stale_chain_version() {
+    let f = Fixture::start().await;
+    f.write_to(0, 1, 0, 0, b"data").await.unwrap();
+    let op = ModifyOp::Truncate { length: 1 };
+    assert!(matches!(
+        f.modify_req(1, 1, 0, op, 500).await,
+        Err(StorageError::NotHead { .. })
+    ));
+    assert!(matches!(
+        f.modify_req(0, 7, 0, op, 501).await,
+        Err(StorageError::ChainVersion {
+            request: 7,
+            node: 1,
+            ..
+        })
+    ));
+    assert!(matches!(
+        f.remove_chunks_req(2, 0, u64::MAX, 502).await,
+        Err(StorageError::NotHead { .. })
+    ));
+    let stale = RemoveChunksRequest {
+        chain: CHAIN,
+        chain_ver: 0,
+        inode: 7,
+        from_index: 0,
+        to_index: u64::MAX,
+        client: 1,
+        request: 503,
+    };
+    let resp = f
+        .rpc
+        .call::<RemoveChunks>(f.nodes[0].addr, &stale, Fixture::opts())
+        .await
+        .unwrap();
+    assert!(matches!(resp, Err(StorageError::ChainVersion { .. })));
+    let unknown = ListChunksRequest {
+        chain: 99,
+        inode: 7,
+        from_index: 0,
+        limit: 10,
+    };
+    let resp = f
+        .rpc
+        .call::<ListChunks>(f.nodes[1].addr, &unknown, Fixture::opts())
+        .await
+        .unwrap();
+    assert!(matches!(resp, Err(StorageError::NotServing { chain: 99 })));
+    f.check_replicas(0, Some(b"data")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_truncate_or_removal_is_applied_once_even_after_a_newer_write() {
+    let f = Fixture::start().await;
+    f.write_to(0, 1, 0, 0, b"long original").await.unwrap();
+    f.write_to(0, 1, 1, 0, b"second chunk").await.unwrap();
+    let cut = ModifyOp::Truncate { length: 4 };
+    let first = f.modify_req(0, 1, 0, cut, 900).await.unwrap();
+    // A write lands after the truncate; the truncate's retry must not cut it.
+    f.write_to(0, 1, 0, 0, b"rewritten after").await.unwrap();
+    let again = f.modify_req(0, 1, 0, cut, 900).await.unwrap();
+    assert_eq!(first, again);
+    f.check_replicas(0, Some(b"rewritten after")).await;
+    // The same for a removal of a range of chunks.
+    let removed = f.remove_chunks_req(0, 1, u64::MAX, 901).await.unwrap();
+    assert_eq!(removed.removed, 1);
+    f.check_replicas(1, None).await;
+    f.write_to(0, 1, 1, 0, b"new second").await.unwrap();
+    let again = f.remove_chunks_req(0, 1, u64::MAX, 901).await.unwrap();
+    assert_eq!(again.removed, 0);
+    f.check_replicas(1, Some(b"new second")).await;
+    // The dedup also holds on a new head that was a member when it applied.
+    f.set_states(
+        2,
+        &[
+            PublicState::Offline,
+            PublicState::Serving,
+            PublicState::Serving,
+        ],
+    );
+    let after_failover = f.modify_req(1, 2, 0, cut, 900).await.unwrap();
+    assert_eq!(after_failover.commit_ver, first.commit_ver);
+    assert_eq!(&f.read_from(2, 0).await.unwrap().1[..], b"rewritten after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_pending_on_the_head_alone_is_re_driven_and_shrinks_every_replica() {
+    let f = Fixture::start().await;
+    f.write_to(0, 1, 0, 0, b"a long committed chunk")
+        .await
+        .unwrap();
+    // The head staged a truncate and crashed before forwarding it: the
+    // pending version survives its restart; nobody else has it.
+    f.nodes[0].engine.truncate(id(0), 6, 2, 1).unwrap();
+    for node in 1..3 {
+        assert_eq!(f.read_from(node, 0).await.unwrap().1.len(), 22);
+    }
+    // The next write re-drives the truncate whole before applying itself:
+    // the successors' longer copies must shrink, not keep their tails.
+    let v = f.write_to(0, 1, 0, 0, b"A").await.unwrap();
+    assert_eq!((v.commit_ver, v.length), (3, 6));
+    f.check_replicas(0, Some(b"A long")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_pending_on_head_and_middle_is_re_driven_by_the_next_truncate() {
+    let mut f = Fixture::start().await;
+    f.write_to(0, 1, 0, 0, b"0123456789").await.unwrap();
+    let tail = f.nodes[2].server.take().unwrap();
+    tail.shutdown().await;
+    let err = f
+        .modify(0, ModifyOp::Truncate { length: 3 })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::Forward { .. }), "{err}");
+    for node in 0..2 {
+        assert!(f.nodes[node]
+            .engine
+            .meta(id(0))
+            .unwrap()
+            .unwrap()
+            .is_dirty());
+    }
+    f.set_states(
+        2,
+        &[
+            PublicState::Serving,
+            PublicState::Serving,
+            PublicState::Offline,
+        ],
+    );
+    let v = f.modify(0, ModifyOp::Truncate { length: 5 }).await.unwrap();
+    assert_eq!(
+        (v.commit_ver, v.length),
+        (2, 3),
+        "the re-driven cut to 3 made the cut to 5 a no-op"
+    );
+    for node in 0..2 {
+        assert_eq!(&f.read_from(node, 0).await.unwrap().1[..], b"012");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_pending_on_the_head_is_re_driven_by_the_next_write() {
+    let f = Fixture::start().await;
+    f.write_to(0, 1, 0, 0, b"doomed bytes").await.unwrap();
+    f.nodes[0].engine.remove(id(0), 2, 1).unwrap();
+    let v = f.write_to(0, 1, 0, 4, b"new").await.unwrap();
+    assert_eq!(
+        (v.commit_ver, v.length),
+        (1, 7),
+        "the chunk was removed everywhere, then written afresh"
+    );
+    f.check_replicas(0, Some(b"\0\0\0\0new")).await;
+}
+
+/// A tiny deterministic generator; the seed is printed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[derive(Debug, Clone)]
+enum ChunkOp {
+    Write(u32, Vec<u8>),
+    Truncate(u32),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn truncates_racing_writes_on_one_chunk_commit_in_one_order_on_every_replica() {
+    const TASKS: u64 = 4;
+    const OPS_PER_TASK: u64 = 25;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    println!("seed {seed}");
+    let f = Arc::new(Fixture::start().await);
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let f = f.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng(seed.wrapping_mul(t + 1) | 1);
+            let mut done = Vec::new();
+            for i in 0..OPS_PER_TASK {
+                let op = if rng.below(3) == 0 {
+                    ChunkOp::Truncate(rng.below(3000) as u32)
+                } else {
+                    let len = 1 + rng.below(1000) as usize;
+                    let byte = (t * OPS_PER_TASK + i) as u8 | 1;
+                    ChunkOp::Write(rng.below(3000) as u32, vec![byte; len])
+                };
+                let v = match &op {
+                    ChunkOp::Write(off, data) => f.write_to(0, 1, 0, *off, data).await,
+                    ChunkOp::Truncate(len) => {
+                        f.modify(0, ModifyOp::Truncate { length: *len }).await
+                    }
+                };
+                done.push((v.unwrap(), op));
+            }
+            done
+        }));
+    }
+    let mut done = Vec::new();
+    for t in tasks {
+        done.extend(t.await.unwrap());
+    }
+    // Every op that changed the chunk got its own version; a truncate that
+    // found the chunk short enough reports the version it saw. Replaying in
+    // version order gives the chunk (ties are no-op truncates, which change
+    // nothing wherever they go among their version's ops).
+    done.sort_by_key(|(v, op)| (v.commit_ver, matches!(op, ChunkOp::Truncate(_))));
+    let mut model: Vec<u8> = Vec::new();
+    for (i, (v, op)) in done.iter().enumerate() {
+        match op {
+            ChunkOp::Write(off, data) => {
+                let end = *off as usize + data.len();
+                if model.len() < end {
+                    model.resize(end, 0);
+                }
+                model[*off as usize..end].copy_from_slice(data);
+            }
+            ChunkOp::Truncate(len) => model.truncate(*len as usize),
+        }
+        let group_ends = done
+            .get(i + 1)
+            .is_none_or(|(next, _)| next.commit_ver != v.commit_ver);
+        if v.commit_ver > 0 && group_ends {
+            assert_eq!(
+                v.length as usize,
+                model.len(),
+                "length after version {}",
+                v.commit_ver
+            );
+        }
+    }
+    f.check_replicas(0, Some(&model)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_syncing_tail_takes_truncates_and_removals_whole() {
+    use PublicState::{Serving, Syncing};
+    let f = Fixture::start().await;
+    f.set_states(2, &[Serving, Serving, Syncing]);
+    f.write_to(0, 2, 0, 0, b"0123456789").await.unwrap();
+    f.write_to(0, 2, 1, 0, b"gone soon").await.unwrap();
+    f.modify(0, ModifyOp::Truncate { length: 4 }).await.unwrap();
+    f.modify(0, ModifyOp::Zero { offset: 1, len: 2 })
+        .await
+        .unwrap();
+    let removed = f.remove_chunks_req(0, 1, 2, 77).await.unwrap();
+    assert_eq!(removed.removed, 1);
+    let tail = f.nodes[2].engine.read(id(0), 0, CHUNK).unwrap();
+    assert_eq!(&tail.0[..], b"0\0\x003");
+    assert_eq!(tail.1.commit_ver, 3);
+    assert!(f.nodes[2].engine.meta(id(1)).unwrap().is_none());
+    f.set_states(3, &[Serving, Serving, Serving]);
+    f.check_replicas(0, Some(b"0\0\x003")).await;
+    f.check_replicas(1, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_and_removing_chunks_page_by_index() {
+    const CHUNKS: u64 = r3fs_wire::storage::REMOVE_CHUNKS_MAX as u64 + 4;
+    let f = Arc::new(Fixture::start().await);
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let f = f.clone();
+        writers.push(tokio::spawn(async move {
+            for index in (w..CHUNKS).step_by(8) {
+                let len = 1 + index as usize % 7;
+                f.write_to(0, 1, index, 0, &vec![1u8; len]).await.unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    // A listing pages: `limit` entries, then a cursor.
+    let page = f.list(1, 3, 2).await.unwrap();
+    assert_eq!(
+        page.chunks,
+        [
+            ChunkEntry {
+                index: 3,
+                length: 4
+            },
+            ChunkEntry {
+                index: 4,
+                length: 5
+            }
+        ]
+    );
+    assert_eq!(page.next_index, Some(5));
+    let last = f.list(2, CHUNKS - 1, 10).await.unwrap();
+    assert_eq!(last.chunks.len(), 1);
+    assert_eq!(last.next_index, None);
+    // A chunk whose first version is in flight is not listed.
+    f.nodes[1]
+        .engine
+        .write_pending(id(CHUNKS + 10), 1, 1, 0, b"in flight", CHUNK)
+        .unwrap();
+    let tail = f.list(1, CHUNKS - 1, 10).await.unwrap();
+    assert_eq!(tail.chunks.len(), 1);
+    // Removal answers after REMOVE_CHUNKS_MAX chunks with a cursor.
+    let first = f.remove_chunks_req(0, 2, CHUNKS, 4242).await.unwrap();
+    assert_eq!(
+        first.removed,
+        u64::from(r3fs_wire::storage::REMOVE_CHUNKS_MAX)
+    );
+    let next = first.next_index.expect("more to remove");
+    let second = f.remove_chunks_req(0, next, CHUNKS, 4242).await.unwrap();
+    assert_eq!((second.removed, second.next_index), (2, None));
+    let left = f.list(2, 0, 100).await.unwrap();
+    let indices: Vec<u64> = left.chunks.iter().map(|c| c.index).collect();
+    assert_eq!(indices, [0, 1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_update_with_version_0_or_an_op_a_syncing_target_cannot_take_is_refused() {
+    use PublicState::{Serving, Syncing};
+    let f = Fixture::start().await;
+    let update = |target, update_ver, op| UpdateRequest {
+        addr: ChunkAddr {
+            chain: CHAIN,
+            inode: 7,
+            index: 0,
+        },
+        chain_ver: f.chain_ver(),
+        target,
+        update_ver,
+        op,
+        chunk_size: CHUNK,
+        crc: 0,
+        client: 0,
+        request: 0,
+    };
+    let send = |node: usize, req: UpdateRequest| {
+        let rpc = f.rpc.clone();
+        let addr = f.nodes[node].addr;
+        async move {
+            rpc.call_with_payload::<Update>(addr, &req, Bytes::new(), Fixture::opts())
+                .await
+                .unwrap()
+                .0
+        }
+    };
+    let zero = send(1, update(102, 0, UpdateOp::Truncate { length: 0 })).await;
+    assert!(matches!(zero, Err(StorageError::Io { .. })), "{zero:?}");
+    f.set_states(2, &[Serving, Serving, Syncing]);
+    let partial = send(2, update(103, 1, UpdateOp::Write { offset: 0 })).await;
+    assert!(
+        matches!(partial, Err(StorageError::NotServing { .. })),
+        "{partial:?}"
+    );
+    assert!(f.nodes[2].engine.meta(id(0)).unwrap().is_none());
+}

@@ -96,6 +96,12 @@ fn routing(addrs: &[SocketAddr], version: u64) -> RoutingInfo {
 
 impl Fixture {
     async fn start() -> Fixture {
+        Fixture::start_with(|_, _| None).await
+    }
+
+    /// `dir_of(node, chain)` names a directory for that target instead of a
+    /// fresh temporary one.
+    async fn start_with(dir_of: impl Fn(usize, ChainId) -> Option<std::path::PathBuf>) -> Fixture {
         let (tx, rx) = watch::channel(None);
         let mut nodes = Vec::new();
         for i in 0..NODES {
@@ -103,10 +109,8 @@ impl Fixture {
             let mut engines = HashMap::new();
             for &c in &CHAINS {
                 let dir = tempfile::tempdir().unwrap();
-                engines.insert(
-                    c,
-                    Arc::new(ChunkEngine::open(dir.path(), CHUNK_MAX).unwrap()),
-                );
+                let path = dir_of(i, c).unwrap_or_else(|| dir.path().to_path_buf());
+                engines.insert(c, Arc::new(ChunkEngine::open(&path, CHUNK_MAX).unwrap()));
                 dirs.push(dir);
             }
             let targets = engines
@@ -518,4 +522,232 @@ async fn the_length_storage_holds_is_the_end_of_the_last_chunk_over_all_chains()
         .await
         .unwrap();
     assert_eq!(c.query_length(&layout, INODE).await.unwrap(), further);
+}
+
+// ---- truncate, hole punching, listing, full disks ----
+
+/// What `[0, len)` of a file reads as.
+async fn read_all(c: &StorageClient, layout: &Layout, len: u64) -> Vec<u8> {
+    c.read(layout, INODE, 0, len).await.unwrap().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_cuts_every_chain_and_regrown_bytes_read_as_zeros() {
+    let f = Fixture::start().await;
+    let c = f.client();
+    let layout = layout(CHUNK, 2);
+    let chunk = u64::from(CHUNK);
+    let len = 7 * chunk / 2;
+    let data = pattern(len as usize, 9);
+    c.write(&layout, INODE, 0, data.clone()).await.unwrap();
+    let cut = 3 * chunk / 2;
+    c.truncate(&layout, INODE, cut).await.unwrap();
+    c.truncate(&layout, INODE, cut).await.unwrap();
+    assert_eq!(
+        c.list_chunks(&layout, INODE).await.unwrap(),
+        [(0, CHUNK), (1, CHUNK / 2)]
+    );
+    assert_eq!(c.query_length(&layout, INODE).await.unwrap(), cut);
+    let mut model = data[..cut as usize].to_vec();
+    model.resize(len as usize, 0);
+    assert!(
+        read_all(&c, &layout, len).await == model,
+        "cut bytes read as zeros"
+    );
+    // Re-grow past the cut: the gap reads zeros, never the old bytes.
+    let tail = pattern(100, 10);
+    c.write(&layout, INODE, 3 * chunk, tail.clone())
+        .await
+        .unwrap();
+    model[3 * chunk as usize..3 * chunk as usize + 100].copy_from_slice(&tail);
+    assert!(read_all(&c, &layout, len).await == model);
+    // A chunk-aligned cut removes the chunk at the cut.
+    c.truncate(&layout, INODE, chunk).await.unwrap();
+    assert_eq!(c.list_chunks(&layout, INODE).await.unwrap(), [(0, CHUNK)]);
+    c.truncate(&layout, INODE, 0).await.unwrap();
+    assert_eq!(c.list_chunks(&layout, INODE).await.unwrap(), []);
+    for node in &f.nodes {
+        for engine in node.engines.values() {
+            assert!(engine.list_inode(INODE).unwrap().is_empty());
+        }
+    }
+    assert_eq!(c.query_length(&layout, INODE).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn punched_holes_read_as_zeros_and_never_lengthen_a_chunk() {
+    let f = Fixture::start().await;
+    let c = f.client();
+    let layout = layout(CHUNK, 2);
+    let chunk = CHUNK as usize;
+    let len = 5 * chunk + chunk / 2;
+    let data = pattern(len, 11);
+    c.write(&layout, INODE, 0, data.clone()).await.unwrap();
+    let mut model = data.to_vec();
+    let mut punch = async |offset: usize, n: usize| {
+        c.punch_hole(&layout, INODE, offset as u64, n as u64)
+            .await
+            .unwrap();
+        let end = (offset + n).min(len);
+        model[offset.min(end)..end].fill(0);
+        assert!(
+            read_all(&c, &layout, len as u64).await == model,
+            "after punching {offset}+{n}"
+        );
+    };
+    // Inside one chunk, at a chunk's start, at a chunk's end.
+    punch(100, 50).await;
+    punch(chunk, 10).await;
+    punch(2 * chunk - 10, 10).await;
+    // Across whole chunks 2 and 3, with partial ends in chunks 1 and 4.
+    punch(chunk + chunk / 2, 3 * chunk).await;
+    // Past the end of the data: the last chunk keeps its length.
+    punch(len - 10, 10 * chunk).await;
+    let chunks = c.list_chunks(&layout, INODE).await.unwrap();
+    assert_eq!(
+        chunks,
+        [(0, CHUNK), (1, CHUNK), (4, CHUNK), (5, CHUNK / 2)],
+        "whole chunks are removed, partial ones keep their length"
+    );
+    assert_eq!(c.query_length(&layout, INODE).await.unwrap(), len as u64);
+    // A hole over a missing chunk creates nothing.
+    c.punch_hole(&layout, INODE, 2 * chunk as u64 + 5, 5)
+        .await
+        .unwrap();
+    assert_eq!(c.list_chunks(&layout, INODE).await.unwrap(), chunks);
+    let err = c.punch_hole(&layout, INODE, u64::MAX, 2).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EINVAL);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_listings_merge_chains_in_index_order_and_stop_at_a_limit() {
+    let f = Fixture::start().await;
+    let c = f.client();
+    let layout = layout(CHUNK, 2);
+    let chunk = u64::from(CHUNK);
+    assert_eq!(c.list_chunks(&layout, INODE).await.unwrap(), []);
+    for (index, len) in [(0u64, 10u64), (3, 20), (4, 30), (9, 40), (10, 50)] {
+        c.write(&layout, INODE, index * chunk, pattern(len as usize, index))
+            .await
+            .unwrap();
+    }
+    let all = [(0, 10), (3, 20), (4, 30), (9, 40), (10, 50)];
+    assert_eq!(c.list_chunks(&layout, INODE).await.unwrap(), all);
+    let (first, complete) = c.list_chunks_from(&layout, INODE, 0, 3).await.unwrap();
+    assert_eq!((first.as_slice(), complete), (&all[..3], false));
+    let (rest, complete) = c.list_chunks_from(&layout, INODE, 4, 10).await.unwrap();
+    assert_eq!((rest.as_slice(), complete), (&all[2..], true));
+    // Read from any SERVING replica: with node 0 stopped, still complete.
+    let mut f = f;
+    f.stop(0).await;
+    assert_eq!(c.list_chunks(&layout, INODE).await.unwrap(), all);
+}
+
+/// Unmounts the tmpfs on drop, even when the test panics (lazily if a
+/// file on it is still open).
+struct TmpfsGuard {
+    dir: tempfile::TempDir,
+}
+
+impl Drop for TmpfsGuard {
+    fn drop(&mut self) {
+        let umount = |lazy: bool| {
+            let mut cmd = std::process::Command::new("umount");
+            if lazy {
+                cmd.arg("-l");
+            }
+            cmd.arg(self.dir.path())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !umount(false) && !umount(true) {
+            eprintln!("cannot unmount the tmpfs at {}", self.dir.path().display());
+        }
+    }
+}
+
+fn mount_tmpfs(size: &str) -> Result<TmpfsGuard, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir.path())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map_err(|e| e.to_string())?;
+    if !status.success() {
+        return Err(format!("mount exited with {status}"));
+    }
+    Ok(TmpfsGuard { dir })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_on_a_middle_replica_is_enospc_and_loses_nothing_acknowledged() {
+    const TMPFS_SIZE: &str = "16m";
+    const WRITE_BYTES: usize = 512 * 1024;
+    const WRITES_MAX: u64 = 64;
+    // Declared first so it is dropped last, after every engine on it.
+    let guard = match mount_tmpfs(TMPFS_SIZE) {
+        Ok(guard) => guard,
+        Err(reason) => {
+            println!("skipped: cannot mount tmpfs ({reason})");
+            return;
+        }
+    };
+    // Node 1 is the middle of chain 1; its target of chain 1 sits on the tmpfs.
+    let f = Fixture::start_with(|node, chain| {
+        (node == 1 && chain == 1).then(|| guard.dir.path().join("t"))
+    })
+    .await;
+    let c = f.client();
+    let layout = layout(CHUNK_MAX, 1);
+    let mut acked = Vec::new();
+    let mut failure = None;
+    for i in 0..WRITES_MAX {
+        let data = pattern(WRITE_BYTES, 100 + i);
+        let offset = i * WRITE_BYTES as u64;
+        let write = c.write(&layout, INODE, offset, data.clone());
+        match tokio::time::timeout(Duration::from_secs(30), write).await {
+            Ok(Ok(_)) => acked.push((offset, data)),
+            Ok(Err(e)) => {
+                failure = Some(e);
+                break;
+            }
+            Err(_) => panic!("write {i} hangs on a full disk"),
+        }
+    }
+    let err = failure.expect("the tmpfs must fill up");
+    println!("{} writes acknowledged before: {err}", acked.len());
+    assert_eq!(err.errno(), libc::ENOSPC, "{err}");
+    assert!(!acked.is_empty());
+    // Another write is refused the same way, at once.
+    let again = c
+        .write(&layout, INODE, 0, pattern(WRITE_BYTES, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(again.errno(), libc::ENOSPC, "{again}");
+    // Nothing acknowledged is lost, on any replica, and the refused writes
+    // left no pending version behind (each member dropped its own).
+    for node in 0..NODES {
+        let engine = &f.nodes[node].engines[&1];
+        for (id, meta) in engine.list_inode(INODE).unwrap() {
+            assert!(!meta.is_dirty(), "node {node}, {id}: {meta:?}");
+        }
+    }
+    for _ in 0..3 {
+        for (offset, data) in &acked {
+            let back = c
+                .read(&layout, INODE, *offset, data.len() as u64)
+                .await
+                .unwrap();
+            assert!(back == *data, "acknowledged write at {offset}");
+        }
+    }
+    // Freeing space lets writes go on.
+    c.truncate(&layout, INODE, 0).await.unwrap();
+    c.write(&layout, INODE, 0, pattern(WRITE_BYTES, 2))
+        .await
+        .unwrap();
+    drop(c);
+    drop(f);
 }

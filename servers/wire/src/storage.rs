@@ -4,11 +4,26 @@
 //! Chunk bytes travel as the frame's bulk payload, never inside the body.
 //! Storage refusals travel typed in the response body ([`StorageResult`]) so a
 //! client can tell "try another replica or refresh routing" from "refused".
+//!
+//! Every change to a chunk's bytes (write, truncate, zeroing, removal) is one
+//! CRAQ update ([`UpdateOp`]) that the head versions and forwards; clients
+//! send writes as [`Write`], truncates and zeroing as [`Modify`], and
+//! removals of a range of chunks as [`RemoveChunks`].
+//!
+//! # Limits
+//! A [`ListChunks`] answer holds at most [`LIST_CHUNKS_MAX`] chunks and a
+//! [`RemoveChunks`] call removes at most [`REMOVE_CHUNKS_MAX`]; both page by
+//! chunk index.
 
 use serde::{Deserialize, Serialize};
 
 use crate::mgmt::{ChainId, TargetId};
 use crate::Method;
+
+/// Chunks in one [`ListChunks`] answer.
+pub const LIST_CHUNKS_MAX: u32 = 4096;
+/// Chunks one [`RemoveChunks`] call removes before it answers with a cursor.
+pub const REMOVE_CHUNKS_MAX: u32 = 256;
 
 /// One chunk of a file: the `index`-th chunk of inode `inode`, on chain `chain`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -78,7 +93,9 @@ impl StorageError {
 
 pub type StorageResult<T> = Result<T, StorageError>;
 
-/// The state of a chunk after a write, as the head reports it.
+/// The state of a chunk after an update, as the head reports it;
+/// `commit_ver` 0 means the chunk does not exist (removed, or a truncate or
+/// zeroing of a missing chunk).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkVersion {
     pub commit_ver: u64,
@@ -99,7 +116,27 @@ pub struct WriteRequest {
     pub request: u64,
 }
 
-/// What a chain member sends its successor: a write with its version assigned.
+/// How an update builds version `update_ver` of a chunk from the committed
+/// version `update_ver - 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpdateOp {
+    /// The payload written at `offset`, zero-filling any gap.
+    Write { offset: u32 },
+    /// Cut to `length` bytes. The head sends it only for a longer chunk.
+    Truncate { length: u32 },
+    /// Zeros over `[offset, offset + len)`, clipped to the chunk's length:
+    /// never makes the chunk longer.
+    Zero { offset: u32, len: u32 },
+    /// The payload is the whole chunk at `update_ver`, whatever the base: a
+    /// re-driven pending version, and every update sent to a SYNCING target
+    /// (which may lack the base and installs it committed at once, being the
+    /// last target an update reaches).
+    Replace,
+    /// The chunk is removed; no payload.
+    Remove,
+}
+
+/// What a chain member sends its successor: an update with its version assigned.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpdateRequest {
     pub addr: ChunkAddr,
@@ -107,18 +144,87 @@ pub struct UpdateRequest {
     /// The target that must apply it.
     pub target: TargetId,
     pub update_ver: u64,
-    pub offset: u32,
+    pub op: UpdateOp,
     pub chunk_size: u32,
+    /// CRC32C of the payload (empty for truncate, zero and remove).
     pub crc: u32,
-    /// The payload is the whole chunk at `update_ver`, not a piece at
-    /// `offset`: sent to a SYNCING target, which may lack the version a
-    /// partial write builds on. It installs the chunk committed at once (it is
-    /// the last target a write reaches).
-    pub full: bool,
     /// The client request this version carries (0, 0 when unknown), so every
     /// chain member can answer a retry of it, whichever member is head then.
     pub client: u64,
     pub request: u64,
+}
+
+/// A client's change of one chunk that carries no bytes. Only the head
+/// takes it; it is versioned and replicated like a write, and a retry with
+/// the same `(client, request)` is applied once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModifyOp {
+    /// Cut the chunk to `length` bytes if it is longer; a shorter or missing
+    /// chunk is left alone.
+    Truncate { length: u32 },
+    /// Zero `[offset, offset + len)` of the chunk, clipped to its length; a
+    /// missing chunk is left alone.
+    Zero { offset: u32, len: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModifyRequest {
+    pub addr: ChunkAddr,
+    pub chain_ver: u64,
+    pub op: ModifyOp,
+    pub client: u64,
+    pub request: u64,
+}
+
+/// Removes the chunks of `inode` with index in `[from_index, to_index)` from
+/// a chain, each by a versioned removal through the chain. Sent to the head.
+/// Answers after at most [`REMOVE_CHUNKS_MAX`] chunks with a cursor to call
+/// again from. A chunk this `(client, request)` already removed is not
+/// removed again (a chunk written after it stays), so the caller keeps the
+/// request id across retries and pages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveChunksRequest {
+    pub chain: ChainId,
+    pub chain_ver: u64,
+    pub inode: u64,
+    pub from_index: u64,
+    pub to_index: u64,
+    pub client: u64,
+    pub request: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveChunksResponse {
+    /// Chunks this call removed.
+    pub removed: u64,
+    /// Where to continue, if chunks may remain.
+    pub next_index: Option<u64>,
+}
+
+/// Asks a SERVING replica for the committed chunks of `inode` on `chain`
+/// from `from_index` on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListChunksRequest {
+    pub chain: ChainId,
+    pub inode: u64,
+    pub from_index: u64,
+    /// At most this many (and at most [`LIST_CHUNKS_MAX`]).
+    pub limit: u32,
+}
+
+/// One chunk of a listing: its index and committed length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkEntry {
+    pub index: u64,
+    pub length: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkList {
+    /// In index order.
+    pub chunks: Vec<ChunkEntry>,
+    /// Where to continue, if chunks may remain.
+    pub next_index: Option<u64>,
 }
 
 /// What a resync compares: one chunk's committed version on a target.
@@ -234,6 +340,9 @@ methods! {
     SyncDone = 0x0307: SyncDoneRequest => StorageResult<()>;
     RemoveInode = 0x0308: RemoveInodeRequest => StorageResult<u64>;
     QueryLastChunk = 0x0309: LastChunkRequest => StorageResult<Option<LastChunk>>;
+    Modify = 0x030a: ModifyRequest => StorageResult<ChunkVersion>;
+    RemoveChunks = 0x030b: RemoveChunksRequest => StorageResult<RemoveChunksResponse>;
+    ListChunks = 0x030c: ListChunksRequest => StorageResult<ChunkList>;
 }
 
 #[cfg(test)]
@@ -266,5 +375,37 @@ mod tests {
         assert_eq!(back, Err(e.clone()));
         assert!(e.is_retryable());
         assert!(!StorageError::NoSpace { target: 1 }.is_retryable());
+    }
+
+    #[test]
+    fn a_full_chunk_list_fits_in_one_frame_body() {
+        let list: StorageResult<ChunkList> = Ok(ChunkList {
+            chunks: vec![
+                ChunkEntry {
+                    index: u64::MAX,
+                    length: u32::MAX,
+                };
+                LIST_CHUNKS_MAX as usize
+            ],
+            next_index: Some(u64::MAX),
+        });
+        let body = crate::body::encode(&list);
+        assert!(body.len() <= crate::frame::FRAME_BODY_BYTES_MAX as usize);
+        let back: StorageResult<ChunkList> = crate::body::decode(&body).unwrap();
+        assert_eq!(back, list);
+    }
+
+    #[test]
+    fn update_ops_round_trip() {
+        for op in [
+            UpdateOp::Write { offset: 3 },
+            UpdateOp::Truncate { length: 9 },
+            UpdateOp::Zero { offset: 1, len: 2 },
+            UpdateOp::Replace,
+            UpdateOp::Remove,
+        ] {
+            let back: UpdateOp = crate::body::decode(&crate::body::encode(&op)).unwrap();
+            assert_eq!(back, op);
+        }
     }
 }
