@@ -6,12 +6,16 @@
 //! codes; errors are printed once, with their whole chain of causes.
 
 mod admin;
+mod cluster_file;
 mod config;
 mod engine;
 mod fs;
 mod kv;
+mod local_cluster;
 mod meta;
 mod mgmtd;
+mod mount;
+mod status;
 mod storage;
 
 use clap::{Parser, Subcommand};
@@ -22,8 +26,11 @@ use clap::{Parser, Subcommand};
     version,
     about = "r3fs: a distributed file system (a Rust rewrite of DeepSeek 3FS)",
     long_about = "r3fs: a distributed file system (a Rust rewrite of DeepSeek 3FS).\n\n\
-        Run servers with `r3fs kv`, `r3fs mgmtd` and `r3fs meta`; operate the cluster \
-        with `r3fs admin` and the namespace with `r3fs fs`. Logs go to stderr; set RUST_LOG (or --log) to e.g. \
+        Mount it with `r3fs mount DIR` (starts a local cluster on 127.0.0.1 when given \
+        no cluster file), unmount with `r3fs umount DIR`, and see mounts and cluster \
+        health with `r3fs status`. Run servers with `r3fs kv`, `r3fs mgmtd`, `r3fs meta` \
+        and `r3fs storage`, or all of them in one process with `r3fs local-cluster`; \
+        operate the cluster with `r3fs admin` and the namespace with `r3fs fs`. Logs go to stderr; set RUST_LOG (or --log) to e.g. \
         `debug` or `r3fs_meta=debug,info` for more."
 )]
 struct Cli {
@@ -36,6 +43,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Mount r3fs on a directory (starts a local cluster if given no --cluster).
+    Mount(mount::MountArgs),
+    /// Unmount an r3fs mount and stop its daemon (and an unused local cluster).
+    Umount(mount::UmountArgs),
+    /// Mounts, the local cluster, and cluster health.
+    Status(status::StatusArgs),
+    /// Run a whole cluster in one process on 127.0.0.1 (start, stop).
+    LocalCluster(local_cluster::LocalClusterArgs),
     /// Run a meta server: the POSIX namespace over a transactional KV engine.
     Meta(meta::MetaArgs),
     /// Namespace operations through a meta server (ls, stat, mkdir, mv, ...).
@@ -52,6 +67,9 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Background children (`r3fs mount`'s daemon, the local cluster) inherit
+    // the log filter. Still single-threaded here, so setting the environment is sound.
+    std::env::set_var("RUST_LOG", &cli.log);
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -60,6 +78,10 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
+        Command::Mount(args) => mount::run_mount(args),
+        Command::Umount(args) => mount::run_umount(args),
+        Command::Status(args) => status::run(args),
+        Command::LocalCluster(args) => local_cluster::run(args),
         Command::Meta(args) => meta::run(args),
         Command::Fs(args) => fs::run(args),
         Command::Kv(args) => kv::run(args),
