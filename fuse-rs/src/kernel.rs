@@ -96,6 +96,24 @@ impl KernelSession {
         self.fd.try_clone()
     }
 
+    /// A new kernel channel on this session (`FUSE_DEV_IOC_CLONE`): its own
+    /// fd with its own processing list, sharing the session's input queue.
+    /// Opened non-blocking, for channels that spin before they wait.
+    pub fn clone_channel(&self) -> std::io::Result<File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        nix::ioctl_read!(fuse_dev_ioc_clone, 229, 0, u32);
+        let fd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("/dev/fuse")?;
+        let mut session = self.fd.as_raw_fd() as u32;
+        // SAFETY: the ioctl reads one u32 (the session fd) from the pointer.
+        unsafe { fuse_dev_ioc_clone(fd.as_raw_fd(), &mut session) }
+            .map_err(std::io::Error::from)?;
+        Ok(fd)
+    }
+
     /// Detaches the mount: new opens fail at once, files already open keep
     /// working until closed, then the kernel ends the session and every
     /// channel read returns ENODEV.

@@ -19,6 +19,7 @@ pub mod creds;
 pub mod fs;
 pub mod inodes;
 pub mod kernel;
+pub mod serve;
 pub mod write_buffer;
 
 use std::net::SocketAddr;
@@ -26,14 +27,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fuse_backend_rs::api::server::Server;
 use r3fs_client::meta::{MetaClient, MetaClientConfig};
 use r3fs_client::mgmt::{MgmtClient, RoutingWatcher};
 use r3fs_client::storage::{StorageClient, StorageClientConfig};
 
-use crate::channel::{ChannelEnd, Interrupts};
+use crate::channel::spin::SpinConfig;
+use crate::channel::{ChannelMode, ChannelPlan, Interrupts, StatsHandle};
 use crate::fs::{CacheTimeouts, R3fs};
 use crate::kernel::{KernelSession, MountOptions};
+pub use crate::serve::{resolve_mode, ChannelOptions, Served};
 
 /// Most channel worker threads a mount runs.
 pub const THREADS_MAX: usize = 1024;
@@ -73,6 +75,16 @@ pub struct MountConfig {
     pub allow_other: bool,
     /// The kernel's readahead window for this mount, in KiB.
     pub readahead_kib: u32,
+    /// How worker threads wait for kernel requests.
+    pub channel: ChannelMode,
+    /// Share of the worker threads that wait the classic way (the
+    /// feasibility report's `a`); None: 1 for `fuse`, 0 for `xfuse`.
+    pub fuse_ratio: Option<f64>,
+    /// The adaptive busy-wait of XFUSE channels.
+    pub spin: SpinConfig,
+    /// Where to write the channel counters (JSON) every second, for
+    /// `r3fs status`.
+    pub stats_path: Option<PathBuf>,
 }
 
 impl MountConfig {
@@ -90,6 +102,10 @@ impl MountConfig {
             writeback_cache: false,
             allow_other: true,
             readahead_kib: READAHEAD_KIB_DEFAULT,
+            channel: ChannelMode::Auto,
+            fuse_ratio: None,
+            spin: SpinConfig::default(),
+            stats_path: None,
         }
     }
 }
@@ -127,18 +143,23 @@ fn describe_errno(errno: i32) -> String {
 }
 
 impl MountConfig {
+    fn channel_options(&self) -> ChannelOptions {
+        ChannelOptions {
+            mode: self.channel,
+            threads: self.threads,
+            fuse_ratio: self.fuse_ratio,
+            spin: self.spin,
+        }
+    }
+
     fn validate(&self) -> Result<(), FuseError> {
+        self.channel_options().validate()?;
+        resolve_mode(self.channel)?;
         if self.mgmtd.is_empty() {
             return Err(FuseError::Config("no mgmtd address".into()));
         }
         if self.meta.is_empty() {
             return Err(FuseError::Config("no meta address".into()));
-        }
-        if self.threads == 0 || self.threads > THREADS_MAX {
-            return Err(FuseError::Config(format!(
-                "threads must be between 1 and {THREADS_MAX}, not {}",
-                self.threads
-            )));
         }
         if !(4..=READAHEAD_KIB_MAX).contains(&self.readahead_kib) {
             return Err(FuseError::Config(format!(
@@ -192,41 +213,24 @@ pub fn run(config: MountConfig, ready: impl FnOnce()) -> Result<(), FuseError> {
     fs.attach_kernel(kernel.clone());
     tracing::info!(mountpoint = ?config.mountpoint, threads = config.threads, client = clients.meta.client_id(), "mounted");
 
-    let server = Arc::new(Server::new(fs.clone()));
-    let workers: Vec<_> = (0..config.threads)
-        .map(|i| {
-            let server = server.clone();
-            let interrupts = interrupts.clone();
-            let fd = kernel.fd();
-            std::thread::Builder::new()
-                .name(format!("r3fs-fuse-{i}"))
-                .spawn(move || channel::serve(fd, &server, &interrupts))
-        })
-        .collect::<Result<_, _>>()?;
-
-    let deadline = Instant::now() + INIT_WAIT;
-    while !fs.is_initialized() {
-        if Instant::now() > deadline || workers.iter().all(|w| w.is_finished()) {
-            let _ = kernel.unmount_lazy();
-            return Err(FuseError::InitTimeout(INIT_WAIT));
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let served = Served::start(
+        fs.clone(),
+        kernel.clone(),
+        &config.channel_options(),
+        interrupts,
+    )?;
+    let (mode, plan) = (served.mode(), served.plan().clone());
     if let Err(e) = kernel::set_readahead(&config.mountpoint, config.readahead_kib) {
         // Reads still work with the kernel's default window, only slower.
         tracing::warn!(error = %e, kib = config.readahead_kib, "cannot set the mount's readahead");
     }
     ready();
 
-    let background = spawn_background(&rt, &fs, &kernel, &clients, &config);
-    let mut failure = None;
-    for w in workers {
-        match w.join() {
-            Ok(ChannelEnd::Unmounted) => {}
-            Ok(ChannelEnd::Failed(e)) => failure = Some(e),
-            Err(_) => failure = Some(libc::EIO),
-        }
+    let mut background = spawn_background(&rt, &fs, &kernel, &clients, &config);
+    if let Some(path) = config.stats_path.clone() {
+        background.push(rt.spawn(write_stats_forever(path, mode, plan, served.stats())));
     }
+    let failure = served.join();
     for task in background {
         task.abort();
     }
@@ -282,6 +286,44 @@ async fn connect(config: &MountConfig) -> Result<Clients, FuseError> {
         storage,
         _routing: routing,
     })
+}
+
+/// What `r3fs status` reads about a running mount.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MountStats {
+    pub mode: ChannelMode,
+    pub classic_threads: usize,
+    pub xfuse_channels: usize,
+    pub channels: Vec<channel::ChannelReport>,
+}
+
+/// How often the stats file is rewritten.
+pub const STATS_INTERVAL: Duration = Duration::from_secs(1);
+
+async fn write_stats_forever(
+    path: PathBuf,
+    mode: ChannelMode,
+    plan: ChannelPlan,
+    stats: StatsHandle,
+) {
+    let mut tick = tokio::time::interval(STATS_INTERVAL);
+    loop {
+        tick.tick().await;
+        let report = MountStats {
+            mode,
+            classic_threads: plan.classic_threads,
+            xfuse_channels: plan.xfuse_channels.len(),
+            channels: stats.reports(),
+        };
+        let Ok(json) = serde_json::to_vec_pretty(&report) else {
+            continue;
+        };
+        // Write then rename, so a reader never sees half a file.
+        let tmp = path.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, &path)) {
+            tracing::debug!(error = %e, path = ?path, "cannot write channel stats");
+        }
+    }
 }
 
 /// The mount's periodic work (length reports, session and lock-lease

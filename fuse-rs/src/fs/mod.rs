@@ -23,7 +23,7 @@ mod xattr;
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -69,7 +69,6 @@ pub struct R3fs {
     interrupts: Arc<Interrupts>,
     kernel: OnceLock<Arc<KernelSession>>,
     handle_next: AtomicU64,
-    initialized: AtomicBool,
 }
 
 impl R3fs {
@@ -96,7 +95,6 @@ impl R3fs {
             interrupts,
             kernel: OnceLock::new(),
             handle_next: AtomicU64::new(1),
-            initialized: AtomicBool::new(false),
         }
     }
 
@@ -104,11 +102,6 @@ impl R3fs {
     /// invalidation) once the mount exists.
     pub fn attach_kernel(&self, kernel: Arc<KernelSession>) {
         let _ = self.kernel.set(kernel);
-    }
-
-    /// Whether the kernel's INIT has been answered (the mount is usable).
-    pub fn is_initialized(&self) -> bool {
-        self.initialized.load(Ordering::Acquire)
     }
 
     pub fn meta(&self) -> &MetaClient {
@@ -255,7 +248,6 @@ impl FileSystem for R3fs {
         }
         let got = want & capable;
         tracing::info!(offered = ?capable, using = ?got, "FUSE INIT");
-        self.initialized.store(true, Ordering::Release);
         Ok(got)
     }
 

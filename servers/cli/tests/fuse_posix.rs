@@ -1,6 +1,8 @@
 //! The POSIX behaviour suite (`r3fs_tests::posix`) against real r3fs
-//! mounts: two `r3fs mount`s of one local cluster, so every case also checks
-//! what one mount sees of the other's changes (close-to-open, locks, renames).
+//! mounts, in every channel mode: two `r3fs mount`s of one local cluster,
+//! so every case also checks what one mount sees of the other's changes
+//! (close-to-open, locks, renames). The two mounts use different modes
+//! where a test says so, so a mixed deployment is covered too.
 
 mod common;
 mod sandbox;
@@ -8,8 +10,9 @@ mod sandbox;
 use r3fs_tests::posix::{self, Target};
 use sandbox::Sandbox;
 
-#[test]
-fn posix_suite_passes_on_two_mounts_of_one_local_cluster() {
+/// Mounts `a` with `opts_a` and `b` with `opts_b` on one local cluster and
+/// runs the whole suite across them.
+fn suite_on_two_mounts(name: &str, opts_a: &[&str], opts_b: &[&str]) {
     if !sandbox::can_mount() {
         eprintln!("skipped: FUSE mounts need root and /dev/fuse");
         return;
@@ -17,12 +20,15 @@ fn posix_suite_passes_on_two_mounts_of_one_local_cluster() {
     let sb = Sandbox::new();
     let a = sb.dir("a");
     let b = sb.dir("b");
-    sb.ok(&["mount", a.to_str().unwrap()]);
-    sb.ok(&["mount", b.to_str().unwrap()]);
+    for (dir, opts) in [(&a, opts_a), (&b, opts_b)] {
+        let mut args = vec!["mount", dir.to_str().unwrap()];
+        args.extend_from_slice(opts);
+        sb.ok(&args);
+    }
     let target = Target {
         a: a.clone(),
         b: b.clone(),
-        name: "r3fs: two mounts of one local cluster".into(),
+        name: name.into(),
     };
     let report = posix::run_or_panic(&target, None);
     assert_eq!(
@@ -32,4 +38,31 @@ fn posix_suite_passes_on_two_mounts_of_one_local_cluster() {
     );
     sb.ok(&["umount", a.to_str().unwrap()]);
     sb.ok(&["umount", b.to_str().unwrap()]);
+}
+
+#[test]
+fn posix_suite_passes_in_classic_fuse_mode() {
+    suite_on_two_mounts(
+        "r3fs --channel fuse",
+        &["--channel", "fuse"],
+        &["--channel", "fuse"],
+    );
+}
+
+#[test]
+fn posix_suite_passes_in_xfuse_mode() {
+    suite_on_two_mounts(
+        "r3fs --channel xfuse",
+        &["--channel", "xfuse"],
+        &["--channel", "xfuse"],
+    );
+}
+
+#[test]
+fn posix_suite_passes_with_a_mixed_fuse_ratio() {
+    suite_on_two_mounts(
+        "r3fs --channel xfuse --fuse-ratio 0.5 beside --channel fuse",
+        &["--channel", "xfuse", "--fuse-ratio", "0.5"],
+        &["--channel", "fuse"],
+    );
 }

@@ -76,6 +76,17 @@ pub struct MountArgs {
     /// Let the kernel cache writes and send them in larger batches.
     #[arg(long)]
     writeback_cache: bool,
+    /// How the daemon waits for kernel requests: `fuse` (classic: every
+    /// worker blocks on the session fd), `xfuse` (a cloned fd per channel,
+    /// adaptive busy-wait before blocking), `uring` (FUSE over io_uring), or
+    /// `auto` (the best the kernel offers).
+    #[arg(long, default_value = "auto")]
+    channel: r3fs_fuse::channel::ChannelMode,
+    /// Share `a` (0..=1) of the worker threads that wait the classic way on
+    /// the session fd; the rest serve XFUSE channels. Default: 1 for
+    /// `--channel fuse`, 0 otherwise.
+    #[arg(long)]
+    fuse_ratio: Option<f64>,
     /// Only root may use the mount. By default every user may (the kernel's
     /// allow_other), with permissions checked by meta against the caller's
     /// uid and groups, as on a local file system.
@@ -162,6 +173,10 @@ fn spawn_daemon(args: &MountArgs, dir: &DataDir, mountpoint: &Path) -> anyhow::R
     }
     child.push(format!("--threads={}", args.threads).into());
     child.push(format!("--readahead-kb={}", args.readahead_kb).into());
+    child.push(format!("--channel={}", args.channel).into());
+    if let Some(a) = args.fuse_ratio {
+        child.push(format!("--fuse-ratio={a}").into());
+    }
     if args.writeback_cache {
         child.push("--writeback-cache".into());
     }
@@ -195,6 +210,10 @@ fn serve(
         writeback_cache: args.writeback_cache,
         allow_other: !args.private,
         readahead_kib: args.readahead_kb,
+        channel: args.channel,
+        fuse_ratio: args.fuse_ratio,
+        spin: Default::default(),
+        stats_path: Some(stats_path(dir, &record.mountpoint)),
     };
     let mountpoint = record.mountpoint.clone();
     let message = format!(
@@ -222,7 +241,20 @@ fn serve(
     Ok(())
 }
 
+/// Where a mount's daemon writes its channel counters (read by `r3fs status`).
+pub fn stats_path(dir: &DataDir, mountpoint: &Path) -> PathBuf {
+    dir.mount_log(mountpoint).with_extension("stats.json")
+}
+
 fn check_options(args: &MountArgs) -> anyhow::Result<()> {
+    if let Some(a) = args.fuse_ratio {
+        if !(0.0..=1.0).contains(&a) {
+            bail!("--fuse-ratio {a} must be between 0 and 1");
+        }
+    }
+    if args.channel == r3fs_fuse::channel::ChannelMode::Uring {
+        r3fs_fuse::resolve_mode(args.channel)?;
+    }
     let n = args.threads;
     if !(1..=THREADS_MAX).contains(&n) {
         bail!("--threads {n} must be between 1 and {THREADS_MAX}");
