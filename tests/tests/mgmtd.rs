@@ -190,6 +190,60 @@ async fn a_waiting_target_claiming_up_to_date_still_goes_through_syncing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_that_lost_every_target_heals_from_its_last_serving_target() {
+    let cluster = MgmtdCluster::start(1).await;
+    cluster.wait_for_primary(WAIT).await.unwrap();
+    let c = cluster.client();
+    for n in 1..=2 {
+        register_storage(&c, 100 + n, &[1000 + n as u64]).await;
+    }
+    let table = c
+        .create_chain_table(CreateChainTableRequest {
+            table: 1,
+            replicas: 2,
+            chains: None,
+        })
+        .await
+        .unwrap();
+    let chain = table.chains[0];
+    // 1001 fails first, then 1002, the last one serving: it becomes LASTSRV.
+    c.offline_target(1001).await.unwrap();
+    c.offline_target(1002).await.unwrap();
+    let r = c.routing_info(0, Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!(
+        r.target(1002).unwrap().public_state,
+        PublicState::LastSrv,
+        "{:?}",
+        states(&r, chain)
+    );
+    // Both come back. Restarted nodes report Online (they have not seen
+    // themselves SERVING since the restart).
+    beat(&c, 102, 1002, LocalState::Online).await;
+    beat(&c, 101, 1001, LocalState::Online).await;
+    let r = c.routing_info(0, Duration::ZERO).await.unwrap().unwrap();
+    // FIXED: the LASTSRV target used to cycle LASTSRV -> SERVING -> LASTSRV
+    // inside one settle and never serve again.
+    assert_eq!(
+        r.target(1002).unwrap().public_state,
+        PublicState::Serving,
+        "the last serving target serves again: {:?}",
+        states(&r, chain)
+    );
+    assert_eq!(r.target(1001).unwrap().public_state, PublicState::Syncing);
+    // The next heartbeats keep it serving (it now reports UpToDate).
+    beat(&c, 102, 1002, LocalState::UpToDate).await;
+    beat(&c, 101, 1001, LocalState::UpToDate).await;
+    let r = c.routing_info(0, Duration::ZERO).await.unwrap().unwrap();
+    assert!(
+        states(&r, chain)
+            .iter()
+            .all(|(_, s)| *s == PublicState::Serving),
+        "{:?}",
+        states(&r, chain)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors() {
     let cluster = MgmtdCluster::start(1).await;
     cluster.wait_for_primary(WAIT).await.unwrap();

@@ -801,9 +801,19 @@ impl Primary {
             // was already SYNCING when it reported; one that starts syncing in
             // this settle has not synced anything yet, so it counts as Online.
             let mut started_syncing = HashSet::new();
+            // A LASTSRV target that comes back holds every acknowledged
+            // write: promoted to SERVING it is up to date by definition. It
+            // still reports Online (it has not seen itself SERVING yet), which
+            // for a SERVING target means "restarted, demote me": treat it as
+            // UpToDate for the rest of this settle, or the chain would cycle
+            // LASTSRV -> SERVING -> LASTSRV and never heal.
+            let mut promoted_from_lastsrv = HashSet::new();
             for _ in 0..CHAIN_STEPS_MAX {
                 let step_local = |t: TargetId| match local_of(t) {
                     LocalState::UpToDate if started_syncing.contains(&t) => LocalState::Online,
+                    LocalState::Online if promoted_from_lastsrv.contains(&t) => {
+                        LocalState::UpToDate
+                    }
                     other => other,
                 };
                 let next = chain::next_chain(&chain, step_local);
@@ -818,6 +828,9 @@ impl Primary {
                         .map(|c| c.state);
                     if ct.state == PublicState::Syncing && was != Some(PublicState::Syncing) {
                         started_syncing.insert(ct.target);
+                    }
+                    if ct.state == PublicState::Serving && was == Some(PublicState::LastSrv) {
+                        promoted_from_lastsrv.insert(ct.target);
                     }
                 }
                 chain = next;
