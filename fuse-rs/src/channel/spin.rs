@@ -23,6 +23,9 @@ pub struct SpinConfig {
     pub start: Duration,
     /// A blocking wait shorter than this counts as "back to back".
     pub burst_gap: Duration,
+    /// A blocking wait this long means the mount is idle: the budget drops
+    /// to zero then, not only when the next request comes.
+    pub idle: Duration,
 }
 
 impl Default for SpinConfig {
@@ -33,6 +36,7 @@ impl Default for SpinConfig {
             max: Duration::from_micros(200),
             start: Duration::from_micros(20),
             burst_gap: Duration::from_micros(500),
+            idle: Duration::from_millis(100),
         }
     }
 }
@@ -71,6 +75,16 @@ impl AdaptiveSpin {
         if self.budget < self.config.start / 2 {
             self.budget = Duration::ZERO;
         }
+    }
+
+    /// A blocking wait has lasted [`SpinConfig::idle`]: the mount is idle.
+    pub fn idle(&mut self) {
+        self.budget = Duration::ZERO;
+    }
+
+    /// How long to block before calling the mount idle.
+    pub fn idle_after(&self) -> Duration {
+        self.config.idle
     }
 
     /// A blocking wait ended with a request after `waited`.
@@ -136,6 +150,7 @@ mod tests {
             max: us(100),
             start: us(10),
             burst_gap: us(500),
+            idle: Duration::from_millis(100),
         })
     }
 
@@ -181,6 +196,9 @@ mod tests {
         assert_eq!(s.budget(), Duration::ZERO, "idle mount spins not at all");
         s.woke_after(us(30));
         assert_eq!(s.budget(), us(10), "back-to-back requests start a burst");
+        s.hit();
+        s.idle();
+        assert_eq!(s.budget(), Duration::ZERO, "an idle wait drops the budget");
     }
 
     #[test]
@@ -189,6 +207,7 @@ mod tests {
             max: Duration::ZERO,
             start: Duration::ZERO,
             burst_gap: us(500),
+            idle: Duration::from_millis(100),
         });
         s.hit();
         s.woke_after(us(1));

@@ -94,9 +94,18 @@ impl XfuseChannel {
         }
         stats.blocking_waits.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
+        // Block; after the idle period, drop the budget (and show it) once,
+        // then block without a timeout: an idle mount does not wake.
+        let mut timeout = PollTimeout::try_from(spin.idle_after()).unwrap_or(PollTimeout::NONE);
         loop {
             let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
-            match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+            match nix::poll::poll(&mut fds, timeout) {
+                Ok(0) => {
+                    spin.idle();
+                    stats.spin_budget_ns.store(0, Ordering::Relaxed);
+                    timeout = PollTimeout::NONE;
+                    continue;
+                }
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => return Err(ChannelEnd::Failed(e as i32)),
             }

@@ -22,7 +22,12 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Runs `r3fs <args> --listen <free port>`, logging to `log`.
     pub fn start(args: &[&str], log: &Path) -> ServerProcess {
-        let addr = free_addr();
+        ServerProcess::start_at(args, log, free_addr())
+    }
+
+    /// Runs `r3fs <args> --listen <addr>`, logging to `log`: a server
+    /// restarted where its clients expect it.
+    pub fn start_at(args: &[&str], log: &Path, addr: SocketAddr) -> ServerProcess {
         let child = Command::new(BIN)
             .args(args)
             .args(["--listen", &addr.to_string()])
@@ -68,6 +73,10 @@ impl ServerProcess {
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, sig).expect("signal our own child");
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
     }
 
     /// Waits for the process to exit and returns whether it exited 0.
