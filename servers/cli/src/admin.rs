@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use clap::Subcommand;
 use r3fs_client::MgmtClient;
-use r3fs_wire::mgmt::{CreateChainTableRequest, Millis, RoutingInfo};
+use r3fs_wire::mgmt::{Chain, CreateChainTableRequest, Millis, RoutingInfo};
 use serde::Serialize;
 
 #[derive(clap::Args)]
@@ -138,19 +138,7 @@ async fn run_cmd(args: AdminArgs) -> anyhow::Result<()> {
             if json {
                 return print_json(&r.chains);
             }
-            let rows = r.chains.iter().map(|c| {
-                let targets: Vec<String> = c
-                    .targets
-                    .iter()
-                    .map(|t| format!("{}({:?})", t.target, t.state))
-                    .collect();
-                vec![
-                    c.id.to_string(),
-                    c.version.to_string(),
-                    targets.join(" -> "),
-                ]
-            });
-            table(&["CHAIN", "VERSION", "TARGETS (head first)"], rows);
+            chains_table(&r.chains);
         }
         AdminCmd::ListTargets => {
             let r = routing().await?;
@@ -213,6 +201,23 @@ async fn run_cmd(args: AdminArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Chains with their targets head first, each with its public state.
+pub(crate) fn chains_table(chains: &[Chain]) {
+    let rows = chains.iter().map(|c| {
+        let targets: Vec<String> = c
+            .targets
+            .iter()
+            .map(|t| format!("{}({:?})", t.target, t.state))
+            .collect();
+        vec![
+            c.id.to_string(),
+            c.version.to_string(),
+            targets.join(" -> "),
+        ]
+    });
+    table(&["CHAIN", "VERSION", "TARGETS (head first)"], rows);
+}
+
 fn targets_table(r: &RoutingInfo) {
     let rows = r.targets.iter().map(|t| {
         vec![
@@ -231,7 +236,8 @@ fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+/// Prints `rows` under `header`, each column as wide as its widest cell.
+pub(crate) fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
     let rows: Vec<Vec<String>> = rows.collect();
     let width: Vec<usize> = (0..header.len())
         .map(|c| {

@@ -135,6 +135,31 @@ impl KvConfig {
     }
 }
 
+/// A command-line flag that overrides a config value when it is given: an
+/// `Option` flag when `Some`, a list flag when not empty.
+pub trait Flag<T> {
+    fn given(self) -> Option<T>;
+}
+
+impl<T> Flag<T> for Option<T> {
+    fn given(self) -> Option<T> {
+        self
+    }
+}
+
+impl<T> Flag<Vec<T>> for Vec<T> {
+    fn given(self) -> Option<Vec<T>> {
+        (!self.is_empty()).then_some(self)
+    }
+}
+
+/// Sets `value` to `flag` when the command line gave it.
+pub fn set<T>(value: &mut T, flag: impl Flag<T>) {
+    if let Some(v) = flag.given() {
+        *value = v;
+    }
+}
+
 /// Reads a TOML config file, or the type's defaults when there is none.
 pub fn load<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> anyhow::Result<T> {
     let Some(path) = path else {
@@ -178,6 +203,12 @@ impl Default for MgmtdServerConfig {
 }
 
 impl MgmtdServerConfig {
+    /// Checks what [`mgmtd_config`](Self::mgmtd_config) checks, before any
+    /// address is resolved or engine opened.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.mgmtd_config(self.listen).map(drop)
+    }
+
     /// The service settings, checked.
     pub fn mgmtd_config(&self, advertised: SocketAddr) -> anyhow::Result<r3fs_mgmtd::MgmtdConfig> {
         use std::time::Duration;

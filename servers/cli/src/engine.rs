@@ -1,6 +1,7 @@
 //! What every server subcommand shares: opening the configured KV engine,
-//! and waiting for the signal to stop.
+//! resolving the address it advertises, and waiting for the signal to stop.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +61,17 @@ fn open_fdb(kv: &KvConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
 #[cfg(not(feature = "fdb"))]
 fn open_fdb(_kv: &KvConfig) -> anyhow::Result<Arc<dyn KvEngine>> {
     anyhow::bail!("this r3fs was built without FoundationDB support; rebuild with `cargo build --release --features fdb` (needs libfdb_c)")
+}
+
+/// The address a server advertises: `listen`, with port 0 resolved to a
+/// free port first (a probe bind; the port is taken again at once).
+pub fn advertised(listen: SocketAddr) -> anyhow::Result<SocketAddr> {
+    if listen.port() != 0 {
+        return Ok(listen);
+    }
+    let probe =
+        std::net::TcpListener::bind(listen).with_context(|| format!("listen on {listen}"))?;
+    Ok(probe.local_addr()?)
 }
 
 /// Returns on SIGTERM or SIGINT.

@@ -4,8 +4,9 @@
 //! collection of removed files — with everything under one data directory.
 //!
 //! It is what `r3fs mount` starts when it is given no cluster file. The
-//! servers are started by the same library calls as `r3fs mgmtd`, `r3fs meta`
-//! and `r3fs storage` ([`start_mgmtd`], [`start_meta`], [`start_storage`]).
+//! servers are started by the same calls as `r3fs mgmtd`, `r3fs meta` and
+//! `r3fs storage` ([`crate::mgmtd::start`], [`crate::meta::start`],
+//! [`crate::storage::start`]).
 //! It never listens beyond loopback.
 //!
 //! # Data directory
@@ -24,7 +25,6 @@
 //! Startup waits at most [`READY_TIMEOUT`] for every target to be SERVING;
 //! `stop` waits [`STOP_TIMEOUT`] for a graceful exit before SIGKILL.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -33,23 +33,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
-use r3fs_client::{MetaClient, MetaClientConfig, MgmtClient, RoutingWatcher};
+use r3fs_client::{MetaClient, MetaClientConfig, MgmtClient};
 use r3fs_kv::KvEngine;
-use r3fs_meta::{MetaConfig, MetaStore};
-use r3fs_net::{Router, RpcServer, ServerConfig};
-use r3fs_storage::chunk::ChunkEngine;
-use r3fs_storage::craq::StorageService;
-use r3fs_storage::node::{self, NodeConfig, NodeTasks, Reporter};
+use r3fs_meta::MetaConfig;
+use r3fs_net::{RpcServer, ServerConfig};
 use r3fs_wire::mgmt::{
-    ChainId, CreateChainTableRequest, LocalState, NodeId, NodeType, PublicState,
-    RegisterNodeRequest, RoutingInfo, TargetId,
+    ChainId, CreateChainTableRequest, NodeId, PublicState, RoutingInfo, TargetId,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::cluster_file::{write_atomically, ClusterFile};
 use crate::config::{KvConfig, MetaServerConfig, MgmtdServerConfig};
 use crate::mount::daemon;
-use crate::storage::{StorageConfig, TargetConfig};
+use crate::storage::{StorageConfig, StorageNode, TargetConfig};
 
 /// Where the local cluster and the mount registry live unless told otherwise.
 pub const DATA_DIR_DEFAULT: &str = "/var/lib/r3fs/local";
@@ -511,7 +507,7 @@ struct LocalCluster {
     file: ClusterFile,
     mgmtd: RpcServer,
     meta: RpcServer,
-    storage: Vec<RunningStorage>,
+    storage: Vec<StorageNode>,
     client: MgmtClient,
     _engine: Arc<dyn KvEngine>,
 }
@@ -537,7 +533,9 @@ impl LocalCluster {
             drain_timeout: MGMTD_DRAIN_TIMEOUT,
             ..ServerConfig::default()
         };
-        let mgmtd = start_mgmtd(&mgmtd_cfg, engine.clone(), mgmtd_server).await?;
+        let mgmtd = crate::mgmtd::start(&mgmtd_cfg, engine.clone(), mgmtd_server)
+            .await
+            .context("mgmtd")?;
         let client = MgmtClient::new(vec![mgmtd.local_addr()])?;
         wait_for_primary(&client, READY_TIMEOUT).await?;
         let meta_addr = loopback(ports.meta);
@@ -562,7 +560,10 @@ impl LocalCluster {
                 meta: if i == 0 { vec![meta_addr] } else { Vec::new() },
                 ..StorageConfig::default()
             };
-            storage.push(start_storage(cfg).await?);
+            let started = crate::storage::start(cfg)
+                .await
+                .with_context(|| format!("storage node {node}"))?;
+            storage.push(started);
         }
         let chains = ensure_chain_table(&client).await?;
         let meta_cfg = MetaServerConfig {
@@ -576,7 +577,9 @@ impl LocalCluster {
             },
         };
         meta_cfg.validate()?;
-        let meta = start_meta(&meta_cfg, engine.clone()).await?;
+        let meta = crate::meta::start(&meta_cfg, engine.clone())
+            .await
+            .context("meta")?;
         Ok(LocalCluster {
             file: ClusterFile {
                 mgmtd: vec![mgmtd.local_addr()],
@@ -685,181 +688,6 @@ async fn ensure_chain_table(client: &MgmtClient) -> anyhow::Result<Vec<ChainId>>
         .context("create the chain table")?;
     tracing::info!(chains = ?table.chains, replicas = table.replicas, "chain table created");
     Ok(table.chains)
-}
-
-/// The address a server advertises: `listen`, with port 0 resolved to a
-/// free port first (a probe bind; the port is taken again at once).
-fn advertised(listen: SocketAddr) -> anyhow::Result<SocketAddr> {
-    if listen.port() != 0 {
-        return Ok(listen);
-    }
-    let probe = TcpListener::bind(listen).with_context(|| format!("listen on {listen}"))?;
-    Ok(probe.local_addr()?)
-}
-
-/// Starts an mgmtd instance on `engine` as `r3fs mgmtd` does.
-pub(crate) async fn start_mgmtd(
-    cfg: &MgmtdServerConfig,
-    engine: Arc<dyn KvEngine>,
-    server: ServerConfig,
-) -> anyhow::Result<RpcServer> {
-    let address = advertised(cfg.listen)?;
-    let mgmtd = r3fs_mgmtd::Mgmtd::start(engine, cfg.mgmtd_config(address)?)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut router = Router::new();
-    r3fs_mgmtd::server::register(&mut router, mgmtd);
-    let server = RpcServer::bind(address, router, server)
-        .await
-        .with_context(|| format!("mgmtd: listen on {address}"))?;
-    tracing::info!(listen = %server.local_addr(), node_id = cfg.node_id, "mgmtd ready");
-    Ok(server)
-}
-
-/// Starts a meta server on `engine` as `r3fs meta` does.
-pub(crate) async fn start_meta(
-    cfg: &MetaServerConfig,
-    engine: Arc<dyn KvEngine>,
-) -> anyhow::Result<RpcServer> {
-    let capacity_dir =
-        (cfg.kv.engine == crate::config::EngineKind::Embedded).then(|| cfg.data_dir.clone());
-    let store = MetaStore::new(engine, cfg.namespace.clone(), capacity_dir)
-        .context("open the namespace")?;
-    let mut router = Router::new();
-    r3fs_meta::server::register(&mut router, Arc::new(store));
-    let server = RpcServer::bind(cfg.listen, router, ServerConfig::default())
-        .await
-        .with_context(|| format!("meta: listen on {}", cfg.listen))?;
-    tracing::info!(listen = %server.local_addr(), chains = ?cfg.namespace.chains, stripe = cfg.namespace.stripe, "meta server ready");
-    Ok(server)
-}
-
-/// A storage node started by [`start_storage`]; stops on [`shutdown`](Self::shutdown).
-pub(crate) struct RunningStorage {
-    server: RpcServer,
-    _tasks: NodeTasks,
-    _gc: Option<AbortOnDrop>,
-    _watcher: RoutingWatcher,
-}
-
-impl RunningStorage {
-    pub(crate) async fn shutdown(self) {
-        self.server.shutdown().await;
-    }
-}
-
-/// Starts a storage node as `r3fs storage` does: opens its targets, serves
-/// CRAQ, registers with mgmtd, heartbeats, and collects garbage when
-/// `cfg.meta` names meta servers.
-pub(crate) async fn start_storage(cfg: StorageConfig) -> anyhow::Result<RunningStorage> {
-    let mut engines = HashMap::new();
-    for t in &cfg.targets {
-        let engine = ChunkEngine::open(&t.path, cfg.chunk_size_max)
-            .with_context(|| format!("open target {} in {}", t.id, t.path.display()))?;
-        if engines.insert(t.id, Arc::new(engine)).is_some() {
-            bail!("target {} is configured twice", t.id);
-        }
-    }
-    let address = advertised(cfg.listen)?;
-    let mgmt = MgmtClient::new(cfg.mgmtd.clone())?;
-    let watcher = RoutingWatcher::start(mgmt.clone());
-    let service = StorageService::new(cfg.node_id, engines, watcher.subscribe());
-    let mut router = Router::new();
-    service.register(&mut router);
-    let server = RpcServer::bind(address, router, ServerConfig::default())
-        .await
-        .with_context(|| format!("storage node {}: listen on {address}", cfg.node_id))?;
-    let register = RegisterNodeRequest {
-        id: Some(cfg.node_id),
-        node_type: NodeType::Storage,
-        address: address.to_string(),
-        hostname: hostname(),
-        targets: cfg.targets.iter().map(|t| t.id).collect(),
-    };
-    mgmt.register(register)
-        .await
-        .with_context(|| format!("register with mgmtd at {:?}", cfg.mgmtd))?;
-    let node_config = NodeConfig {
-        node_id: cfg.node_id,
-        heartbeat_interval: Duration::from_millis(cfg.heartbeat_interval_ms.max(10)),
-        resync_retry: Duration::from_secs(1),
-    };
-    let tasks = node::spawn(
-        service,
-        MgmtReporter(mgmt),
-        watcher.subscribe(),
-        node_config,
-    );
-    let gc = if cfg.meta.is_empty() {
-        None
-    } else {
-        Some(spawn_gc(
-            cfg.meta.clone(),
-            watcher.subscribe(),
-            cfg.gc_interval_ms,
-        )?)
-    };
-    tracing::info!(listen = %server.local_addr(), node_id = cfg.node_id, targets = ?cfg.targets.iter().map(|t| t.id).collect::<Vec<_>>(), "storage node ready");
-    Ok(RunningStorage {
-        server,
-        _tasks: tasks,
-        _gc: gc,
-        _watcher: watcher,
-    })
-}
-
-struct MgmtReporter(MgmtClient);
-
-impl Reporter for MgmtReporter {
-    async fn heartbeat(
-        &self,
-        node: NodeId,
-        targets: Vec<(TargetId, LocalState)>,
-    ) -> Result<u64, String> {
-        let req = r3fs_wire::mgmt::HeartbeatRequest { node, targets };
-        self.0
-            .heartbeat(req)
-            .await
-            .map(|r| r.routing_version)
-            .map_err(|e| e.to_string())
-    }
-}
-
-/// Collects removed files' chunks every `interval_ms` until dropped.
-fn spawn_gc(
-    meta: Vec<SocketAddr>,
-    routing: tokio::sync::watch::Receiver<Option<Arc<RoutingInfo>>>,
-    interval_ms: u64,
-) -> anyhow::Result<AbortOnDrop> {
-    let meta = MetaClient::new(MetaClientConfig::new(meta))?;
-    let storage = r3fs_client::StorageClient::new(routing, Default::default());
-    let task = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_millis(interval_ms.max(100))).await;
-            match r3fs_client::gc::collect_garbage(&meta, &storage).await {
-                Ok(round) if round.files > 0 || round.failed > 0 => {
-                    tracing::info!(?round, "garbage collected");
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "garbage collection round failed"),
-            }
-        }
-    });
-    Ok(AbortOnDrop(task))
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-fn hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "unknown".into())
 }
 
 #[cfg(test)]

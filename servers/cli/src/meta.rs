@@ -1,14 +1,16 @@
 //! `r3fs meta`: run a meta server until SIGINT or SIGTERM, then drain.
+//! [`start`] starts one for `r3fs local-cluster` too.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use r3fs_kv::KvEngine;
 use r3fs_meta::MetaStore;
 use r3fs_net::{Router, RpcServer, ServerConfig};
 
-use crate::config::{DurabilityKind, EngineKind, MetaServerConfig};
+use crate::config::{set, DurabilityKind, EngineKind, MetaServerConfig};
 
 #[derive(clap::Args)]
 pub struct MetaArgs {
@@ -40,42 +42,45 @@ pub struct MetaArgs {
 
 pub fn run(args: MetaArgs) -> anyhow::Result<()> {
     let mut cfg: MetaServerConfig = crate::config::load(args.config.as_deref())?;
-    if let Some(v) = args.listen {
-        cfg.listen = v;
-    }
-    if let Some(v) = args.data_dir {
-        cfg.data_dir = v;
-    }
-    if let Some(v) = args.engine {
-        cfg.kv.engine = v;
-    }
-    if let Some(v) = args.durability {
-        cfg.kv.durability = v;
-    }
-    if let Some(v) = args.fsync_interval_ms {
-        cfg.kv.fsync_interval_ms = v;
-    }
-    if let Some(v) = args.fdb_cluster_file {
-        cfg.kv.fdb_cluster_file = Some(v);
-    }
-    if !args.kv_remote.is_empty() {
-        cfg.kv.remote = args.kv_remote;
-    }
+    set(&mut cfg.listen, args.listen);
+    set(&mut cfg.data_dir, args.data_dir);
+    set(&mut cfg.kv.engine, args.engine);
+    set(&mut cfg.kv.durability, args.durability);
+    set(&mut cfg.kv.fsync_interval_ms, args.fsync_interval_ms);
+    set(
+        &mut cfg.kv.fdb_cluster_file,
+        args.fdb_cluster_file.map(Some),
+    );
+    set(&mut cfg.kv.remote, args.kv_remote);
     cfg.validate()?;
     let engine = crate::engine::open(&cfg.kv, &cfg.data_dir)?;
+    let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    runtime.block_on(serve(cfg, engine))
+}
+
+async fn serve(cfg: MetaServerConfig, engine: Arc<dyn KvEngine>) -> anyhow::Result<()> {
+    let server = start(&cfg, engine).await?;
+    crate::engine::wait_for_signal().await?;
+    tracing::info!("shutting down: finishing in-flight requests");
+    server.shutdown().await;
+    tracing::info!("meta server stopped");
+    Ok(())
+}
+
+/// Starts a meta server on `engine` (`cfg` validated), serving until the
+/// returned server is shut down.
+pub(crate) async fn start(
+    cfg: &MetaServerConfig,
+    engine: Arc<dyn KvEngine>,
+) -> anyhow::Result<RpcServer> {
     // Capacity is measured on the data directory only when the engine keeps
     // its files there; with a shared engine it comes from the config (storage
     // capacity arrives with the storage service).
     let capacity_dir = (cfg.kv.engine == EngineKind::Embedded).then(|| cfg.data_dir.clone());
     let store = MetaStore::new(engine, cfg.namespace.clone(), capacity_dir)
         .context("open the namespace")?;
-    let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
-    runtime.block_on(serve(cfg, Arc::new(store)))
-}
-
-async fn serve(cfg: MetaServerConfig, store: Arc<MetaStore>) -> anyhow::Result<()> {
     let mut router = Router::new();
-    r3fs_meta::server::register(&mut router, store);
+    r3fs_meta::server::register(&mut router, Arc::new(store));
     let server = RpcServer::bind(cfg.listen, router, ServerConfig::default())
         .await
         .with_context(|| format!("listen on {}", cfg.listen))?;
@@ -84,11 +89,9 @@ async fn serve(cfg: MetaServerConfig, store: Arc<MetaStore>) -> anyhow::Result<(
         data_dir = %cfg.data_dir.display(),
         engine = ?cfg.kv.engine,
         durability = ?cfg.kv.durability,
+        chains = ?cfg.namespace.chains,
+        stripe = cfg.namespace.stripe,
         "meta server ready"
     );
-    crate::engine::wait_for_signal().await?;
-    tracing::info!("shutting down: finishing in-flight requests");
-    server.shutdown().await;
-    tracing::info!("meta server stopped");
-    Ok(())
+    Ok(server)
 }

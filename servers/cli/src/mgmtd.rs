@@ -1,13 +1,16 @@
-//! `r3fs mgmtd`: run one mgmtd instance until SIGINT or SIGTERM.
+//! `r3fs mgmtd`: run one mgmtd instance until SIGINT or SIGTERM. [`start`]
+//! starts one for `r3fs local-cluster` too.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
+use r3fs_kv::KvEngine;
 use r3fs_mgmtd::Mgmtd;
 use r3fs_net::{Router, RpcServer, ServerConfig};
 
-use crate::config::{EngineKind, MgmtdServerConfig};
+use crate::config::{set, EngineKind, MgmtdServerConfig};
 
 #[derive(clap::Args)]
 pub struct MgmtdArgs {
@@ -42,18 +45,13 @@ pub struct MgmtdArgs {
 
 pub fn run(args: MgmtdArgs) -> anyhow::Result<()> {
     let mut cfg: MgmtdServerConfig = crate::config::load(args.config.as_deref())?;
-    macro_rules! set {
-        ($($f:ident),*) => { $( if let Some(v) = args.$f { cfg.$f = v; } )* };
-    }
-    set!(
-        node_id,
-        listen,
-        data_dir,
-        lease_ms,
-        extend_interval_ms,
-        check_interval_ms,
-        heartbeat_timeout_ms
-    );
+    set(&mut cfg.node_id, args.node_id);
+    set(&mut cfg.listen, args.listen);
+    set(&mut cfg.data_dir, args.data_dir);
+    set(&mut cfg.lease_ms, args.lease_ms);
+    set(&mut cfg.extend_interval_ms, args.extend_interval_ms);
+    set(&mut cfg.check_interval_ms, args.check_interval_ms);
+    set(&mut cfg.heartbeat_timeout_ms, args.heartbeat_timeout_ms);
     if !args.kv_remote.is_empty() {
         cfg.kv.engine = EngineKind::Remote;
         cfg.kv.remote = args.kv_remote;
@@ -63,21 +61,31 @@ pub fn run(args: MgmtdArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: MgmtdServerConfig) -> anyhow::Result<()> {
-    // mgmtd tells clients its own address, so resolve `--listen ...:0` to a
-    // real port first (a probe bind; the port is taken again at once below).
-    let advertised = if cfg.listen.port() == 0 {
-        let probe = std::net::TcpListener::bind(cfg.listen)
-            .with_context(|| format!("listen on {}", cfg.listen))?;
-        probe.local_addr()?
-    } else {
-        cfg.listen
-    };
-    let service_config = cfg.mgmtd_config(advertised)?;
+    cfg.validate()?;
     let engine = crate::engine::open(&cfg.kv, &cfg.data_dir)?;
-    let mgmtd = Mgmtd::start(engine, service_config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let server = start(&cfg, engine, ServerConfig::default()).await?;
+    crate::engine::wait_for_signal().await?;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    tracing::info!("mgmtd stopped");
+    Ok(())
+}
+
+/// Starts an mgmtd instance on `engine`, serving until the returned server
+/// is shut down.
+pub(crate) async fn start(
+    cfg: &MgmtdServerConfig,
+    engine: Arc<dyn KvEngine>,
+    server: ServerConfig,
+) -> anyhow::Result<RpcServer> {
+    // mgmtd tells clients its own address, so resolve `--listen ...:0` to a
+    // real port first.
+    let advertised = crate::engine::advertised(cfg.listen)?;
+    let mgmtd =
+        Mgmtd::start(engine, cfg.mgmtd_config(advertised)?).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut router = Router::new();
     r3fs_mgmtd::server::register(&mut router, mgmtd);
-    let server = RpcServer::bind(advertised, router, ServerConfig::default())
+    let server = RpcServer::bind(advertised, router, server)
         .await
         .with_context(|| format!("listen on {advertised}"))?;
     tracing::info!(
@@ -87,9 +95,5 @@ async fn serve(cfg: MgmtdServerConfig) -> anyhow::Result<()> {
         lease_ms = cfg.lease_ms,
         "mgmtd ready (standby until it takes the primary lease)"
     );
-    crate::engine::wait_for_signal().await?;
-    tracing::info!("shutting down");
-    server.shutdown().await;
-    tracing::info!("mgmtd stopped");
-    Ok(())
+    Ok(server)
 }

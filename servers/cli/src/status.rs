@@ -9,6 +9,7 @@ use anyhow::Context;
 use r3fs_wire::mgmt::{Chain, NodeInfo, PrimaryInfo, PublicState, TargetInfo};
 use serde::Serialize;
 
+use crate::admin::{chains_table, table};
 use crate::cluster_file::ClusterFile;
 use crate::local_cluster::{self, ClusterState, DataDir, DataDirArg};
 use crate::mount::{self, daemon, registry};
@@ -239,42 +240,5 @@ fn print_status(s: &Status, dir: &DataDir) {
     });
     table(&["NODE", "TYPE", "ADDRESS", "STATE"], rows);
     println!();
-    let rows = h.chains.iter().map(|c| {
-        let targets: Vec<String> = c
-            .targets
-            .iter()
-            .map(|t| format!("{}({:?})", t.target, t.state))
-            .collect();
-        vec![
-            c.id.to_string(),
-            c.version.to_string(),
-            targets.join(" -> "),
-        ]
-    });
-    table(&["CHAIN", "VERSION", "TARGETS (head first)"], rows);
-}
-
-fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
-    let rows: Vec<Vec<String>> = rows.collect();
-    let width: Vec<usize> = (0..header.len())
-        .map(|c| {
-            rows.iter()
-                .map(|r| r[c].len())
-                .chain([header[c].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: Vec<String>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = width[i]))
-            .collect();
-        println!("{}", parts.join("  ").trim_end());
-    };
-    line(header.iter().map(|s| s.to_string()).collect());
-    for r in rows {
-        line(r);
-    }
+    chains_table(&h.chains);
 }

@@ -1,6 +1,6 @@
 //! `r3fs storage`: run a storage node — its targets' chunk engines, CRAQ
 //! replication, and the life with mgmtd (register, heartbeat, resync) — until
-//! SIGINT or SIGTERM.
+//! SIGINT or SIGTERM. [`start`] starts one for `r3fs local-cluster` too.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,9 +13,11 @@ use r3fs_client::{MgmtClient, RoutingWatcher};
 use r3fs_net::{Router, RpcServer, ServerConfig};
 use r3fs_storage::chunk::{ChunkEngine, CHUNK_BYTES_MAX};
 use r3fs_storage::craq::StorageService;
-use r3fs_storage::node::{self, NodeConfig, Reporter};
+use r3fs_storage::node::{self, NodeConfig, NodeTasks, Reporter};
 use r3fs_wire::mgmt::{LocalState, NodeId, NodeType, RegisterNodeRequest, TargetId};
 use serde::Deserialize;
+
+use crate::config::set;
 
 #[derive(clap::Args)]
 pub struct StorageArgs {
@@ -114,27 +116,13 @@ impl Reporter for MgmtReporter {
 
 pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     let mut cfg: StorageConfig = crate::config::load(args.config.as_deref())?;
-    if let Some(v) = args.node_id {
-        cfg.node_id = v;
-    }
-    if let Some(v) = args.listen {
-        cfg.listen = v;
-    }
-    if !args.mgmtd.is_empty() {
-        cfg.mgmtd = args.mgmtd;
-    }
-    if !args.targets.is_empty() {
-        cfg.targets = args.targets;
-    }
-    if let Some(v) = args.heartbeat_interval_ms {
-        cfg.heartbeat_interval_ms = v;
-    }
-    if !args.meta.is_empty() {
-        cfg.meta = args.meta;
-    }
-    if let Some(v) = args.gc_interval_ms {
-        cfg.gc_interval_ms = v;
-    }
+    set(&mut cfg.node_id, args.node_id);
+    set(&mut cfg.listen, args.listen);
+    set(&mut cfg.mgmtd, args.mgmtd);
+    set(&mut cfg.targets, args.targets);
+    set(&mut cfg.heartbeat_interval_ms, args.heartbeat_interval_ms);
+    set(&mut cfg.meta, args.meta);
+    set(&mut cfg.gc_interval_ms, args.gc_interval_ms);
     if cfg.node_id == 0 {
         bail!("a storage node needs a node id: --node-id N or node_id = N");
     }
@@ -146,6 +134,34 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: StorageConfig) -> anyhow::Result<()> {
+    let node = start(cfg).await?;
+    crate::engine::wait_for_signal().await?;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    tracing::info!("storage node stopped");
+    Ok(())
+}
+
+/// A running storage node: serves until [`shutdown`](Self::shutdown), and
+/// heartbeats, resyncs and collects garbage until dropped.
+pub(crate) struct StorageNode {
+    server: RpcServer,
+    _tasks: NodeTasks,
+    _gc: Option<AbortOnDrop>,
+    _watcher: RoutingWatcher,
+}
+
+impl StorageNode {
+    /// Stops serving (in-flight requests finish first), then the node's tasks.
+    pub(crate) async fn shutdown(self) {
+        self.server.shutdown().await;
+    }
+}
+
+/// Starts a storage node: opens its targets, serves CRAQ, registers with
+/// mgmtd, heartbeats, and collects garbage when `cfg.meta` names meta
+/// servers.
+pub(crate) async fn start(cfg: StorageConfig) -> anyhow::Result<StorageNode> {
     let mut engines = HashMap::new();
     for t in &cfg.targets {
         let engine = ChunkEngine::open(&t.path, cfg.chunk_size_max)
@@ -154,13 +170,7 @@ async fn serve(cfg: StorageConfig) -> anyhow::Result<()> {
             bail!("target {} is configured twice", t.id);
         }
     }
-    let advertised = if cfg.listen.port() == 0 {
-        let probe = std::net::TcpListener::bind(cfg.listen)
-            .with_context(|| format!("listen on {}", cfg.listen))?;
-        probe.local_addr()?
-    } else {
-        cfg.listen
-    };
+    let advertised = crate::engine::advertised(cfg.listen)?;
     let mgmt = MgmtClient::new(cfg.mgmtd.clone())?;
     let watcher = RoutingWatcher::start(mgmt.clone());
     let service = StorageService::new(cfg.node_id, engines, watcher.subscribe());
@@ -184,13 +194,13 @@ async fn serve(cfg: StorageConfig) -> anyhow::Result<()> {
         heartbeat_interval: Duration::from_millis(cfg.heartbeat_interval_ms.max(10)),
         resync_retry: Duration::from_secs(1),
     };
-    let _tasks = node::spawn(
+    let tasks = node::spawn(
         service,
         MgmtReporter(mgmt),
         watcher.subscribe(),
         node_config,
     );
-    let _gc = if cfg.meta.is_empty() {
+    let gc = if cfg.meta.is_empty() {
         None
     } else {
         Some(spawn_gc(
@@ -200,12 +210,12 @@ async fn serve(cfg: StorageConfig) -> anyhow::Result<()> {
         )?)
     };
     tracing::info!(listen = %server.local_addr(), node_id = cfg.node_id, targets = ?cfg.targets.iter().map(|t| t.id).collect::<Vec<_>>(), "storage node ready");
-    crate::engine::wait_for_signal().await?;
-    tracing::info!("shutting down");
-    server.shutdown().await;
-    tracing::info!("storage node stopped");
-    drop(watcher);
-    Ok(())
+    Ok(StorageNode {
+        server,
+        _tasks: tasks,
+        _gc: gc,
+        _watcher: watcher,
+    })
 }
 
 /// Collects removed files' chunks every `interval_ms` until dropped.
