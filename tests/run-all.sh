@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Sets up this machine and runs the whole r3fs test suite: formatting, lints
-# (with and without the FoundationDB backend), every unit, integration and
-# process test, a short benchmark run, and the main-job script.
+# (with and without the FoundationDB backend), every unit, integration,
+# process and FUSE mount test, short benchmark runs, and the main job.
 # Needs root for apt-get; a Rust toolchain with rustfmt and clippy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(build-essential pkg-config libclang-dev)
+# bindfs: the libfuse peer the FUSE benchmarks compare against.
+packages=(build-essential pkg-config libclang-dev bindfs)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -48,8 +49,11 @@ step "r3fs-bench meta and storage (short runs: check the benchmarks work; figure
 target/release/r3fs-bench meta --ops 2000 --listings 40
 target/release/r3fs-bench storage --size-mib 16 --random-reads 400
 
-step "main job: local cluster (kv, mgmtd, meta)"
+step "cluster of separate processes (kv, 2 mgmtd, 2 meta) through r3fs fs"
 R3FS_BIN=target/release/r3fs bash tests/scripts/local-cluster.sh
+
+step "main job: r3fs mount on a local cluster, write, read back, status, remount"
+R3FS_BIN=target/release/r3fs bash tests/scripts/main-job.sh --check
 
 echo
 echo "all r3fs tests passed in $(( $(date +%s) - start )) s"
