@@ -54,6 +54,9 @@ struct MountStatus {
     cluster: PathBuf,
     local: bool,
     log: Option<PathBuf>,
+    /// The daemon's channel mode and per-channel counters (rewritten by
+    /// the daemon every second while it runs).
+    channels: Option<r3fs_fuse::MountStats>,
 }
 
 #[derive(Serialize)]
@@ -79,6 +82,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     let mounts = registry::read(&dir)?
         .into_iter()
         .map(|m| MountStatus {
+            channels: read_channel_stats(&dir, &m.mountpoint),
             alive: daemon::alive(m.pid),
             mounted: mount::r3fs_mount_at(&m.mountpoint).is_some(),
             mountpoint: m.mountpoint,
@@ -165,6 +169,54 @@ fn health(cluster_file: PathBuf) -> anyhow::Result<ClusterHealth> {
     })
 }
 
+fn read_channel_stats(
+    dir: &DataDir,
+    mountpoint: &std::path::Path,
+) -> Option<r3fs_fuse::MountStats> {
+    let bytes = std::fs::read(mount::stats_path(dir, mountpoint)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// One mount's channels: mode, and the counters of each channel.
+fn print_channels(m: &MountStatus) {
+    let Some(c) = &m.channels else {
+        return;
+    };
+    println!();
+    println!(
+        "{}: channel mode {}, {} classic thread(s), {} XFUSE channel(s)",
+        m.mountpoint.display(),
+        c.mode,
+        c.classic_threads,
+        c.xfuse_channels
+    );
+    let rows = c.channels.iter().map(|ch| {
+        vec![
+            ch.name.clone(),
+            ch.kind.clone(),
+            ch.threads.to_string(),
+            ch.requests.to_string(),
+            ch.spin_hits.to_string(),
+            ch.spin_misses.to_string(),
+            ch.blocking_waits.to_string(),
+            format!("{:.1}", ch.spin_budget_ns as f64 / 1000.0),
+        ]
+    });
+    table(
+        &[
+            "CHANNEL",
+            "KIND",
+            "THREADS",
+            "REQUESTS",
+            "SPIN HITS",
+            "SPIN MISSES",
+            "BLOCKING WAITS",
+            "BUDGET µs",
+        ],
+        rows,
+    );
+}
+
 fn print_status(s: &Status, dir: &DataDir) {
     println!("data dir: {}", s.data_dir.display());
     match &s.local_cluster {
@@ -198,6 +250,9 @@ fn print_status(s: &Status, dir: &DataDir) {
             ]
         });
         table(&["MOUNTPOINT", "PID", "DAEMON", "KERNEL", "CLUSTER"], rows);
+        for m in s.mounts.iter().filter(|m| m.alive) {
+            print_channels(m);
+        }
     }
     println!();
     let Some(h) = &s.cluster else {
