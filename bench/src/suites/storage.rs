@@ -1,15 +1,24 @@
 //! The `storage` suite: sequential 1 MiB writes and reads and random 4 KiB
 //! reads through StorageClient against one chain of three storage nodes on
 //! loopback (in this process, each with its own chunk engine on the same
-//! disk), side by side with direct file I/O of the same amount on that disk.
+//! disk), side by side with direct I/O of the same amount on that disk.
+//!
+//! Both sides measure the device, never the page cache:
+//! - the direct side uses `O_DIRECT` writes (then one `fdatasync`) and
+//!   `O_DIRECT` reads, at the same depth as the chain side (threads);
+//! - the chain side's chunk engines write through the page cache and
+//!   `fdatasync` every version (that is their durability), and before every
+//!   read phase the bench syncs and evicts every file of the three targets
+//!   (`posix_fadvise(DONTNEED)`), so the reads start cold.
 //!
 //! A chain of three on one disk writes every byte three times, so the write
 //! limit is the direct write bandwidth / 3; reads are served by one replica,
-//! so the read limit is the direct read bandwidth.
+//! so the read limit is the direct read bandwidth at the same depth.
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,6 +40,8 @@ const SUITE: &str = "storage";
 const BLOCK: usize = 1 << 20;
 const SMALL: usize = 4096;
 const CHUNK: u32 = 1 << 20;
+/// Buffer alignment `O_DIRECT` needs.
+const DIRECT_ALIGN: usize = 4096;
 
 #[derive(clap::Args)]
 pub struct StorageArgs {
@@ -136,120 +147,72 @@ fn block(i: u64) -> Bytes {
 pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("create a data directory")?;
     let blocks = args.size_mib.max(1);
-    let mib = blocks as f64;
+    let d = args.depth.max(1);
     println!(
-        "storage suite: {blocks} MiB sequential in 1 MiB blocks, {} random 4 KiB reads at concurrency {}; \
-         StorageClient -> chain of 3 on 127.0.0.1 (chunk 1 MiB, every version fsynced) vs direct file I/O on the same disk ({}); unpinned",
+        "storage suite: {blocks} MiB sequential in 1 MiB blocks at depth 1 and {d}, {} random 4 KiB reads at concurrency {}; \
+         StorageClient -> chain of 3 on 127.0.0.1 (chunk 1 MiB, every version fdatasynced) vs O_DIRECT I/O on the same disk ({}); unpinned",
         args.random_reads, args.concurrency, dir.path().display()
     );
     // Direct: the limits.
     let path = dir.path().join("direct");
-    let t = Instant::now();
-    {
-        let mut f = std::fs::File::create(&path)?;
-        for i in 0..blocks {
-            f.write_all(&block(i))?;
-        }
-        f.sync_all()?;
-    }
-    let direct_write = mib / t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    {
-        let mut f = std::fs::File::open(&path)?;
-        let mut buf = vec![0u8; BLOCK];
-        for _ in 0..blocks {
-            f.read_exact(&mut buf)?;
-        }
-    }
-    let direct_read = mib / t.elapsed().as_secs_f64();
-    let mut lat = Vec::new();
-    let t = Instant::now();
-    {
-        let mut f = std::fs::File::open(&path)?;
-        let mut buf = vec![0u8; SMALL];
-        for _ in 0..args.random_reads {
-            let off = rand::random_range(0..blocks * BLOCK as u64 / SMALL as u64) * SMALL as u64;
-            let s = Instant::now();
-            f.seek(SeekFrom::Start(off))?;
-            f.read_exact(&mut buf)?;
-            lat.push(s.elapsed().as_nanos() as u64);
-        }
-    }
-    let direct_random = Phase {
-        ops: args.random_reads,
-        elapsed: t.elapsed(),
-        latencies_ns: lat,
-    };
+    let direct_write1 = direct_seq(&path, blocks, 1, true)?;
+    let direct_write = direct_seq(&path, blocks, d, true)?;
+    let direct_read1 = direct_seq(&path, blocks, 1, false)?;
+    let direct_read = direct_seq(&path, blocks, d, false)?;
+    let direct_random = direct_random_reads(&path, blocks, args.random_reads, args.concurrency)?;
+    std::fs::remove_file(&path)?;
 
     // Through the chain.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (chain_write, chain_read, chain_random) = runtime.block_on(async {
-        let chain = start_chain(dir.path()).await?;
-        let c = &chain.client;
-        let write1 = seq(c, blocks, 1, true).await?;
-        let read1 = seq(c, blocks, 1, false).await?;
-        let write = seq(c, blocks, args.depth, true).await?;
-        let read = seq(c, blocks, args.depth, false).await?;
-        let per_task = (args.random_reads / args.concurrency as u64).max(1);
-        let t = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..args.concurrency {
-            let c = c.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut lat = Vec::new();
-                for _ in 0..per_task {
-                    let off =
-                        rand::random_range(0..blocks * BLOCK as u64 / SMALL as u64) * SMALL as u64;
-                    let s = Instant::now();
-                    c.read(&layout(), 1, off, SMALL as u64).await?;
-                    lat.push(s.elapsed().as_nanos() as u64);
-                }
-                Ok::<_, anyhow::Error>(lat)
-            }));
-        }
-        let mut lat = Vec::new();
-        for task in tasks {
-            lat.extend(task.await??);
-        }
-        let random = Phase {
-            ops: lat.len() as u64,
-            elapsed: t.elapsed(),
-            latencies_ns: lat,
-        };
-        Ok::<_, anyhow::Error>(((write1, write), (read1, read), random))
-    })?;
-    let ((chain_write1, chain_write), (chain_read1, chain_read)) = (chain_write, chain_read);
+    let targets = dir.path().to_path_buf();
+    let (chain_write1, chain_write, chain_read1, chain_read, chain_random) =
+        runtime.block_on(async {
+            let chain = start_chain(dir.path()).await?;
+            let c = &chain.client;
+            let write1 = seq(c, blocks, 1, true).await?;
+            let write = seq(c, blocks, d, true).await?;
+            evict(&targets)?;
+            let read1 = seq(c, blocks, 1, false).await?;
+            evict(&targets)?;
+            let read = seq(c, blocks, d, false).await?;
+            evict(&targets)?;
+            let random = chain_random_reads(c, blocks, args.random_reads, args.concurrency).await?;
+            Ok::<_, anyhow::Error>((write1, write, read1, read, random))
+        })?;
 
+    println!(
+        "columns: direct = O_DIRECT 1 MiB pwrite (+1 fdatasync) / pread of one file at the same depth; \
+         chain = StorageClient through 3 replicas, reads after evicting the targets' files from the page cache; \
+         limit = direct / 3 for writes (3 copies on one disk), direct for reads (one replica serves)"
+    );
     let mut table = Table::new(&[
         "workload",
-        "direct (same disk)",
-        "chain of 3",
+        "direct O_DIRECT",
+        "chain of 3 (cold)",
         "limit",
         "vs limit",
     ]);
-    let write_limit = direct_write / 3.0;
-    let d = args.depth;
     let rows = [
         (
             "seq write MiB/s, depth 1".to_string(),
-            direct_write,
+            direct_write1,
             chain_write1,
-            write_limit,
+            direct_write1 / 3.0,
         ),
         (
             format!("seq write MiB/s, depth {d}"),
             direct_write,
             chain_write,
-            write_limit,
+            direct_write / 3.0,
         ),
         (
             "seq read MiB/s, depth 1".to_string(),
-            direct_read,
+            direct_read1,
             chain_read1,
-            direct_read,
+            direct_read1,
         ),
         (
             format!("seq read MiB/s, depth {d}"),
@@ -268,7 +231,7 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
         ]);
     }
     table.row(vec![
-        "rand 4K read IOPS".into(),
+        format!("rand 4K read IOPS, conc {}", args.concurrency),
         format!("{:.0}", direct_random.ops_per_sec()),
         format!("{:.0}", chain_random.ops_per_sec()),
         "-".into(),
@@ -286,7 +249,9 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
         "-".into(),
     ]);
     table.print();
+    result(SUITE, "direct_write_depth1", direct_write1, "MiB/s");
     result(SUITE, "direct_write", direct_write, "MiB/s");
+    result(SUITE, "direct_read_depth1", direct_read1, "MiB/s");
     result(SUITE, "direct_read", direct_read, "MiB/s");
     result(SUITE, "direct_rand4k", direct_random.ops_per_sec(), "IOPS");
     result(SUITE, "chain_write_depth1", chain_write1, "MiB/s");
@@ -295,9 +260,153 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     result(SUITE, "chain_read", chain_read, "MiB/s");
     result(SUITE, "chain_rand4k", chain_random.ops_per_sec(), "IOPS");
     result(SUITE, "chain_rand4k_p99", chain_random.p99_us(), "us");
-    ratio(SUITE, "write_vs_limit", chain_write / write_limit);
+    ratio(SUITE, "write_vs_limit", chain_write / (direct_write / 3.0));
     ratio(SUITE, "read_vs_limit", chain_read / direct_read);
     Ok(())
+}
+
+/// A zeroed buffer of `len` bytes at a `DIRECT_ALIGN` boundary, inside `backing`.
+fn aligned(backing: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    *backing = vec![0u8; len + DIRECT_ALIGN];
+    let off = backing.as_ptr().align_offset(DIRECT_ALIGN);
+    &mut backing[off..off + len]
+}
+
+fn open_direct(path: &Path, write: bool) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .create(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+}
+
+/// MiB/s of `blocks` 1 MiB `O_DIRECT` writes (then one `fdatasync`) or
+/// reads of `path`, `depth` threads each taking every `depth`-th block.
+fn direct_seq(path: &Path, blocks: u64, depth: usize, write: bool) -> anyhow::Result<f64> {
+    let file = open_direct(path, write).with_context(|| format!("open {path:?} O_DIRECT"))?;
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        let mut workers = Vec::new();
+        for w in 0..depth as u64 {
+            let file = &file;
+            workers.push(s.spawn(move || {
+                let mut backing = Vec::new();
+                let buf = aligned(&mut backing, BLOCK);
+                for i in (w..blocks).step_by(depth) {
+                    let at = i * BLOCK as u64;
+                    if write {
+                        buf.fill((i % 251) as u8);
+                        file.write_all_at(buf, at)?;
+                    } else {
+                        file.read_exact_at(buf, at)?;
+                        anyhow::ensure!(buf[0] == (i % 251) as u8, "direct block {i} wrong");
+                    }
+                }
+                Ok::<_, anyhow::Error>(())
+            }));
+        }
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("direct worker panicked"))
+    })?;
+    if write {
+        file.sync_data()?;
+    }
+    Ok(blocks as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Random 4 KiB `O_DIRECT` reads of `path` from `concurrency` threads.
+fn direct_random_reads(
+    path: &Path,
+    blocks: u64,
+    reads: u64,
+    concurrency: usize,
+) -> anyhow::Result<Phase> {
+    let file = open_direct(path, false)?;
+    let per_task = (reads / concurrency.max(1) as u64).max(1);
+    let t = Instant::now();
+    let lat = std::thread::scope(|s| {
+        let mut workers = Vec::new();
+        for _ in 0..concurrency.max(1) {
+            let file = &file;
+            workers.push(s.spawn(move || {
+                let mut backing = Vec::new();
+                let buf = aligned(&mut backing, SMALL);
+                let mut lat = Vec::new();
+                for _ in 0..per_task {
+                    let off = rand::random_range(0..blocks * (BLOCK / SMALL) as u64) * SMALL as u64;
+                    let s = Instant::now();
+                    file.read_exact_at(buf, off)?;
+                    lat.push(s.elapsed().as_nanos() as u64);
+                }
+                Ok::<_, std::io::Error>(lat)
+            }));
+        }
+        let mut lat = Vec::new();
+        for w in workers {
+            lat.extend(w.join().expect("direct worker panicked")?);
+        }
+        Ok::<_, std::io::Error>(lat)
+    })?;
+    Ok(Phase {
+        ops: lat.len() as u64,
+        elapsed: t.elapsed(),
+        latencies_ns: lat,
+    })
+}
+
+/// Sync every file under `dir` and drop it from the page cache, so the
+/// next reads come from the disk.
+fn evict(dir: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            evict(&path)?;
+            continue;
+        }
+        let file = File::open(&path)?;
+        file.sync_data()?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: the fd is open for the duration of the call.
+        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        anyhow::ensure!(rc == 0, "posix_fadvise {path:?}: error {rc}");
+    }
+    Ok(())
+}
+
+/// Random 4 KiB reads through the chain from `concurrency` tasks.
+async fn chain_random_reads(
+    c: &StorageClient,
+    blocks: u64,
+    reads: u64,
+    concurrency: usize,
+) -> anyhow::Result<Phase> {
+    let per_task = (reads / concurrency.max(1) as u64).max(1);
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            for _ in 0..per_task {
+                let off = rand::random_range(0..blocks * (BLOCK / SMALL) as u64) * SMALL as u64;
+                let s = Instant::now();
+                c.read(&layout(), 1, off, SMALL as u64).await?;
+                lat.push(s.elapsed().as_nanos() as u64);
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    for task in tasks {
+        lat.extend(task.await??);
+    }
+    Ok(Phase {
+        ops: lat.len() as u64,
+        elapsed: t.elapsed(),
+        latencies_ns: lat,
+    })
 }
 
 /// MiB/s of `blocks` sequential 1 MiB writes (or reads) with `depth` in flight.

@@ -7,61 +7,75 @@
 //! the caller (the CRAQ layer) and are only compared and recorded here.
 //!
 //! # Layout
-//! - `<dir>/meta`: an [`EmbeddedEngine`] (durability `Sync`) holding one
-//!   record per chunk under key `b'c' ++ inode (BE) ++ index (BE)`: its
-//!   [`ChunkMeta`] plus the file ids of the committed and the pending version.
-//! - `<dir>/data/<inode:016x>/<index:016x>.<file:016x>`: the full bytes of one
-//!   version of one chunk. File ids are unique within the target and never
-//!   reused while the engine runs, so a referenced file is never overwritten.
+//! - `<dir>/meta`: an [`EmbeddedEngine`] (durability `Sync`, group commit)
+//!   holding one record per chunk under key `b'c' ++ inode (BE) ++ index
+//!   (BE)`: its [`ChunkMeta`] plus, for the committed and the pending
+//!   version, the list of its blocks: for each [`BLOCK_BYTES`] of the
+//!   version, the block number in the data file and the CRC32C of the
+//!   block's bytes (the last block may be short and is checksummed over its
+//!   valid bytes only). Block number [`BLOCK_ZERO`] means "all zeros, no
+//!   disk block" (gaps and zeroed ranges).
+//! - `<dir>/data/blocks`: one file of [`BLOCK_BYTES`] slots. Which slots are
+//!   in use is not stored anywhere: it is exactly the set the records name,
+//!   rebuilt by `open`.
 //!
 //! # Crash safety
-//! A new version (write, truncate, zeroing, whole replacement, install) is
-//! written to a *fresh* file,
-//! `fsync`ed together with its directory, and only then referenced by a
-//! metadata commit. The metadata commit is the atomic switch: `commit` changes
-//! only metadata (the pending file becomes the committed one), so after a crash
-//! the KV record names either the old committed file plus the pending one, or
-//! the new committed file; both are complete and durable. Superseded files are
-//! deleted after the metadata commit; `open` deletes every version file that
-//! no record references (leftovers of a crash or of a failed delete).
-//! Pending versions survive a reopen as pending (as in 3FS).
+//! A new version (write, truncate, zeroing, whole replacement, install)
+//! never overwrites a block any record names: the blocks it changes go to
+//! free slots (copy on write per block; unchanged blocks are shared with the
+//! committed version), the data file is `fdatasync`ed (one sync covers every
+//! writer waiting at that moment), and only then does one metadata commit
+//! reference them. That commit is the single durability and atomicity point:
+//! after a crash the record names either the old committed blocks plus the
+//! pending ones, or the new committed blocks; all of them were synced before
+//! the record was. `commit` changes only metadata. A slot is freed (for
+//! reuse) only after the commit that stopped referencing it; slots written
+//! for a version whose record never committed are free after `open`, since
+//! no record names them. Pending versions survive a reopen as pending (as in
+//! 3FS). A torn or flipped block is caught by its CRC on every read of it.
 //!
 //! # Concurrency
 //! Every operation on a chunk holds that chunk's lock (one of [`LOCK_SHARDS`]
 //! mutexes, chosen by hashing the id), so calls on one chunk are serialized
-//! and calls on different chunks run in parallel. Reads take the lock too:
-//! a commit deletes the file a concurrent read would open.
+//! and calls on different chunks run in parallel. Reads take the lock too: a
+//! commit frees the slots a concurrent read would read, and another chunk's
+//! write may then reuse them.
 //!
 //! # Removal
-//! [`ChunkEngine::remove`] stages a pending *removal* (a tombstone: no file,
+//! [`ChunkEngine::remove`] stages a pending *removal* (a tombstone: no blocks,
 //! `ChunkMeta::pending_remove`); its [`ChunkEngine::commit`] deletes the
-//! record and the files and returns `Ok(None)`. A removed chunk is simply
+//! record, frees the blocks and returns `Ok(None)`. A removed chunk is simply
 //! absent: `remove` of an absent chunk succeeds (idempotent), while `commit`
 //! of an absent chunk is `NotFound` (the caller treats that as done for a
 //! retried removal).
 //!
 //! # Limits
 //! A chunk holds at most [`CHUNK_BYTES_MAX`] bytes (and at most the
-//! `chunk_size_max` given to [`ChunkEngine::open`]); every read and write
-//! loads the whole committed chunk to verify its CRC32C, so memory per call is
-//! bounded by twice the chunk size. Listing reads [`LIST_BATCH_CHUNKS`] records
-//! per KV transaction.
+//! `chunk_size_max` given to [`ChunkEngine::open`]). A read loads and
+//! verifies only the blocks it returns bytes from; a write reads (and
+//! verifies) only the at most two blocks it covers partially. Listing reads
+//! [`LIST_BATCH_CHUNKS`] records per KV transaction. Freed slots are reused
+//! but never returned to the file system (the data file keeps its largest
+//! size); the free list lives in memory, one entry per free slot.
 //!
 //! # Full disks
-//! A new version file is refused with [`ChunkError::NoSpace`] when writing
-//! it would leave less than [`SPACE_RESERVE_BYTES`] free, so the metadata
-//! store (whose journal poisons itself on a failed write) keeps room for the
-//! commits, aborts and removals that follow, and nothing committed is lost.
-//! An `ENOSPC` (or `EDQUOT`) from a data file is `NoSpace` too; one from the
-//! KV journal (another process filled the disk) arrives as `Kv` unless its
-//! message names OS error 28.
+//! A version that needs new slots at the end of the data file is refused
+//! with [`ChunkError::NoSpace`] when growing the file would leave less than
+//! [`SPACE_RESERVE_BYTES`] free, so the metadata store (whose journal
+//! poisons itself on a failed write) keeps room for the commits, aborts and
+//! removals that follow, and nothing committed is lost. An `ENOSPC` (or
+//! `EDQUOT`) from the data file is `NoSpace` too; one from the KV journal
+//! (another process filled the disk) arrives as `Kv` unless its message
+//! names OS error 28.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use parking_lot::{Mutex, MutexGuard};
 use r3fs_kv::embedded::{EmbeddedConfig, EmbeddedEngine};
@@ -70,11 +84,15 @@ use serde::{Deserialize, Serialize};
 
 /// Largest chunk any target accepts.
 pub const CHUNK_BYTES_MAX: u32 = 64 * 1024 * 1024;
+/// Bytes per block: the unit of copy on write, of checksums and of reads.
+pub const BLOCK_BYTES: u32 = 64 * 1024;
+/// The block number of an all-zero block that has no slot on disk.
+pub const BLOCK_ZERO: u64 = u64::MAX;
 /// Number of chunk locks; chunks hash onto them.
 pub const LOCK_SHARDS: usize = 1024;
 /// Records read per KV transaction when listing.
 pub const LIST_BATCH_CHUNKS: usize = 4096;
-/// Free bytes a new version file must leave on the target's file system.
+/// Free bytes growing the data file must leave on the target's file system.
 /// The metadata store shares that file system, and a failed journal write
 /// poisons it until the target reopens, so chunk data must meet a full disk
 /// first: then commits, aborts and removals still have room.
@@ -82,18 +100,16 @@ pub const SPACE_RESERVE_BYTES: u64 = 4 * 1024 * 1024;
 
 const META_DIR: &str = "meta";
 const DATA_DIR: &str = "data";
+const BLOCKS_FILE: &str = "blocks";
 const KEY_PREFIX: u8 = b'c';
 const KEY_BYTES: usize = 17;
-/// No file: no committed bytes yet, or a pending removal.
-const FILE_NONE: u64 = 0;
-/// Attempts to create a version file when a concurrent `remove_inode`
-/// deleted the inode's directory in between.
-const CREATE_ATTEMPTS_MAX: u32 = 3;
 /// OS error 28 as the KV engine prints it.
 const KV_NO_SPACE_MARKER: &str = "os error 28";
 
 const _: () = assert!(KEY_BYTES == 1 + 8 + 8);
 const _: () = assert!(LOCK_SHARDS.is_power_of_two());
+const _: () = assert!(BLOCK_BYTES.is_power_of_two());
+const _: () = assert!(CHUNK_BYTES_MAX.is_multiple_of(BLOCK_BYTES));
 
 /// A chunk of one target: the `index`-th chunk of file `inode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -197,6 +213,12 @@ pub enum ChunkError {
         expected_crc: u32,
         actual_crc: u32,
     },
+    #[error("chunk {id}: payload crc sent {sent:#010x}, computed {computed:#010x}")]
+    PayloadChecksum {
+        id: ChunkId,
+        sent: u32,
+        computed: u32,
+    },
     #[error("chunk {id}: undecodable metadata record: {reason}")]
     BadMeta { id: ChunkId, reason: String },
     #[error("no space left on device writing {path} (chunk {id:?})")]
@@ -271,14 +293,56 @@ fn with_id(id: ChunkId, meta_dir: &Path, err: ChunkError) -> ChunkError {
     }
 }
 
-/// The stored record of one chunk.
+/// One block of a version: where it lives and the CRC32C of its valid bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct BlockRef {
+    /// Slot in the data file, or [`BLOCK_ZERO`].
+    block: u64,
+    crc: u32,
+}
+
+/// The stored record of one chunk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Record {
     meta: ChunkMeta,
-    /// File of the committed version, `FILE_NONE` when `commit_ver == 0`.
-    committed_file: u64,
-    /// File of the pending version, `FILE_NONE` without one or for a removal.
-    pending_file: u64,
+    /// Blocks of the committed version (`blocks_for(meta.length)` of them).
+    committed: Vec<BlockRef>,
+    /// Blocks of the pending version; empty without one or for a removal.
+    pending: Vec<BlockRef>,
+}
+
+/// Number of blocks holding `length` bytes.
+fn blocks_for(length: u32) -> usize {
+    length.div_ceil(BLOCK_BYTES) as usize
+}
+
+/// Valid bytes of block `i` of a version of `length` bytes.
+fn block_len(length: u32, i: usize) -> u32 {
+    let start = i as u64 * u64::from(BLOCK_BYTES);
+    (u64::from(length).saturating_sub(start)).min(u64::from(BLOCK_BYTES)) as u32
+}
+
+/// The CRC32C of a whole version from its blocks' CRCs.
+fn version_crc(blocks: &[BlockRef], length: u32) -> u32 {
+    let mut crc = 0;
+    for (i, b) in blocks.iter().enumerate() {
+        crc = crc32c::crc32c_combine(crc, b.crc, block_len(length, i) as usize);
+    }
+    crc
+}
+
+/// CRC32C of `len` zero bytes (`len <= BLOCK_BYTES`).
+fn zero_crc(len: u32) -> u32 {
+    static FULL: OnceLock<u32> = OnceLock::new();
+    if len == BLOCK_BYTES {
+        return *FULL.get_or_init(|| crc32c::crc32c(zeros()));
+    }
+    crc32c::crc32c(&zeros()[..len as usize])
+}
+
+fn zeros() -> &'static [u8] {
+    static ZEROS: OnceLock<Vec<u8>> = OnceLock::new();
+    ZEROS.get_or_init(|| vec![0u8; BLOCK_BYTES as usize])
 }
 
 impl Record {
@@ -295,20 +359,20 @@ impl Record {
             "two pending versions: {self:?}"
         );
         assert!(m.update_ver > 0, "record without any version: {self:?}");
+        assert!(m.commit_ver > 0 || m.length == 0, "{self:?}");
         assert!(
-            (m.commit_ver == 0) == (self.committed_file == FILE_NONE),
-            "{self:?}"
+            self.committed.len() == blocks_for(m.length),
+            "committed blocks do not match the length: {self:?}"
         );
-        if m.is_dirty() {
+        if m.is_dirty() && !m.pending_remove {
             assert!(
-                m.pending_remove == (self.pending_file == FILE_NONE),
-                "{self:?}"
+                self.pending.len() == blocks_for(m.pending_length),
+                "pending blocks do not match the length: {self:?}"
             );
         } else {
-            assert!(
-                self.pending_file == FILE_NONE,
-                "clean with pending file: {self:?}"
-            );
+            assert!(self.pending.is_empty(), "stray pending blocks: {self:?}");
+        }
+        if !m.is_dirty() {
             assert!(!m.pending_remove, "clean with pending removal: {self:?}");
             assert!(
                 m.pending_length == m.length,
@@ -316,6 +380,16 @@ impl Record {
             );
             assert!(m.pending_crc == m.crc, "clean, crcs differ: {self:?}");
         }
+        debug_assert!(version_crc(&self.committed, m.length) == m.crc, "{self:?}");
+    }
+
+    /// Slots on disk the record names.
+    fn slots(&self) -> impl Iterator<Item = u64> + '_ {
+        self.committed
+            .iter()
+            .chain(&self.pending)
+            .map(|b| b.block)
+            .filter(|&b| b != BLOCK_ZERO)
     }
 }
 
@@ -338,6 +412,42 @@ enum Change<'a> {
         data: &'a [u8],
     },
     Remove,
+}
+
+/// The new bytes a change lays over the committed version, in chunk offsets.
+#[derive(Clone, Copy)]
+enum Overlay<'a> {
+    None,
+    Bytes { offset: u64, data: &'a [u8] },
+    Zeros { start: u64, end: u64 },
+}
+
+/// The content of one block of a version being built.
+enum Content {
+    /// The committed version's block, unchanged.
+    Keep(BlockRef),
+    /// All zeros, no slot.
+    Zero,
+    /// `payload[start..end]` of a write, as is.
+    Payload { start: usize, end: usize },
+    /// Bytes assembled from the committed block and the change.
+    Owned(Vec<u8>),
+}
+
+/// A version laid out in blocks, before any slot is written.
+struct Plan {
+    length: u32,
+    blocks: Vec<(Content, u32)>,
+}
+
+impl Plan {
+    fn crc(&self) -> u32 {
+        let mut crc = 0;
+        for (i, (_, block_crc)) in self.blocks.iter().enumerate() {
+            crc = crc32c::crc32c_combine(crc, *block_crc, block_len(self.length, i) as usize);
+        }
+        crc
+    }
 }
 
 fn chunk_key(id: ChunkId) -> [u8; KEY_BYTES] {
@@ -373,14 +483,6 @@ fn decode_record(id: ChunkId, value: &[u8]) -> ChunkResult<Record> {
     Ok(record)
 }
 
-/// Parse `<index:016x>.<file:016x>`.
-fn parse_file_name(name: &str) -> Option<(u64, u64)> {
-    let (index, file) = name.split_once('.')?;
-    let index = u64::from_str_radix(index, 16).ok()?;
-    let file = u64::from_str_radix(file, 16).ok()?;
-    Some((index, file))
-}
-
 /// Bytes an unprivileged writer may still use on the file system of `path`.
 fn available_bytes(path: &Path) -> io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
@@ -404,17 +506,35 @@ fn sync_dir(id: Option<ChunkId>, dir: &Path) -> ChunkResult<()> {
         .map_err(|e| io_error(id, dir, e))
 }
 
+/// Free slots of the data file.
+struct Slots {
+    free: BTreeSet<u64>,
+    /// Slots at and after this one are past the end of the data file.
+    end: u64,
+}
+
+/// Group sync of the data file: one `fdatasync` covers every write that
+/// finished before it started.
+struct GroupSync {
+    /// Writes finished so far.
+    written: AtomicU64,
+    /// Every write up to this count is durable.
+    synced: AtomicU64,
+    lock: Mutex<()>,
+}
+
 /// The store of one storage target. See the module docs.
 pub struct ChunkEngine {
     dir: PathBuf,
     meta_dir: PathBuf,
     data_dir: PathBuf,
+    blocks_path: PathBuf,
+    blocks: File,
     chunk_size_max: u32,
     kv: EmbeddedEngine,
     locks: Box<[Mutex<()>]>,
-    /// Serializes creating and removing inode directories.
-    dir_lock: Mutex<()>,
-    next_file: AtomicU64,
+    slots: Mutex<Slots>,
+    sync: GroupSync,
 }
 
 impl fmt::Debug for ChunkEngine {
@@ -426,9 +546,18 @@ impl fmt::Debug for ChunkEngine {
     }
 }
 
+/// Slot counts of a target's data file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotStats {
+    /// Slots the data file spans.
+    pub total: u64,
+    /// Of those, slots no record names.
+    pub free: u64,
+}
+
 impl ChunkEngine {
-    /// Open (or create) the target in `dir`, deleting version files that no
-    /// metadata record references.
+    /// Open (or create) the target in `dir` and rebuild the free slot list
+    /// from the metadata records.
     pub fn open(dir: impl AsRef<Path>, chunk_size_max: u32) -> ChunkResult<ChunkEngine> {
         if chunk_size_max > CHUNK_BYTES_MAX {
             return Err(ChunkError::ChunkSizeTooLarge {
@@ -441,19 +570,38 @@ impl ChunkEngine {
         let data_dir = dir.join(DATA_DIR);
         fs::create_dir_all(&data_dir).map_err(|e| io_error(None, &data_dir, e))?;
         sync_dir(None, &dir)?;
+        let blocks_path = data_dir.join(BLOCKS_FILE);
+        let blocks = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&blocks_path)
+            .map_err(|e| io_error(None, &blocks_path, e))?;
+        // The file's name is durable before any record names a slot in it.
+        sync_dir(None, &data_dir)?;
         let kv = EmbeddedEngine::open(EmbeddedConfig::new(&meta_dir))?;
         let locks = (0..LOCK_SHARDS).map(|_| Mutex::new(())).collect();
         let engine = ChunkEngine {
             dir,
             meta_dir,
             data_dir,
+            blocks_path,
+            blocks,
             chunk_size_max,
             kv,
             locks,
-            dir_lock: Mutex::new(()),
-            next_file: AtomicU64::new(FILE_NONE + 1),
+            slots: Mutex::new(Slots {
+                free: BTreeSet::new(),
+                end: 0,
+            }),
+            sync: GroupSync {
+                written: AtomicU64::new(0),
+                synced: AtomicU64::new(0),
+                lock: Mutex::new(()),
+            },
         };
-        engine.remove_orphans()?;
+        engine.rebuild_slots()?;
         Ok(engine)
     }
 
@@ -462,42 +610,41 @@ impl ChunkEngine {
         self.chunk_size_max
     }
 
-    fn remove_orphans(&self) -> ChunkResult<()> {
-        let mut referenced = HashSet::new();
-        let mut file_max = FILE_NONE;
+    /// Free every slot no record names: slots of superseded versions, and
+    /// of versions whose record never committed (a crash between writing
+    /// the blocks and the metadata commit).
+    fn rebuild_slots(&self) -> ChunkResult<()> {
+        let mut used = HashSet::new();
         self.scan(vec![KEY_PREFIX], vec![KEY_PREFIX + 1], |_, record| {
-            for file in [record.committed_file, record.pending_file] {
-                if file != FILE_NONE {
-                    referenced.insert(file);
-                    file_max = file_max.max(file);
-                }
-            }
+            used.extend(record.slots());
         })?;
-        let read_dir = |d: &Path| fs::read_dir(d).map_err(|e| io_error(None, d, e));
-        for inode_entry in read_dir(&self.data_dir)? {
-            let inode_entry = inode_entry.map_err(|e| io_error(None, &self.data_dir, e))?;
-            let inode_dir = inode_entry.path();
-            if !inode_dir.is_dir() {
-                continue;
-            }
-            for entry in read_dir(&inode_dir)? {
-                let path = entry.map_err(|e| io_error(None, &inode_dir, e))?.path();
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                let Some((_, file)) = parse_file_name(name) else {
-                    tracing::warn!(path = %path.display(), "unknown file in chunk data directory");
-                    continue;
-                };
-                file_max = file_max.max(file);
-                if !referenced.contains(&file) {
-                    tracing::info!(path = %path.display(), "removing orphan chunk version file");
-                    fs::remove_file(&path).map_err(|e| io_error(None, &path, e))?;
-                }
-            }
-            // Fails (harmlessly) unless the directory is now empty.
-            let _ = fs::remove_dir(&inode_dir);
+        let file_bytes = self
+            .blocks
+            .metadata()
+            .map_err(|e| io_error(None, &self.blocks_path, e))?
+            .len();
+        let file_slots = file_bytes.div_ceil(u64::from(BLOCK_BYTES));
+        let end = used
+            .iter()
+            .map(|&s| s + 1)
+            .max()
+            .unwrap_or(0)
+            .max(file_slots);
+        let free: BTreeSet<u64> = (0..end).filter(|s| !used.contains(s)).collect();
+        if !free.is_empty() {
+            tracing::info!(free = free.len(), end, "chunk data slots free after open");
         }
-        self.next_file.store(file_max + 1, Ordering::Relaxed);
+        *self.slots.lock() = Slots { free, end };
         Ok(())
+    }
+
+    /// Slot counts of the data file.
+    pub fn slot_stats(&self) -> SlotStats {
+        let slots = self.slots.lock();
+        SlotStats {
+            total: slots.end,
+            free: slots.free.len() as u64,
+        }
     }
 
     fn lock(&self, id: ChunkId) -> MutexGuard<'_, ()> {
@@ -507,31 +654,37 @@ impl ChunkEngine {
         self.locks[shard].lock()
     }
 
-    fn inode_dir(&self, inode: u64) -> PathBuf {
-        self.data_dir.join(format!("{inode:016x}"))
-    }
-
-    fn file_path(&self, id: ChunkId, file: u64) -> PathBuf {
-        self.inode_dir(id.inode)
-            .join(format!("{:016x}.{file:016x}", id.index))
-    }
-
-    /// The file holding version `ver` (committed or pending) of `id`, for
-    /// tests and tools (say, to damage it on purpose); `None` when no such
-    /// version has a file. Never write to it.
-    pub fn data_path(&self, id: ChunkId, ver: u64) -> ChunkResult<Option<PathBuf>> {
+    /// Where byte `offset` of version `ver` (committed or pending) of `id`
+    /// lives: the data file and the position in it. For tests and tools (say,
+    /// to damage a block on purpose); `None` when no such version or byte
+    /// exists or the byte is in an all-zero block without a slot. Never
+    /// write to it.
+    pub fn block_location(
+        &self,
+        id: ChunkId,
+        ver: u64,
+        offset: u32,
+    ) -> ChunkResult<Option<(PathBuf, u64)>> {
         let _guard = self.lock(id);
         let Some(record) = self.load(id)? else {
             return Ok(None);
         };
-        let file = if ver == record.meta.commit_ver {
-            record.committed_file
+        let (blocks, length) = if ver == record.meta.commit_ver {
+            (&record.committed, record.meta.length)
         } else if ver == record.meta.update_ver {
-            record.pending_file
+            (&record.pending, record.meta.pending_length)
         } else {
-            FILE_NONE
+            return Ok(None);
         };
-        Ok((file != FILE_NONE).then(|| self.file_path(id, file)))
+        if offset >= length {
+            return Ok(None);
+        }
+        let block = blocks[(offset / BLOCK_BYTES) as usize].block;
+        if block == BLOCK_ZERO {
+            return Ok(None);
+        }
+        let pos = block * u64::from(BLOCK_BYTES) + u64::from(offset % BLOCK_BYTES);
+        Ok(Some((self.blocks_path.clone(), pos)))
     }
 
     // ---- metadata ----
@@ -599,31 +752,39 @@ impl ChunkEngine {
         }
     }
 
-    // ---- files ----
+    // ---- slots ----
 
-    /// Write `bytes` to a fresh version file and make it durable.
-    fn write_version_file(&self, id: ChunkId, bytes: &[u8]) -> ChunkResult<u64> {
-        self.check_space(id, bytes.len() as u64)?;
-        let file = self.next_file.fetch_add(1, Ordering::Relaxed);
-        let path = self.file_path(id, file);
-        let mut attempt = 0;
-        let mut handle = loop {
-            attempt += 1;
-            self.ensure_inode_dir(id)?;
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(handle) => break handle,
-                Err(e) if e.kind() == io::ErrorKind::NotFound && attempt < CREATE_ATTEMPTS_MAX => {}
-                Err(e) => return Err(io_error(Some(id), &path, e)),
-            }
-        };
-        let written = handle.write_all(bytes).and_then(|()| handle.sync_all());
-        if let Err(e) = written {
-            drop(handle);
-            let _ = fs::remove_file(&path);
-            return Err(io_error(Some(id), &path, e));
+    /// `n` free slots, growing the data file when the free list runs out.
+    fn alloc(&self, id: ChunkId, n: usize) -> ChunkResult<Vec<u64>> {
+        let mut slots = self.slots.lock();
+        let reused = n.min(slots.free.len());
+        let grown = (n - reused) as u64;
+        if grown > 0 {
+            self.check_space(id, grown * u64::from(BLOCK_BYTES))?;
         }
-        sync_dir(Some(id), &self.inode_dir(id.inode))?;
-        Ok(file)
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..reused {
+            out.extend(slots.free.pop_first());
+        }
+        for _ in 0..grown {
+            out.push(slots.end);
+            slots.end += 1;
+        }
+        assert!(out.len() == n, "allocated {} of {n} slots", out.len());
+        Ok(out)
+    }
+
+    /// Return slots no record names any more to the free list.
+    fn release(&self, freed: impl IntoIterator<Item = u64>) {
+        let mut slots = self.slots.lock();
+        for slot in freed {
+            if slot == BLOCK_ZERO {
+                continue;
+            }
+            assert!(slot < slots.end, "freeing slot {slot} past the end");
+            let fresh = slots.free.insert(slot);
+            assert!(fresh, "slot {slot} freed twice");
+        }
     }
 
     /// `NoSpace` unless `bytes` more leave [`SPACE_RESERVE_BYTES`] free.
@@ -639,49 +800,270 @@ impl ChunkEngine {
         Ok(())
     }
 
-    fn ensure_inode_dir(&self, id: ChunkId) -> ChunkResult<()> {
-        let dir = self.inode_dir(id.inode);
-        let _guard = self.dir_lock.lock();
-        if dir.is_dir() {
+    /// Make every finished write to the data file durable, sharing one
+    /// `fdatasync` with the writers waiting at the same time.
+    fn sync_data(&self, id: ChunkId) -> ChunkResult<()> {
+        let mine = self.sync.written.fetch_add(1, Ordering::SeqCst) + 1;
+        let _guard = self.sync.lock.lock();
+        if self.sync.synced.load(Ordering::SeqCst) >= mine {
             return Ok(());
         }
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_error(Some(id), &dir, e)),
-        }
-        sync_dir(Some(id), &self.data_dir)
+        let upto = self.sync.written.load(Ordering::SeqCst);
+        self.blocks
+            .sync_data()
+            .map_err(|e| io_error(Some(id), &self.blocks_path, e))?;
+        self.sync.synced.fetch_max(upto, Ordering::SeqCst);
+        Ok(())
     }
 
-    /// Delete a superseded version file; a failure only leaves an orphan that
-    /// the next `open` removes.
-    fn delete_file(&self, id: ChunkId, file: u64) {
-        if file == FILE_NONE {
-            return;
+    fn write_slots(&self, id: ChunkId, first: u64, bytes: &[u8]) -> ChunkResult<()> {
+        self.blocks
+            .write_all_at(bytes, first * u64::from(BLOCK_BYTES))
+            .map_err(|e| io_error(Some(id), &self.blocks_path, e))
+    }
+
+    /// Write the new blocks of `plan` to fresh slots and sync them; returns
+    /// the version's block list. On failure no slot stays taken.
+    fn write_plan(&self, id: ChunkId, plan: Plan, payload: &[u8]) -> ChunkResult<Vec<BlockRef>> {
+        let fresh = plan
+            .blocks
+            .iter()
+            .filter(|(c, _)| matches!(c, Content::Payload { .. } | Content::Owned(_)))
+            .count();
+        let slots = self.alloc(id, fresh)?;
+        let mut refs = Vec::with_capacity(plan.blocks.len());
+        let written = self.write_blocks(id, plan, payload, &slots, &mut refs);
+        let synced = written.and_then(|()| match fresh {
+            0 => Ok(()),
+            _ => self.sync_data(id),
+        });
+        if let Err(e) = synced {
+            self.release(slots);
+            return Err(e);
         }
-        let path = self.file_path(id, file);
-        if let Err(e) = fs::remove_file(&path) {
-            tracing::warn!(path = %path.display(), error = %e, "cannot delete superseded chunk version");
+        Ok(refs)
+    }
+
+    fn write_blocks(
+        &self,
+        id: ChunkId,
+        plan: Plan,
+        payload: &[u8],
+        slots: &[u64],
+        refs: &mut Vec<BlockRef>,
+    ) -> ChunkResult<()> {
+        let mut next = slots.iter().copied();
+        // A run of payload blocks in consecutive slots goes out in one write.
+        let mut run: Option<(u64, usize, usize)> = None;
+        for (content, crc) in plan.blocks {
+            let block = match content {
+                Content::Keep(b) => b.block,
+                Content::Zero => BLOCK_ZERO,
+                Content::Payload { start, end } => {
+                    let slot = next.next().expect("a slot per new block");
+                    run = match run {
+                        Some((first, s, e))
+                            if e == start
+                                && first + ((e - s) / BLOCK_BYTES as usize) as u64 == slot
+                                && (e - s) % BLOCK_BYTES as usize == 0 =>
+                        {
+                            Some((first, s, end))
+                        }
+                        Some((first, s, e)) => {
+                            self.write_slots(id, first, &payload[s..e])?;
+                            Some((slot, start, end))
+                        }
+                        None => Some((slot, start, end)),
+                    };
+                    slot
+                }
+                Content::Owned(bytes) => {
+                    let slot = next.next().expect("a slot per new block");
+                    self.write_slots(id, slot, &bytes)?;
+                    slot
+                }
+            };
+            refs.push(BlockRef { block, crc });
         }
+        if let Some((first, s, e)) = run {
+            self.write_slots(id, first, &payload[s..e])?;
+        }
+        assert!(next.next().is_none(), "every allocated slot is written");
+        Ok(())
+    }
+
+    /// Bytes `[start, end)` of the version `blocks` (`length` bytes long),
+    /// reading and verifying only the blocks they lie in; and their CRC32C.
+    fn read_range(
+        &self,
+        id: ChunkId,
+        blocks: &[BlockRef],
+        length: u32,
+        start: u32,
+        end: u32,
+    ) -> ChunkResult<(Vec<u8>, u32)> {
+        let end = end.min(length);
+        if start >= end {
+            return Ok((Vec::new(), 0));
+        }
+        let first = (start / BLOCK_BYTES) as usize;
+        let last = ((end - 1) / BLOCK_BYTES) as usize;
+        let base = first as u64 * u64::from(BLOCK_BYTES);
+        let span_end = (last as u64 + 1) * u64::from(BLOCK_BYTES);
+        let span_end = span_end.min(length.into());
+        let mut buf = vec![0u8; (span_end - base) as usize];
+        let at = |i: usize| (i as u64 * u64::from(BLOCK_BYTES) - base) as usize;
+        let mut i = first;
+        while i <= last {
+            if blocks[i].block == BLOCK_ZERO {
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            while j < last
+                && blocks[j + 1].block != BLOCK_ZERO
+                && blocks[j + 1].block == blocks[j].block + 1
+            {
+                j += 1;
+            }
+            let to = at(j) + block_len(length, j) as usize;
+            self.blocks
+                .read_exact_at(
+                    &mut buf[at(i)..to],
+                    blocks[i].block * u64::from(BLOCK_BYTES),
+                )
+                .map_err(|e| io_error(Some(id), &self.blocks_path, e))?;
+            i = j + 1;
+        }
+        for (i, b) in blocks.iter().enumerate().take(last + 1).skip(first) {
+            if b.block == BLOCK_ZERO {
+                continue;
+            }
+            let bytes = &buf[at(i)..at(i) + block_len(length, i) as usize];
+            let actual = crc32c::crc32c(bytes);
+            if actual != b.crc {
+                return Err(ChunkError::Corrupt {
+                    id,
+                    expected: b.crc,
+                    actual,
+                });
+            }
+        }
+        let whole_blocks = u64::from(start) == base && u64::from(end) == span_end;
+        if whole_blocks {
+            let mut crc = 0;
+            for (i, b) in blocks.iter().enumerate().take(last + 1).skip(first) {
+                crc = crc32c::crc32c_combine(crc, b.crc, block_len(length, i) as usize);
+            }
+            return Ok((buf, crc));
+        }
+        let out =
+            buf[(u64::from(start) - base) as usize..(u64::from(end) - base) as usize].to_vec();
+        let crc = crc32c::crc32c(&out);
+        Ok((out, crc))
     }
 
     /// The committed bytes of `record`, CRC verified; empty before the first commit.
     fn committed_bytes(&self, id: ChunkId, record: &Record) -> ChunkResult<Vec<u8>> {
-        if record.committed_file == FILE_NONE {
-            return Ok(Vec::new());
+        let length = record.meta.length;
+        self.read_range(id, &record.committed, length, 0, length)
+            .map(|(bytes, _)| bytes)
+    }
+
+    /// The pending version's bytes of `record` (not a removal), CRC verified.
+    fn pending_bytes(&self, id: ChunkId, record: &Record) -> ChunkResult<Vec<u8>> {
+        let length = record.meta.pending_length;
+        self.read_range(id, &record.pending, length, 0, length)
+            .map(|(bytes, _)| bytes)
+    }
+
+    /// Lay out the version `change` makes of the committed version of
+    /// `record` in blocks, reading (and verifying) only the committed blocks
+    /// the change covers partially; `None` for a removal. Also returns the
+    /// CRC32C of the change's payload, computed on the way.
+    fn plan(
+        &self,
+        id: ChunkId,
+        record: Option<&Record>,
+        change: &Change<'_>,
+    ) -> ChunkResult<Option<(Plan, u32)>> {
+        let (old, old_len): (&[BlockRef], u32) = match record {
+            Some(r) => (&r.committed, r.meta.length),
+            None => (&[], 0),
+        };
+        let (length, overlay, keep_old) = match *change {
+            Change::Write { offset, data } => {
+                let end = offset + data.len() as u32;
+                let overlay = Overlay::Bytes {
+                    offset: offset.into(),
+                    data,
+                };
+                (old_len.max(end), overlay, true)
+            }
+            Change::Truncate { length } => (length, Overlay::None, true),
+            Change::Zero { offset, len } => {
+                let (start, end) = clip(old_len as usize, offset, len);
+                let overlay = Overlay::Zeros {
+                    start: start as u64,
+                    end: end as u64,
+                };
+                (old_len, overlay, true)
+            }
+            Change::Replace { data } => {
+                let overlay = Overlay::Bytes { offset: 0, data };
+                (data.len() as u32, overlay, false)
+            }
+            Change::Remove => return Ok(None),
+        };
+        let mut blocks = Vec::with_capacity(blocks_for(length));
+        let mut payload_crc = 0;
+        for i in 0..blocks_for(length) {
+            let len = block_len(length, i);
+            let bs = i as u64 * u64::from(BLOCK_BYTES);
+            let be = bs + u64::from(len);
+            let old_valid = if keep_old { block_len(old_len, i) } else { 0 };
+            let (os, oe) = match overlay {
+                Overlay::None => (be, be),
+                Overlay::Bytes { offset, data } => {
+                    let end = offset + data.len() as u64;
+                    (offset.clamp(bs, be), end.clamp(bs, be))
+                }
+                Overlay::Zeros { start, end } => (start.clamp(bs, be), end.clamp(bs, be)),
+            };
+            let touched = os < oe;
+            let block = match overlay {
+                Overlay::Bytes { offset, data } if os == bs && oe == be => {
+                    let (start, end) = ((bs - offset) as usize, (be - offset) as usize);
+                    let crc = crc32c::crc32c(&data[start..end]);
+                    payload_crc = crc32c::crc32c_combine(payload_crc, crc, end - start);
+                    (Content::Payload { start, end }, crc)
+                }
+                Overlay::Zeros { .. } if os == bs && oe == be => (Content::Zero, zero_crc(len)),
+                _ if !touched && old_valid == len => (Content::Keep(old[i]), old[i].crc),
+                _ if !touched && old_valid == 0 => (Content::Zero, zero_crc(len)),
+                _ => {
+                    let keep = old_valid.min(len);
+                    let (mut bytes, _) =
+                        self.read_range(id, old, old_len, bs as u32, bs as u32 + keep)?;
+                    bytes.resize(len as usize, 0);
+                    let piece = (os - bs) as usize..(oe - bs) as usize;
+                    match overlay {
+                        Overlay::Bytes { offset, data } if touched => {
+                            let src = &data[(os - offset) as usize..(oe - offset) as usize];
+                            let crc = crc32c::crc32c(src);
+                            payload_crc = crc32c::crc32c_combine(payload_crc, crc, src.len());
+                            bytes[piece].copy_from_slice(src);
+                        }
+                        Overlay::Zeros { .. } => bytes[piece].fill(0),
+                        _ => {}
+                    }
+                    let crc = crc32c::crc32c(&bytes);
+                    (Content::Owned(bytes), crc)
+                }
+            };
+            blocks.push(block);
         }
-        let path = self.file_path(id, record.committed_file);
-        let bytes = fs::read(&path).map_err(|e| io_error(Some(id), &path, e))?;
-        let actual = crc32c::crc32c(&bytes);
-        let length_ok = bytes.len() == record.meta.length as usize;
-        if actual != record.meta.crc || !length_ok {
-            return Err(ChunkError::Corrupt {
-                id,
-                expected: record.meta.crc,
-                actual,
-            });
-        }
-        Ok(bytes)
+        Ok(Some((Plan { length, blocks }, payload_crc)))
     }
 
     // ---- writes ----
@@ -699,6 +1081,46 @@ impl ChunkEngine {
         data: &[u8],
         chunk_size: u32,
     ) -> ChunkResult<ChunkMeta> {
+        self.write_inner(id, update_ver, chain_ver, offset, data, chunk_size, None)
+    }
+
+    /// [`ChunkEngine::write_pending`] of a payload that must have CRC32C
+    /// `crc` (as sent over the network): checked in the same pass that
+    /// checksums the blocks, before anything is written;
+    /// [`ChunkError::PayloadChecksum`] otherwise.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_pending_checked(
+        &self,
+        id: ChunkId,
+        update_ver: u64,
+        chain_ver: u64,
+        offset: u32,
+        data: &[u8],
+        chunk_size: u32,
+        crc: u32,
+    ) -> ChunkResult<ChunkMeta> {
+        self.write_inner(
+            id,
+            update_ver,
+            chain_ver,
+            offset,
+            data,
+            chunk_size,
+            Some(crc),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_inner(
+        &self,
+        id: ChunkId,
+        update_ver: u64,
+        chain_ver: u64,
+        offset: u32,
+        data: &[u8],
+        chunk_size: u32,
+        sent_crc: Option<u32>,
+    ) -> ChunkResult<ChunkMeta> {
         let end = u64::from(offset) + data.len() as u64;
         let limit = chunk_size.min(self.chunk_size_max);
         if end > u64::from(limit) {
@@ -710,13 +1132,8 @@ impl ChunkEngine {
         }
         let _guard = self.lock(id);
         let record = self.load(id)?;
-        self.stage(
-            id,
-            record,
-            update_ver,
-            chain_ver,
-            Change::Write { offset, data },
-        )
+        let change = Change::Write { offset, data };
+        self.stage(id, record, update_ver, chain_ver, change, sent_crc)
     }
 
     /// Stage pending version `update_ver`: the committed bytes cut or
@@ -737,13 +1154,8 @@ impl ChunkEngine {
         }
         let _guard = self.lock(id);
         let record = self.load(id)?;
-        self.stage(
-            id,
-            record,
-            update_ver,
-            chain_ver,
-            Change::Truncate { length },
-        )
+        let change = Change::Truncate { length };
+        self.stage(id, record, update_ver, chain_ver, change, None)
     }
 
     /// Stage pending version `update_ver`: the committed bytes with
@@ -761,14 +1173,9 @@ impl ChunkEngine {
         let Some(record) = self.load(id)? else {
             return Ok(None);
         };
-        self.stage(
-            id,
-            Some(record),
-            update_ver,
-            chain_ver,
-            Change::Zero { offset, len },
-        )
-        .map(Some)
+        let change = Change::Zero { offset, len };
+        self.stage(id, Some(record), update_ver, chain_ver, change, None)
+            .map(Some)
     }
 
     /// Stage pending version `update_ver` as exactly `data`, whatever the
@@ -780,6 +1187,30 @@ impl ChunkEngine {
         chain_ver: u64,
         data: &[u8],
     ) -> ChunkResult<ChunkMeta> {
+        self.replace_inner(id, update_ver, chain_ver, data, None)
+    }
+
+    /// [`ChunkEngine::replace_pending`] of a payload that must have CRC32C
+    /// `crc`, checked as for [`ChunkEngine::write_pending_checked`].
+    pub fn replace_pending_checked(
+        &self,
+        id: ChunkId,
+        update_ver: u64,
+        chain_ver: u64,
+        data: &[u8],
+        crc: u32,
+    ) -> ChunkResult<ChunkMeta> {
+        self.replace_inner(id, update_ver, chain_ver, data, Some(crc))
+    }
+
+    fn replace_inner(
+        &self,
+        id: ChunkId,
+        update_ver: u64,
+        chain_ver: u64,
+        data: &[u8],
+        sent_crc: Option<u32>,
+    ) -> ChunkResult<ChunkMeta> {
         if data.len() as u64 > u64::from(self.chunk_size_max) {
             return Err(ChunkError::OutOfRange {
                 id,
@@ -789,7 +1220,8 @@ impl ChunkEngine {
         }
         let _guard = self.lock(id);
         let record = self.load(id)?;
-        self.stage(id, record, update_ver, chain_ver, Change::Replace { data })
+        let change = Change::Replace { data };
+        self.stage(id, record, update_ver, chain_ver, change, sent_crc)
     }
 
     /// Stage the removal of `id` as pending version `update_ver`; its commit
@@ -804,8 +1236,15 @@ impl ChunkEngine {
         let Some(record) = self.load(id)? else {
             return Ok(None);
         };
-        self.stage(id, Some(record), update_ver, chain_ver, Change::Remove)
-            .map(Some)
+        self.stage(
+            id,
+            Some(record),
+            update_ver,
+            chain_ver,
+            Change::Remove,
+            None,
+        )
+        .map(Some)
     }
 
     fn stage(
@@ -815,8 +1254,9 @@ impl ChunkEngine {
         update_ver: u64,
         chain_ver: u64,
         change: Change<'_>,
+        sent_crc: Option<u32>,
     ) -> ChunkResult<ChunkMeta> {
-        let meta = record.map(|r| r.meta).unwrap_or_default();
+        let meta = record.as_ref().map(|r| r.meta).unwrap_or_default();
         if chain_ver < meta.chain_ver {
             return Err(ChunkError::StaleChainVersion {
                 id,
@@ -825,6 +1265,11 @@ impl ChunkEngine {
             });
         }
         if update_ver <= meta.commit_ver {
+            if let (Some(sent), Change::Write { data, .. } | Change::Replace { data }) =
+                (sent_crc, &change)
+            {
+                check_payload(id, sent, crc32c::crc32c(data))?;
+            }
             return self.check_committed_retry(id, record, update_ver, &change);
         }
         let expected = meta.commit_ver + 1;
@@ -835,14 +1280,14 @@ impl ChunkEngine {
                 expected,
             });
         }
-        let committed = match &record {
-            Some(r) => self.committed_bytes(id, r)?,
-            None => Vec::new(),
-        };
-        let new_bytes = apply(committed, &change);
-        let pending_crc = new_bytes.as_deref().map_or(0, crc32c::crc32c);
-        let pending_length = new_bytes.as_ref().map_or(0, |b| b.len() as u32);
-        let pending_remove = new_bytes.is_none();
+        let plan = self.plan(id, record.as_ref(), &change)?;
+        if let (Some(sent), Some((_, computed))) = (sent_crc, &plan) {
+            check_payload(id, sent, *computed)?;
+        }
+        let plan = plan.map(|(plan, _)| plan);
+        let pending_crc = plan.as_ref().map_or(0, Plan::crc);
+        let pending_length = plan.as_ref().map_or(0, |p| p.length);
+        let pending_remove = plan.is_none();
         if meta.is_dirty() {
             let same = meta.pending_remove == pending_remove
                 && meta.pending_length == pending_length
@@ -852,10 +1297,15 @@ impl ChunkEngine {
             }
             return Err(ChunkError::VersionConflict { id, update_ver });
         }
-        let pending_file = match &new_bytes {
-            Some(bytes) => self.write_version_file(id, bytes)?,
-            None => FILE_NONE,
+        let payload = match change {
+            Change::Write { data, .. } | Change::Replace { data } => data,
+            _ => &[],
         };
+        let pending = match plan {
+            Some(plan) => self.write_plan(id, plan, payload)?,
+            None => Vec::new(),
+        };
+        let committed = record.map(|r| r.committed).unwrap_or_default();
         let new = Record {
             meta: ChunkMeta {
                 update_ver,
@@ -865,11 +1315,12 @@ impl ChunkEngine {
                 pending_remove,
                 ..meta
             },
-            committed_file: record.map_or(FILE_NONE, |r| r.committed_file),
-            pending_file,
+            committed,
+            pending,
         };
+        debug_assert!(version_crc(&new.pending, pending_length) == pending_crc);
         if let Err(e) = self.store(id, Some(&new)) {
-            self.delete_file(id, pending_file);
+            self.release(only_in(&new.pending, &new.committed));
             return Err(e);
         }
         Ok(new.meta)
@@ -884,7 +1335,7 @@ impl ChunkEngine {
         update_ver: u64,
         change: &Change<'_>,
     ) -> ChunkResult<ChunkMeta> {
-        let meta = record.map(|r| r.meta).unwrap_or_default();
+        let meta = record.as_ref().map(|r| r.meta).unwrap_or_default();
         let stale = ChunkError::StaleVersion {
             id,
             update_ver,
@@ -896,17 +1347,18 @@ impl ChunkEngine {
         if update_ver != meta.commit_ver || meta.commit_ver == 0 {
             return Err(stale);
         }
+        let (blocks, length) = (&record.committed, meta.length);
         let matches = match change {
             Change::Write { offset, data } => {
-                let committed = self.committed_bytes(id, &record)?;
-                let start = *offset as usize;
-                committed.get(start..start + data.len()) == Some(*data)
+                let end = offset.saturating_add(data.len() as u32);
+                let (got, _) = self.read_range(id, blocks, length, *offset, end)?;
+                end <= length && got == *data
             }
             Change::Truncate { length } => meta.length == *length,
             Change::Zero { offset, len } => {
-                let committed = self.committed_bytes(id, &record)?;
-                let (start, end) = clip(committed.len(), *offset, *len);
-                committed[start..end].iter().all(|&b| b == 0)
+                let (start, end) = clip(length as usize, *offset, *len);
+                let (got, _) = self.read_range(id, blocks, length, start as u32, end as u32)?;
+                got.iter().all(|&b| b == 0)
             }
             Change::Replace { data } => self.committed_bytes(id, &record)? == *data,
             Change::Remove => false,
@@ -945,7 +1397,7 @@ impl ChunkEngine {
         }
         if meta.pending_remove {
             self.store(id, None)?;
-            self.delete_file(id, record.committed_file);
+            self.release(record.slots().collect::<Vec<_>>());
             return Ok(None);
         }
         let new = Record {
@@ -955,11 +1407,11 @@ impl ChunkEngine {
                 crc: meta.pending_crc,
                 ..meta
             },
-            committed_file: record.pending_file,
-            pending_file: FILE_NONE,
+            committed: record.pending.clone(),
+            pending: Vec::new(),
         };
         self.store(id, Some(&new))?;
-        self.delete_file(id, record.committed_file);
+        self.release(only_in(&record.committed, &new.committed));
         Ok(Some(new.meta))
     }
 
@@ -985,12 +1437,12 @@ impl ChunkEngine {
                     pending_remove: false,
                     ..meta
                 },
-                committed_file: record.committed_file,
-                pending_file: FILE_NONE,
+                committed: record.committed.clone(),
+                pending: Vec::new(),
             };
             self.store(id, Some(&new))?;
         }
-        self.delete_file(id, record.pending_file);
+        self.release(only_in(&record.pending, &record.committed));
         Ok(())
     }
 
@@ -998,7 +1450,17 @@ impl ChunkEngine {
     /// dropping any pending version. The bytes must match `meta.length` and
     /// `meta.crc`; `meta`'s pending fields are ignored.
     pub fn install(&self, id: ChunkId, meta: ChunkMeta, bytes: &[u8]) -> ChunkResult<ChunkMeta> {
-        let actual_crc = crc32c::crc32c(bytes);
+        if bytes.len() as u64 > u64::from(self.chunk_size_max) {
+            return Err(ChunkError::OutOfRange {
+                id,
+                end: bytes.len() as u64,
+                limit: self.chunk_size_max.into(),
+            });
+        }
+        let change = Change::Replace { data: bytes };
+        let (plan, actual_crc) = self
+            .plan(id, None, &change)?
+            .expect("a replacement has bytes");
         if bytes.len() as u64 != u64::from(meta.length) || actual_crc != meta.crc {
             return Err(ChunkError::InstallMismatch {
                 id,
@@ -1006,13 +1468,6 @@ impl ChunkEngine {
                 actual_len: bytes.len() as u64,
                 expected_crc: meta.crc,
                 actual_crc,
-            });
-        }
-        if meta.length > self.chunk_size_max {
-            return Err(ChunkError::OutOfRange {
-                id,
-                end: meta.length.into(),
-                limit: self.chunk_size_max.into(),
             });
         }
         if meta.commit_ver == 0 {
@@ -1024,7 +1479,7 @@ impl ChunkEngine {
         }
         let _guard = self.lock(id);
         let old = self.load(id)?;
-        let file = self.write_version_file(id, bytes)?;
+        let committed = self.write_plan(id, plan, bytes)?;
         let new = Record {
             meta: ChunkMeta {
                 update_ver: meta.commit_ver,
@@ -1033,16 +1488,15 @@ impl ChunkEngine {
                 pending_remove: false,
                 ..meta
             },
-            committed_file: file,
-            pending_file: FILE_NONE,
+            committed,
+            pending: Vec::new(),
         };
         if let Err(e) = self.store(id, Some(&new)) {
-            self.delete_file(id, file);
+            self.release(only_in(&new.committed, &[]));
             return Err(e);
         }
         if let Some(old) = old {
-            self.delete_file(id, old.committed_file);
-            self.delete_file(id, old.pending_file);
+            self.release(old.slots().collect::<Vec<_>>());
         }
         Ok(new.meta)
     }
@@ -1057,12 +1511,8 @@ impl ChunkEngine {
                 continue;
             };
             self.store(*id, None)?;
-            self.delete_file(*id, record.committed_file);
-            self.delete_file(*id, record.pending_file);
+            self.release(record.slots().collect::<Vec<_>>());
         }
-        let _guard = self.dir_lock.lock();
-        // Fails (harmlessly) if a new chunk of the inode appeared meanwhile.
-        let _ = fs::remove_dir(self.inode_dir(inode));
         Ok(chunks.len())
     }
 
@@ -1071,6 +1521,19 @@ impl ChunkEngine {
     /// Read up to `len` committed bytes at `offset`, clipped to the committed
     /// length. `NotCommitted` when a pending version exists.
     pub fn read(&self, id: ChunkId, offset: u32, len: u32) -> ChunkResult<(Vec<u8>, ChunkMeta)> {
+        self.read_with_crc(id, offset, len)
+            .map(|(bytes, meta, _)| (bytes, meta))
+    }
+
+    /// [`ChunkEngine::read`], also returning the CRC32C of the bytes (from the
+    /// block CRCs when the range is whole blocks, so the bytes are
+    /// checksummed once).
+    pub fn read_with_crc(
+        &self,
+        id: ChunkId,
+        offset: u32,
+        len: u32,
+    ) -> ChunkResult<(Vec<u8>, ChunkMeta, u32)> {
         let _guard = self.lock(id);
         let record = self.load(id)?.ok_or(ChunkError::NotFound { id })?;
         if record.meta.is_dirty() {
@@ -1094,6 +1557,7 @@ impl ChunkEngine {
         let _guard = self.lock(id);
         let record = self.load(id)?.ok_or(ChunkError::NotFound { id })?;
         self.read_committed(id, &record, offset, len)
+            .map(|(bytes, meta, _)| (bytes, meta))
     }
 
     fn read_committed(
@@ -1102,16 +1566,15 @@ impl ChunkEngine {
         record: &Record,
         offset: u32,
         len: u32,
-    ) -> ChunkResult<(Vec<u8>, ChunkMeta)> {
+    ) -> ChunkResult<(Vec<u8>, ChunkMeta, u32)> {
         if record.meta.commit_ver == 0 {
             return Err(ChunkError::NotFound { id });
         }
-        let bytes = self.committed_bytes(id, record)?;
-        let start = (offset as usize).min(bytes.len());
-        let end = (offset as usize)
-            .saturating_add(len as usize)
-            .min(bytes.len());
-        Ok((bytes[start..end].to_vec(), record.meta))
+        let length = record.meta.length;
+        let start = offset.min(length);
+        let end = offset.saturating_add(len).min(length);
+        let (bytes, crc) = self.read_range(id, &record.committed, length, start, end)?;
+        Ok((bytes, record.meta, crc))
     }
 
     /// The whole pending version of `id` (CRC verified) with its metadata, or
@@ -1122,19 +1585,10 @@ impl ChunkEngine {
         let Some(record) = self.load(id)? else {
             return Ok(None);
         };
-        if !record.meta.is_dirty() || record.pending_file == FILE_NONE {
+        if !record.meta.is_dirty() || record.meta.pending_remove {
             return Ok(None);
         }
-        let path = self.file_path(id, record.pending_file);
-        let bytes = fs::read(&path).map_err(|e| io_error(Some(id), &path, e))?;
-        let actual = crc32c::crc32c(&bytes);
-        if actual != record.meta.pending_crc || bytes.len() != record.meta.pending_length as usize {
-            return Err(ChunkError::Corrupt {
-                id,
-                expected: record.meta.pending_crc,
-                actual,
-            });
-        }
+        let bytes = self.pending_bytes(id, &record)?;
         Ok(Some((bytes, record.meta)))
     }
 
@@ -1153,17 +1607,7 @@ impl ChunkEngine {
         if ver != m.update_ver || !m.is_dirty() || m.pending_remove {
             return Ok(None);
         }
-        let path = self.file_path(id, record.pending_file);
-        let bytes = fs::read(&path).map_err(|e| io_error(Some(id), &path, e))?;
-        let actual = crc32c::crc32c(&bytes);
-        if actual != m.pending_crc || bytes.len() != m.pending_length as usize {
-            return Err(ChunkError::Corrupt {
-                id,
-                expected: m.pending_crc,
-                actual,
-            });
-        }
-        Ok(Some(bytes))
+        self.pending_bytes(id, &record).map(Some)
     }
 
     /// The metadata of `id`, if it exists.
@@ -1245,30 +1689,20 @@ impl ChunkEngine {
     }
 }
 
-/// The bytes of the new version: `None` for a removal.
-fn apply(mut bytes: Vec<u8>, change: &Change<'_>) -> Option<Vec<u8>> {
-    match change {
-        Change::Write { offset, data } => {
-            let start = *offset as usize;
-            let end = start + data.len();
-            if bytes.len() < end {
-                bytes.resize(end, 0);
-            }
-            bytes[start..end].copy_from_slice(data);
-            Some(bytes)
-        }
-        Change::Truncate { length } => {
-            bytes.resize(*length as usize, 0);
-            Some(bytes)
-        }
-        Change::Zero { offset, len } => {
-            let (start, end) = clip(bytes.len(), *offset, *len);
-            bytes[start..end].fill(0);
-            Some(bytes)
-        }
-        Change::Replace { data } => Some(data.to_vec()),
-        Change::Remove => None,
+/// Slots of `a` that `b` does not name (what a version switch frees).
+fn only_in(a: &[BlockRef], b: &[BlockRef]) -> Vec<u64> {
+    let keep: HashSet<u64> = b.iter().map(|r| r.block).collect();
+    a.iter()
+        .map(|r| r.block)
+        .filter(|s| *s != BLOCK_ZERO && !keep.contains(s))
+        .collect()
+}
+
+fn check_payload(id: ChunkId, sent: u32, computed: u32) -> ChunkResult<()> {
+    if sent != computed {
+        return Err(ChunkError::PayloadChecksum { id, sent, computed });
     }
+    Ok(())
 }
 
 /// `[offset, offset + len)` clipped to `[0, length)`, as indices.
@@ -1295,23 +1729,30 @@ mod tests {
     }
 
     #[test]
-    fn apply_zero_fills_gaps_and_truncates() {
-        let w = Change::Write {
-            offset: 4,
-            data: b"ab",
-        };
-        assert_eq!(apply(b"xy".to_vec(), &w), Some(b"xy\0\0ab".to_vec()));
-        let t = Change::Truncate { length: 1 };
-        assert_eq!(apply(b"xy".to_vec(), &t), Some(b"x".to_vec()));
-        assert_eq!(apply(b"xy".to_vec(), &Change::Remove), None);
+    fn block_lengths_and_version_crc_match_the_whole_bytes() {
+        let length = 2 * BLOCK_BYTES + 5;
+        assert_eq!(blocks_for(length), 3);
+        assert_eq!(blocks_for(0), 0);
+        assert_eq!(block_len(length, 1), BLOCK_BYTES);
+        assert_eq!(block_len(length, 2), 5);
+        let bytes: Vec<u8> = (0..length).map(|i| (i * 7) as u8).collect();
+        let blocks: Vec<BlockRef> = bytes
+            .chunks(BLOCK_BYTES as usize)
+            .map(|c| BlockRef {
+                block: 0,
+                crc: crc32c::crc32c(c),
+            })
+            .collect();
+        assert_eq!(version_crc(&blocks, length), crc32c::crc32c(&bytes));
+        assert_eq!(zero_crc(10), crc32c::crc32c(&[0u8; 10]));
     }
 
     #[test]
-    fn file_names_parse() {
-        assert_eq!(
-            parse_file_name("000000000000000a.0000000000000003"),
-            Some((10, 3))
-        );
-        assert_eq!(parse_file_name("junk"), None);
+    fn only_in_lists_slots_a_version_switch_frees() {
+        let r = |block| BlockRef { block, crc: 0 };
+        let old = [r(1), r(2), r(BLOCK_ZERO), r(3)];
+        let new = [r(1), r(7), r(3)];
+        assert_eq!(only_in(&old, &new), vec![2]);
+        assert_eq!(only_in(&new, &old), vec![7]);
     }
 }

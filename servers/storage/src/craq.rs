@@ -126,6 +126,8 @@ struct Planned {
     op: UpdateOp,
     chunk_size: u32,
     data: Bytes,
+    /// CRC32C of `data` (as the client sent it).
+    crc: u32,
 }
 
 /// What one resync did.
@@ -282,18 +284,20 @@ impl StorageService {
     }
 
     /// A client write, at the head.
+    /// The payload's CRC is checked by the chunk engine in the pass that
+    /// checksums its blocks.
     pub async fn write(&self, req: WriteRequest, data: Bytes) -> StorageResult<ChunkVersion> {
-        check_payload(req.crc, &data)?;
         let origin = Origin {
             client: req.client,
             request: req.request,
         };
-        let (offset, chunk_size) = (req.offset, req.chunk_size);
+        let (offset, chunk_size, crc) = (req.offset, req.chunk_size, req.crc);
         let plan = move |_: Option<ChunkMeta>| {
             Some(Planned {
                 op: UpdateOp::Write { offset },
                 chunk_size,
                 data,
+                crc,
             })
         };
         self.at_head(req.addr, req.chain_ver, origin, plan).await
@@ -324,6 +328,7 @@ impl StorageService {
                 op,
                 chunk_size: meta.length,
                 data: Bytes::new(),
+                crc: crc32c::crc32c(&[]),
             })
         };
         self.at_head(req.addr, req.chain_ver, origin, plan).await
@@ -377,6 +382,7 @@ impl StorageService {
                     op: UpdateOp::Remove,
                     chunk_size: 0,
                     data: Bytes::new(),
+                    crc: crc32c::crc32c(&[]),
                 })
             };
             self.at_head(addr, req.chain_ver, origin, plan).await?;
@@ -436,7 +442,7 @@ impl StorageService {
             update_ver: meta.map_or(0, |m| m.commit_ver) + 1,
             op: planned.op,
             chunk_size: planned.chunk_size,
-            crc: crc32c::crc32c(&planned.data),
+            crc: planned.crc,
             client: origin.client,
             request: origin.request,
         };
@@ -549,11 +555,17 @@ impl StorageService {
     }
 
     /// A forwarded update, at a middle, tail or SYNCING target.
+    /// A SERVING target's chunk engine checks the payload CRC of a write or
+    /// replacement while checksumming its blocks; everything else is checked here.
     pub async fn update(&self, req: UpdateRequest, data: Bytes) -> StorageResult<ChunkVersion> {
-        check_payload(req.crc, &data)?;
         let (routing, chain, pos) = self.locate(req.addr.chain)?;
         check_chain_version(&chain, req.chain_ver)?;
         let me = chain.targets[pos];
+        let engine_checks = me.state == PublicState::Serving
+            && matches!(req.op, UpdateOp::Write { .. } | UpdateOp::Replace);
+        if !engine_checks {
+            check_payload(req.crc, &data)?;
+        }
         if me.target != req.target {
             return Err(StorageError::NotServing { chain: chain.id });
         }
@@ -660,10 +672,14 @@ impl StorageService {
                 (true, Some(whole)) => (Bytes::from(whole), UpdateOp::Replace),
                 (true, None) => (Bytes::new(), UpdateOp::Remove),
             };
+            let crc = match to_syncing {
+                false => req.crc,
+                true => crc32c::crc32c(&payload),
+            };
             let forwarded = UpdateRequest {
                 target: next.target,
                 op,
-                crc: crc32c::crc32c(&payload),
+                crc,
                 ..req
             };
             let sent = self
@@ -767,13 +783,14 @@ impl StorageService {
         let engine = self.engine(me.target).clone();
         let id = chunk_id(req.addr);
         let (offset, length) = (req.offset, req.length);
-        let (data, meta) = blocking(move || engine.read(id, offset, length))
+        let (data, meta, crc) = blocking(move || engine.read_with_crc(id, offset, length))
             .await
             .map_err(|e| storage_error(e, req.addr, me.target))?;
+        debug_assert!(crc == crc32c::crc32c(&data));
         let resp = ReadResponse {
             commit_ver: meta.commit_ver,
             chunk_length: meta.length,
-            crc: crc32c::crc32c(&data),
+            crc,
         };
         Ok((resp, Bytes::from(data)))
     }
@@ -1100,11 +1117,13 @@ fn stage(
     let (v, cv) = (req.update_ver, req.chain_ver);
     match req.op {
         UpdateOp::Write { offset } => engine
-            .write_pending(id, v, cv, offset, data, req.chunk_size)
+            .write_pending_checked(id, v, cv, offset, data, req.chunk_size, req.crc)
             .map(drop),
         UpdateOp::Truncate { length } => engine.truncate(id, length, v, cv).map(drop),
         UpdateOp::Zero { offset, len } => engine.zero_pending(id, v, cv, offset, len).map(drop),
-        UpdateOp::Replace => engine.replace_pending(id, v, cv, data).map(drop),
+        UpdateOp::Replace => engine
+            .replace_pending_checked(id, v, cv, data, req.crc)
+            .map(drop),
         UpdateOp::Remove => engine.remove(id, v, cv).map(drop),
     }
 }
@@ -1192,6 +1211,9 @@ fn storage_error(e: ChunkError, addr: ChunkAddr, target: TargetId) -> StorageErr
             pending: update_ver,
         },
         ChunkError::Corrupt { .. } => StorageError::Checksum { addr, target },
+        ChunkError::PayloadChecksum { sent, computed, .. } => {
+            StorageError::PayloadChecksum { sent, computed }
+        }
         ChunkError::NotFound { .. } => StorageError::NotFound { addr },
         ChunkError::OutOfRange { end, limit, .. } => StorageError::OutOfRange { end, limit },
         ChunkError::NoSpace { .. } => StorageError::NoSpace { target },

@@ -375,14 +375,12 @@ async fn a_replica_with_an_uncommitted_version_refuses_to_read_it() {
 async fn a_corrupted_replica_reports_a_checksum_error() {
     let f = Fixture::start().await;
     f.write_to(0, 1, 0, 0, b"precious bytes").await.unwrap();
-    let path = f.nodes[1]
+    let (path, pos) = f.nodes[1]
         .engine
-        .data_path(id(0), 1)
+        .block_location(id(0), 1, 3)
         .unwrap()
-        .expect("committed version file");
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[3] ^= 0x40;
-    std::fs::write(&path, bytes).unwrap();
+        .expect("committed block");
+    flip_bit(&path, pos);
     let err = f.read_from(1, 0).await.unwrap_err();
     assert!(
         matches!(err, StorageError::Checksum { target: 102, .. }),
@@ -1070,4 +1068,18 @@ async fn a_forwarded_update_with_version_0_or_an_op_a_syncing_target_cannot_take
         "{partial:?}"
     );
     assert!(f.nodes[2].engine.meta(id(0)).unwrap().is_none());
+}
+
+/// Flip one bit of the byte at `pos` of the file at `path`.
+fn flip_bit(path: &std::path::Path, pos: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, pos).unwrap();
+    byte[0] ^= 0x40;
+    file.write_all_at(&byte, pos).unwrap();
 }

@@ -360,13 +360,11 @@ async fn a_corrupted_replica_is_skipped() {
         .await
         .unwrap();
     for node in [0, 2] {
-        let path = f.nodes[node].engines[&1]
-            .data_path(id(0), 1)
+        let (path, pos) = f.nodes[node].engines[&1]
+            .block_location(id(0), 1, 3)
             .unwrap()
-            .expect("committed version file");
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[3] ^= 0x40;
-        std::fs::write(&path, bytes).unwrap();
+            .expect("committed block");
+        flip_bit(&path, pos);
     }
     for _ in 0..20 {
         let back = c.read(&layout, INODE, 0, 14).await.unwrap();
@@ -750,4 +748,18 @@ async fn a_full_disk_on_a_middle_replica_is_enospc_and_loses_nothing_acknowledge
         .unwrap();
     drop(c);
     drop(f);
+}
+
+/// Flip one bit of the byte at `pos` of the file at `path`.
+fn flip_bit(path: &std::path::Path, pos: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, pos).unwrap();
+    byte[0] ^= 0x40;
+    file.write_all_at(&byte, pos).unwrap();
 }
