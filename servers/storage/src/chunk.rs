@@ -98,6 +98,10 @@ pub const LIST_BATCH_CHUNKS: usize = 4096;
 /// first: then commits, aborts and removals still have room.
 pub const SPACE_RESERVE_BYTES: u64 = 4 * 1024 * 1024;
 
+/// The on-disk format this engine writes, recorded in the target's
+/// [`FORMAT_FILE`]. Bump it with every incompatible change.
+pub const FORMAT_VERSION: u32 = 2;
+const FORMAT_FILE: &str = "FORMAT";
 const META_DIR: &str = "meta";
 const DATA_DIR: &str = "data";
 const BLOCKS_FILE: &str = "blocks";
@@ -221,6 +225,12 @@ pub enum ChunkError {
     },
     #[error("chunk {id}: undecodable metadata record: {reason}")]
     BadMeta { id: ChunkId, reason: String },
+    #[error("target {path} holds chunk format {found}, this build reads format {expected}: move the target aside and let resync refill it from its chain")]
+    UnsupportedFormat {
+        path: PathBuf,
+        found: String,
+        expected: u32,
+    },
     #[error("no space left on device writing {path} (chunk {id:?})")]
     NoSpace { id: Option<ChunkId>, path: PathBuf },
     #[error("i/o error on {path} (chunk {id:?})")]
@@ -257,6 +267,40 @@ impl AsKvError for ChunkError {
 
 /// Result of chunk operations.
 pub type ChunkResult<T> = Result<T, ChunkError>;
+
+/// Refuses a target written in another on-disk format (with a message an
+/// operator can act on) and stamps a new target with ours. A target with a
+/// metadata store but no FORMAT file predates the stamp: format 1.
+fn check_format(dir: &Path, meta_dir: &Path) -> ChunkResult<()> {
+    let path = dir.join(FORMAT_FILE);
+    let expected = format!("r3fs chunk engine format {FORMAT_VERSION}\n");
+    match fs::read_to_string(&path) {
+        Ok(found) if found == expected => Ok(()),
+        Ok(found) => Err(ChunkError::UnsupportedFormat {
+            path: dir.to_path_buf(),
+            found: format!("{:?}", found.trim()),
+            expected: FORMAT_VERSION,
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if meta_dir.exists() {
+                return Err(ChunkError::UnsupportedFormat {
+                    path: dir.to_path_buf(),
+                    found: "1 (no FORMAT file)".into(),
+                    expected: FORMAT_VERSION,
+                });
+            }
+            fs::create_dir_all(dir).map_err(|e| io_error(None, dir, e))?;
+            let tmp = dir.join("FORMAT.tmp");
+            fs::write(&tmp, expected.as_bytes()).map_err(|e| io_error(None, &tmp, e))?;
+            File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io_error(None, &tmp, e))?;
+            fs::rename(&tmp, &path).map_err(|e| io_error(None, &path, e))?;
+            sync_dir(None, dir)
+        }
+        Err(e) => Err(io_error(None, &path, e)),
+    }
+}
 
 fn io_error(id: Option<ChunkId>, path: &Path, source: io::Error) -> ChunkError {
     let no_space = matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT));
@@ -568,6 +612,7 @@ impl ChunkEngine {
         let dir = dir.as_ref().to_path_buf();
         let meta_dir = dir.join(META_DIR);
         let data_dir = dir.join(DATA_DIR);
+        check_format(&dir, &meta_dir)?;
         fs::create_dir_all(&data_dir).map_err(|e| io_error(None, &data_dir, e))?;
         sync_dir(None, &dir)?;
         let blocks_path = data_dir.join(BLOCKS_FILE);

@@ -73,6 +73,7 @@ fn error_name(e: &ChunkError) -> &'static str {
         ChunkError::InstallMismatch { .. } => "InstallMismatch",
         ChunkError::PayloadChecksum { .. } => "PayloadChecksum",
         ChunkError::BadMeta { .. } => "BadMeta",
+        ChunkError::UnsupportedFormat { .. } => "UnsupportedFormat",
         ChunkError::NoSpace { .. } => "NoSpace",
         ChunkError::Io { .. } => "Io",
         ChunkError::Kv { .. } => "Kv",
@@ -1536,4 +1537,29 @@ fn the_pending_version_can_be_read_whole_for_re_forwarding() {
     let (bytes, meta) = engine.read_pending(id).unwrap().unwrap();
     assert_eq!(bytes, b"base\0\0xy");
     assert_eq!((meta.update_ver, meta.commit_ver), (2, 1));
+}
+
+#[test]
+fn a_target_of_another_format_is_refused_with_a_clear_error() {
+    // A fresh target is stamped with this build's format and reopens.
+    let dir = tempfile::tempdir().unwrap();
+    drop(ChunkEngine::open(dir.path(), 1 << 20).unwrap());
+    let stamp = std::fs::read_to_string(dir.path().join("FORMAT")).unwrap();
+    assert!(stamp.contains(&r3fs_storage::chunk::FORMAT_VERSION.to_string()));
+    drop(ChunkEngine::open(dir.path(), 1 << 20).unwrap());
+
+    // Another version in the stamp.
+    std::fs::write(dir.path().join("FORMAT"), "r3fs chunk engine format 99\n").unwrap();
+    let err = ChunkEngine::open(dir.path(), 1 << 20)
+        .err()
+        .expect("refused");
+    assert!(matches!(err, ChunkError::UnsupportedFormat { .. }), "{err}");
+    assert!(err.to_string().contains("format 99"), "{err}");
+
+    // A metadata store without a stamp: written before formats were stamped.
+    std::fs::remove_file(dir.path().join("FORMAT")).unwrap();
+    let err = ChunkEngine::open(dir.path(), 1 << 20)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("no FORMAT file"), "{err}");
 }
