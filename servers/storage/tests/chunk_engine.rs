@@ -1550,16 +1550,16 @@ fn a_target_of_another_format_is_refused_with_a_clear_error() {
 
     // Another version in the stamp.
     std::fs::write(dir.path().join("FORMAT"), "r3fs chunk engine format 99\n").unwrap();
-    let err = ChunkEngine::open(dir.path(), 1 << 20)
-        .err()
-        .expect("refused");
+    let Err(err) = ChunkEngine::open(dir.path(), 1 << 20) else {
+        panic!("a target of another format opened");
+    };
     assert!(matches!(err, ChunkError::UnsupportedFormat { .. }), "{err}");
     assert!(err.to_string().contains("format 99"), "{err}");
 
     // A metadata store without a stamp: written before formats were stamped.
     std::fs::remove_file(dir.path().join("FORMAT")).unwrap();
-    let err = ChunkEngine::open(dir.path(), 1 << 20)
-        .err()
-        .expect("refused");
+    let Err(err) = ChunkEngine::open(dir.path(), 1 << 20) else {
+        panic!("a target of another format opened");
+    };
     assert!(err.to_string().contains("no FORMAT file"), "{err}");
 }
