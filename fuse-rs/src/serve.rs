@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use fuse_backend_rs::api::filesystem::FileSystem;
 
 use crate::channel::spin::SpinConfig;
+use crate::channel::uring;
 use crate::channel::{
     ChannelMode, ChannelPlan, Channels, Dispatch, Interrupts, ServerDispatch, StatsHandle,
 };
@@ -44,12 +45,16 @@ impl ChannelOptions {
     }
 
     /// How the threads are split for `mode`: `a` of them classic, the rest
-    /// in one XFUSE channel per CPU.
+    /// in one XFUSE channel per CPU; in `uring` mode, workers for every
+    /// io_uring queue, `a` of them blocking without spinning.
     pub fn plan(&self, mode: ChannelMode) -> ChannelPlan {
         let a = self.fuse_ratio.unwrap_or(match mode {
             ChannelMode::Fuse => 1.0,
             _ => 0.0,
         });
+        if mode == ChannelMode::Uring {
+            return ChannelPlan::uring(self.threads, a, uring::possible_cpus());
+        }
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
@@ -60,13 +65,18 @@ impl ChannelOptions {
 }
 
 /// The channel mode a mount really uses: `auto` picks the best the kernel
-/// offers.
+/// offers (`uring` when the kernel has FUSE over io_uring and
+/// `/sys/module/fuse/parameters/enable_uring` is Y, else `xfuse`); `uring`
+/// where it cannot work is an error that names the knob.
 pub fn resolve_mode(mode: ChannelMode) -> Result<ChannelMode, FuseError> {
     match mode {
-        ChannelMode::Auto => Ok(ChannelMode::Xfuse),
-        ChannelMode::Uring => Err(FuseError::Config(
-            "the uring channel mode is not built into this daemon yet; use --channel xfuse".into(),
-        )),
+        ChannelMode::Auto => Ok(match uring::available() {
+            Ok(()) => ChannelMode::Uring,
+            Err(_) => ChannelMode::Xfuse,
+        }),
+        ChannelMode::Uring => uring::available()
+            .map(|()| ChannelMode::Uring)
+            .map_err(|why| FuseError::Config(format!("--channel uring: {why}"))),
         m => Ok(m),
     }
 }
@@ -109,7 +119,7 @@ impl Served {
         options.validate()?;
         let mode = resolve_mode(options.mode)?;
         let plan = options.plan(mode);
-        tracing::info!(%mode, classic_threads = plan.classic_threads, xfuse_channels = ?plan.xfuse_channels, "starting channels");
+        tracing::info!(%mode, classic_threads = plan.classic_threads, xfuse_channels = ?plan.xfuse_channels, uring = ?plan.uring, "starting channels");
         let dispatch = Arc::new(ServerDispatch::new(fs, interrupts));
         let channels = Channels::start(kernel, dispatch.clone(), &plan, options.spin)?;
         let deadline = Instant::now() + INIT_WAIT;
@@ -118,6 +128,11 @@ impl Served {
                 return Err(FuseError::InitTimeout(INIT_WAIT));
             }
             std::thread::sleep(Duration::from_millis(2));
+        }
+        // uring: the kernel holds every request until each queue has an
+        // entry; report ready only then.
+        if !channels.wait_ready(deadline) {
+            return Err(FuseError::InitTimeout(INIT_WAIT));
         }
         Ok((channels, mode, plan))
     }

@@ -8,12 +8,18 @@
 //!   leader at a time with an adaptive busy-wait ([`spin`]); the leader hands
 //!   leadership to a follower of its channel before serving, so a slow
 //!   request never stops its channel from reading. [`xfuse`]
+//! - `uring`: FUSE over io_uring, one kernel queue per possible CPU served
+//!   by workers pinned to that CPU, each with its own ring and ring entry;
+//!   a classic reader stays on the session fd for INIT, FORGET, INTERRUPT.
+//!   [`uring`]
 //!
 //! The fuse ratio `a` (0 ≤ a ≤ 1, the feasibility report's
 //! `a·FUSE + (1−a)·XFUSE`) splits the worker threads: `round(a·threads)`
 //! wait the classic way on the session fd, the rest serve XFUSE channels.
 //! Cloned fds share the kernel's one input queue, so whichever waiter
-//! reads first serves the request.
+//! reads first serves the request. In `uring` mode `a` instead picks the
+//! share of queue workers that block at once rather than spin (see
+//! [`uring`]).
 //!
 //! fuse-backend-rs's `Server::handle_message` decodes and dispatches
 //! ([`ServerDispatch`]). Before handing it a request the dispatcher peeks at
@@ -28,6 +34,7 @@
 
 pub mod classic;
 pub mod spin;
+pub mod uring;
 pub mod xfuse;
 
 use std::cell::Cell;
@@ -237,6 +244,25 @@ pub struct ChannelPlan {
     pub classic_threads: usize,
     /// XFUSE channels (cloned fds) and the threads of each.
     pub xfuse_channels: Vec<usize>,
+    /// FUSE over io_uring queues, in `uring` mode.
+    pub uring: Option<UringPlan>,
+}
+
+/// The io_uring queues of a mount in `uring` mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UringPlan {
+    /// One per possible CPU (the kernel's count).
+    pub queues: usize,
+    /// Workers (each a ring with one entry) per queue.
+    pub workers_per_queue: usize,
+    /// Workers that block at once instead of spinning: `round(a·workers)`.
+    pub blocking_workers: usize,
+}
+
+impl UringPlan {
+    pub fn workers(&self) -> usize {
+        self.queues * self.workers_per_queue
+    }
 }
 
 impl ChannelPlan {
@@ -255,6 +281,26 @@ impl ChannelPlan {
         ChannelPlan {
             classic_threads: classic.min(threads),
             xfuse_channels,
+            uring: None,
+        }
+    }
+
+    /// `uring` mode: one session reader (INIT, FORGET, INTERRUPT) and
+    /// `ceil(threads / queues)` workers per queue, a share `fuse_ratio` of
+    /// them blocking without spinning.
+    pub fn uring(threads: usize, fuse_ratio: f64, queues: usize) -> ChannelPlan {
+        assert!(threads > 0 && queues > 0);
+        assert!((0.0..=1.0).contains(&fuse_ratio));
+        let workers_per_queue = threads.div_ceil(queues).max(1);
+        let workers = queues * workers_per_queue;
+        ChannelPlan {
+            classic_threads: 1,
+            xfuse_channels: Vec::new(),
+            uring: Some(UringPlan {
+                queues,
+                workers_per_queue,
+                blocking_workers: ((workers as f64) * fuse_ratio).round() as usize,
+            }),
         }
     }
 }
@@ -299,7 +345,8 @@ mod tests {
             p,
             ChannelPlan {
                 classic_threads: 8,
-                xfuse_channels: vec![]
+                xfuse_channels: vec![],
+                uring: None,
             }
         );
         let p = ChannelPlan::new(8, 0.0, 4);
@@ -307,7 +354,8 @@ mod tests {
             p,
             ChannelPlan {
                 classic_threads: 0,
-                xfuse_channels: vec![4, 4]
+                xfuse_channels: vec![4, 4],
+                uring: None,
             }
         );
         let p = ChannelPlan::new(8, 0.5, 3);
@@ -315,7 +363,8 @@ mod tests {
             p,
             ChannelPlan {
                 classic_threads: 4,
-                xfuse_channels: vec![2, 2]
+                xfuse_channels: vec![2, 2],
+                uring: None,
             }
         );
         let p = ChannelPlan::new(3, 0.5, 1);
@@ -329,6 +378,27 @@ mod tests {
                 assert!(p.xfuse_channels.iter().all(|&n| n >= 1));
             }
         }
+    }
+
+    #[test]
+    fn uring_plan_covers_every_queue_and_counts_blocking_workers() {
+        let p = ChannelPlan::uring(8, 0.0, 2);
+        assert_eq!(p.classic_threads, 1, "the session reader");
+        assert!(p.xfuse_channels.is_empty());
+        assert_eq!(
+            p.uring,
+            Some(UringPlan {
+                queues: 2,
+                workers_per_queue: 4,
+                blocking_workers: 0
+            })
+        );
+        let p = ChannelPlan::uring(3, 0.5, 64).uring.unwrap();
+        assert_eq!(p.workers_per_queue, 1, "every queue needs a worker");
+        assert_eq!(p.workers(), 64);
+        assert_eq!(p.blocking_workers, 32);
+        let p = ChannelPlan::uring(8, 1.0, 2).uring.unwrap();
+        assert_eq!(p.blocking_workers, 8);
     }
 
     #[test]
@@ -355,6 +425,8 @@ mod tests {
 pub struct Channels {
     workers: Vec<std::thread::JoinHandle<ChannelEnd>>,
     stats: Vec<(String, &'static str, usize, Arc<ChannelStats>)>,
+    /// In `uring` mode: INIT's outcome and how many queue workers register.
+    uring: Option<Arc<uring::InitGate>>,
 }
 
 impl Channels {
@@ -368,6 +440,17 @@ impl Channels {
         let mut channels = Channels {
             workers: Vec::new(),
             stats: Vec::new(),
+            uring: None,
+        };
+        let permits = Arc::new(spin::SpinPermits::for_this_machine());
+        // In uring mode the session reader answers INIT itself (to advertise
+        // io_uring) and tells the queue workers when the session ends.
+        let gate = plan
+            .uring
+            .map(|u| Arc::new(uring::InitGate::new(u.workers())));
+        let session_dispatch: Arc<dyn Dispatch> = match &gate {
+            Some(g) => Arc::new(uring::InitInterceptor::new(dispatch.clone(), g.clone())),
+            None => dispatch.clone(),
         };
         if plan.classic_threads > 0 {
             let stats = Arc::new(ChannelStats::default());
@@ -378,13 +461,46 @@ impl Channels {
                 stats.clone(),
             ));
             for i in 0..plan.classic_threads {
-                let (dispatch, stats, fd) = (dispatch.clone(), stats.clone(), kernel.fd());
+                let (dispatch, stats, fd) = (session_dispatch.clone(), stats.clone(), kernel.fd());
+                let gate = gate.clone();
                 channels.spawn(format!("r3fs-fuse-{i}"), move || {
-                    classic::serve(fd, dispatch.as_ref(), &stats)
+                    let end = classic::serve(fd, dispatch.as_ref(), &stats);
+                    if let Some(g) = gate {
+                        g.end();
+                    }
+                    end
                 })?;
             }
         }
-        let permits = Arc::new(spin::SpinPermits::for_this_machine());
+        if let (Some(u), Some(gate)) = (plan.uring, gate) {
+            channels.uring = Some(gate.clone());
+            let queue_stats: Vec<Arc<ChannelStats>> = (0..u.queues)
+                .map(|q| {
+                    let stats = Arc::new(ChannelStats::default());
+                    channels.stats.push((
+                        format!("queue-{q}"),
+                        "uring",
+                        u.workers_per_queue,
+                        stats.clone(),
+                    ));
+                    stats
+                })
+                .collect();
+            for g in 0..u.workers() {
+                let (q, slot) = (g % u.queues, g / u.queues);
+                let worker = uring::QueueWorker {
+                    qid: u16::try_from(q).map_err(|_| std::io::Error::other("too many CPUs"))?,
+                    blocks: uring::worker_blocks(g, u.workers(), u.blocking_workers),
+                    fd: kernel.fd(),
+                    dispatch: dispatch.clone(),
+                    gate: gate.clone(),
+                    stats: queue_stats[q].clone(),
+                    permits: permits.clone(),
+                    spin,
+                };
+                channels.spawn(format!("r3fs-uring-{q}.{slot}"), move || worker.run())?;
+            }
+        }
         for (c, &threads) in plan.xfuse_channels.iter().enumerate() {
             let channel = Arc::new(xfuse::XfuseChannel::new(kernel.clone_channel()?, spin));
             let stats = Arc::new(ChannelStats::default());
@@ -420,6 +536,17 @@ impl Channels {
     pub fn stats_handle(&self) -> StatsHandle {
         StatsHandle {
             stats: self.stats.clone(),
+        }
+    }
+
+    /// In `uring` mode, waits until every queue worker has registered its
+    /// entry (the kernel holds every request until all queues have one) or
+    /// fell back to the session fd; false if `deadline` passed first.
+    /// Other modes are ready at once.
+    pub fn wait_ready(&self, deadline: std::time::Instant) -> bool {
+        match &self.uring {
+            Some(gate) => gate.wait_registered(deadline),
+            None => true,
         }
     }
 
