@@ -82,9 +82,11 @@ pub struct MountArgs {
     /// `auto` (the best the kernel offers).
     #[arg(long, default_value = "auto")]
     channel: r3fs_fuse::channel::ChannelMode,
-    /// Share `a` (0..=1) of the worker threads that wait the classic way on
-    /// the session fd; the rest serve XFUSE channels. Default: 1 for
-    /// `--channel fuse`, 0 otherwise.
+    /// Share `a` (0..=1) of the worker threads that wait the classic way
+    /// (block at once, no spinning): with fuse/xfuse they read the session fd
+    /// and the rest serve XFUSE channels with adaptive busy-wait; with uring
+    /// they block in io_uring_enter and the rest spin on their queue's
+    /// completion ring first. Default: 1 for `--channel fuse`, 0 otherwise.
     #[arg(long)]
     fuse_ratio: Option<f64>,
     /// Only root may use the mount. By default every user may (the kernel's
