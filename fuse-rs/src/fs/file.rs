@@ -682,6 +682,13 @@ impl R3fs {
         if whence != SEEK_DATA && whence != SEEK_HOLE {
             return Err(errno(libc::EINVAL));
         }
+        if self.writeback_cache {
+            // The kernel holds written pages and owns the size; it does not
+            // write them back before asking us. ENOSYS makes it answer
+            // SEEK_DATA/SEEK_HOLE itself (all data up to its size), which
+            // POSIX allows and which sees its own cached writes.
+            return Err(errno(libc::ENOSYS));
+        }
         let h = self.files.handle(fh)?;
         let file = &h.file;
         let size = {

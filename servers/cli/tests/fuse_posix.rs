@@ -117,3 +117,25 @@ fn posix_suite_passes_in_uring_mode() {
         &["--channel", "uring", "--fuse-ratio", "0.5"],
     );
 }
+
+/// With the writeback cache the kernel owns a cached file's size and mtime,
+/// so what another mount wrote is seen only once the inode leaves the
+/// cache: the suite runs through one mount (`a == b`), where every POSIX
+/// rule must hold.
+#[test]
+fn posix_suite_passes_through_one_mount_with_the_writeback_cache() {
+    if !sandbox::can_mount() {
+        eprintln!("skipped: FUSE mounts need root and /dev/fuse");
+        return;
+    }
+    let sb = Sandbox::new();
+    let a = sb.dir("a");
+    sb.ok(&["mount", a.to_str().unwrap(), "--writeback-cache"]);
+    let report = posix::run_or_panic(&Target::local(&a), None);
+    assert_eq!(
+        report.outcomes.len(),
+        posix::cases().len(),
+        "every case ran"
+    );
+    sb.ok(&["umount", a.to_str().unwrap()]);
+}

@@ -73,7 +73,10 @@ pub struct MountArgs {
     /// files created through other mounts appear at once).
     #[arg(long, default_value_t = 0)]
     negative_timeout_ms: u64,
-    /// Let the kernel cache writes and send them in larger batches.
+    /// Let the kernel cache writes and send them in larger batches. The kernel
+    /// then owns a cached file's size and mtime: another mount's changes to a
+    /// file are seen only after it leaves this mount's cache, so use it for
+    /// files with one writer.
     #[arg(long)]
     writeback_cache: bool,
     /// How the daemon waits for kernel requests: `fuse` (classic: every
