@@ -5,33 +5,31 @@
 //! a syscall may fail (EIO, ENOTCONN) but never hangs, a lost replica goes
 //! unnoticed, and everything works again once the processes are back.
 //!
-//! Every test holds a [`Cluster`] (its processes die with it, by pid) and a
-//! [`Mount`] (detached and its daemon killed when dropped, pass or fail), and
-//! ends by checking that no mount is left under its temporary directory.
+//! Every test holds a [`ProcessCluster`] (its processes die with it, by pid)
+//! and a [`Mount`] (detached and its daemon killed when dropped, pass or
+//! fail), and ends by checking that no mount is left under its temporary
+//! directory.
 //! Only generous upper bounds are asserted; measured times are printed.
 
 mod common;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::SocketAddr;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use common::{r3fs, ServerProcess};
+use common::cluster::{
+    single_node_client, storage_index, Meta, ProcessCluster, POLL_INTERVAL, WAIT,
+};
+use common::r3fs;
 use nix::sys::signal::Signal;
 use parking_lot::Mutex;
-use serde_json::Value;
 
 /// Longest a syscall on the mount may take while part of the cluster is down.
 const SYSCALL_BOUND: Duration = Duration::from_secs(120);
-/// Longest wait for the cluster to reach a state (serving, healed).
-const WAIT: Duration = Duration::from_secs(60);
-const POLL_INTERVAL: Duration = Duration::from_millis(100);
-const CHAIN: u64 = 1;
 /// Bytes a test file holds: more than two 1 MiB chunks.
 const FILE_BYTES: usize = 2 * 1024 * 1024 + 12345;
 
@@ -85,16 +83,8 @@ fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static
 
 /// Waits until `f` holds, at most [`WAIT`]; returns how long it took.
 #[track_caller]
-fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < WAIT,
-            "timed out after {WAIT:?} waiting until {what}"
-        );
-        std::thread::sleep(POLL_INTERVAL);
-    }
-    start.elapsed()
+fn eventually(what: &str, f: impl FnMut() -> bool) -> Duration {
+    common::eventually(what, WAIT, POLL_INTERVAL, f)
 }
 
 #[track_caller]
@@ -140,220 +130,15 @@ fn alive(pid: i32) -> bool {
     !matches!(state, Some("Z" | "X") | None)
 }
 
-/// kv, mgmtd, meta and three storage nodes (targets 101..=103 on nodes
-/// 1..=3) in one chain table of one chain of three, each its own process.
-struct Cluster {
-    _kv: ServerProcess,
-    kv_addr: String,
-    _mgmtd: ServerProcess,
-    mgmtd_addr: String,
-    meta: Option<ServerProcess>,
-    meta_addr: SocketAddr,
-    storage: Vec<Option<ServerProcess>>,
-    /// Last: removed after every process is gone.
-    dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let p = |name: &str| dir.path().join(name);
-        let kv = ServerProcess::start(
-            &["kv", "--data-dir", p("kv").to_str().unwrap()],
-            &p("kv.log"),
-        );
-        let kv_addr = kv.addr.to_string();
-        let mgmtd = ServerProcess::start(
-            &[
-                "mgmtd",
-                "--node-id",
-                "1",
-                "--kv-remote",
-                &kv_addr,
-                "--lease-ms",
-                "4000",
-                "--extend-interval-ms",
-                "500",
-                "--check-interval-ms",
-                "200",
-                "--heartbeat-timeout-ms",
-                "1500",
-            ],
-            &p("mgmtd.log"),
-        );
-        let mgmtd_addr = mgmtd.addr.to_string();
-        let mut c = Cluster {
-            _kv: kv,
-            kv_addr,
-            _mgmtd: mgmtd,
-            mgmtd_addr,
-            meta: None,
-            meta_addr: common::free_addr(),
-            storage: vec![None, None, None],
-            dir,
-        };
-        for n in 0..3 {
-            c.start_storage(n);
-        }
-        let out = r3fs(&[
-            "admin",
-            "--mgmtd",
-            &c.mgmtd_addr,
-            "create-chain-table",
-            "--replicas",
-            "3",
-        ]);
-        assert!(
-            out.status.success(),
-            "create-chain-table: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        c.wait_serving("the chain serves");
-        // Meta places new files on chain 1 (its default layout), the chain
-        // the table just made.
-        let chains = c.admin("list-chains");
-        assert_eq!(chains[0]["id"], CHAIN, "{chains}");
-        c.start_meta();
-        let text = format!(
-            "mgmtd = [\"{}\"]\nmeta = [\"{}\"]\n",
-            c.mgmtd_addr, c.meta_addr
-        );
-        std::fs::write(c.cluster_file(), text).unwrap();
-        c
+/// kv, mgmtd, meta on the kv server and three storage nodes (targets
+/// 101..=103 on nodes 1..=3) in one chain of three, and a cluster file to
+/// mount; None, said on stderr, where FUSE mounts are impossible.
+fn cluster() -> Option<ProcessCluster> {
+    if !can_mount() {
+        eprintln!("skipped: FUSE mounts need root and /dev/fuse");
+        return None;
     }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn cluster_file(&self) -> PathBuf {
-        self.path("cluster.toml")
-    }
-
-    /// Starts meta on its address (the same one after a restart), sharing
-    /// the kv server with mgmtd.
-    fn start_meta(&mut self) {
-        let data = self.path("meta");
-        let log = self.path(&format!("meta.{}.log", unique()));
-        self.meta = Some(ServerProcess::start_at(
-            &[
-                "meta",
-                "--engine",
-                "remote",
-                "--kv-remote",
-                &self.kv_addr,
-                "--data-dir",
-                data.to_str().unwrap(),
-            ],
-            &log,
-            self.meta_addr,
-        ));
-    }
-
-    fn kill_meta(&mut self) {
-        if let Some(p) = self.meta.take() {
-            p.signal(Signal::SIGKILL);
-        }
-    }
-
-    /// Starts storage node `n + 1` on target `101 + n`, on the same
-    /// directory every time.
-    fn start_storage(&mut self, n: usize) {
-        let id = (n + 1).to_string();
-        let target = format!("{}={}", 101 + n, self.path(&format!("t{id}")).display());
-        let log = self.path(&format!("storage{id}.{}.log", unique()));
-        self.storage[n] = Some(ServerProcess::start(
-            &[
-                "storage",
-                "--node-id",
-                &id,
-                "--mgmtd",
-                &self.mgmtd_addr,
-                "--target",
-                &target,
-                "--heartbeat-interval-ms",
-                "200",
-            ],
-            &log,
-        ));
-    }
-
-    fn kill_storage(&mut self, n: usize) {
-        if let Some(p) = self.storage[n].take() {
-            p.signal(Signal::SIGKILL);
-        }
-    }
-
-    #[track_caller]
-    fn admin(&self, cmd: &str) -> Value {
-        let out = r3fs(&["admin", "--mgmtd", &self.mgmtd_addr, cmd, "--json"]);
-        assert!(out.status.success(), "admin {cmd}: {out:?}");
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    /// The chain's targets, head first, with their public states.
-    fn chain(&self) -> Vec<(u64, String)> {
-        let chains = self.admin("list-chains");
-        chains[0]["targets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| {
-                (
-                    t["target"].as_u64().unwrap(),
-                    t["state"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect()
-    }
-
-    #[track_caller]
-    fn wait_serving(&self, what: &str) -> Duration {
-        let start = Instant::now();
-        loop {
-            let chain = self.chain();
-            if chain.len() == 3 && chain.iter().all(|(_, s)| s == "Serving") {
-                break;
-            }
-            assert!(
-                start.elapsed() < WAIT,
-                "timed out after {WAIT:?} waiting until {what}: chain {chain:?}, targets {}\n{}",
-                self.admin("list-targets"),
-                self.logs()
-            );
-            std::thread::sleep(POLL_INTERVAL);
-        }
-        let took = start.elapsed();
-        println!("{what}: {took:?}");
-        took
-    }
-
-    #[track_caller]
-    fn wait_target_state(&self, target: u64, state: &str) -> Duration {
-        eventually(&format!("target {target} is {state}"), || {
-            self.chain().iter().any(|(t, s)| *t == target && s == state)
-        })
-    }
-
-    fn logs(&self) -> String {
-        let mut out = String::new();
-        for entry in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "log") {
-                let text = std::fs::read_to_string(&path).unwrap_or_default();
-                let from = text.len().saturating_sub(4000);
-                let tail = text.get(from..).unwrap_or(&text);
-                out.push_str(&format!("--- {}\n{tail}\n", path.display()));
-            }
-        }
-        out
-    }
-}
-
-/// A number no other log name of this run used.
-fn unique() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed)
+    Some(ProcessCluster::builder().meta(Meta::OnKv).start())
 }
 
 /// An `r3fs mount --cluster` of a cluster, with its daemon pid and log. On
@@ -370,7 +155,7 @@ struct Mount {
 
 impl Mount {
     #[track_caller]
-    fn start(cluster: &Cluster) -> Mount {
+    fn start(cluster: &ProcessCluster) -> Mount {
         let point = cluster.path("mnt");
         std::fs::create_dir_all(&point).unwrap();
         let data = cluster.path("mount-data");
@@ -402,7 +187,7 @@ impl Mount {
         Mount {
             point,
             data,
-            root: cluster.dir.path().to_path_buf(),
+            root: cluster.dir().to_path_buf(),
             pid,
             log,
         }
@@ -465,18 +250,16 @@ impl Drop for Mount {
 
 /// The end of every test: no mount left under the test's directory.
 #[track_caller]
-fn assert_no_mounts(cluster: &Cluster) {
-    let left = mounts_under(cluster.dir.path());
+fn assert_no_mounts(cluster: &ProcessCluster) {
+    let left = mounts_under(cluster.dir());
     assert!(left.is_empty(), "mounts left behind: {left:?}");
 }
 
 #[test]
 fn storage_chain_down_gives_eio_not_a_hang() {
-    if !can_mount() {
-        eprintln!("skipped: FUSE mounts need root and /dev/fuse");
+    let Some(mut cluster) = cluster() else {
         return;
-    }
-    let mut cluster = Cluster::start();
+    };
     let mount = Mount::start(&cluster);
     let data = pattern(FILE_BYTES, 1);
     let path = mount.file("data");
@@ -554,11 +337,9 @@ const PHASE_BLOCKS: u64 = 20;
 
 #[test]
 fn one_replica_down_is_invisible_to_the_application() {
-    if !can_mount() {
-        eprintln!("skipped: FUSE mounts need root and /dev/fuse");
+    let Some(mut cluster) = cluster() else {
         return;
-    }
-    let mut cluster = Cluster::start();
+    };
     let mount = Mount::start(&cluster);
     let path = mount.file("log");
     File::create(&path).unwrap();
@@ -654,7 +435,7 @@ fn one_replica_down_is_invisible_to_the_application() {
 
     progress("the writer makes progress before the kill");
     let head = cluster.chain()[0].0;
-    let n = (head - 101) as usize;
+    let n = storage_index(head);
     cluster.kill_storage(n);
     let killed = Instant::now();
     let took = cluster.wait_target_state(head, "Offline");
@@ -697,35 +478,26 @@ fn one_replica_down_is_invisible_to_the_application() {
 }
 
 /// Reads `inode` from each replica alone and compares with `expect`.
-fn check_every_replica(cluster: &Cluster, inode: u64, expect: &[u8]) {
-    use r3fs_client::storage::StorageClientConfig;
-    use r3fs_client::{MetaClient, MetaClientConfig, MgmtClient, RoutingWatcher, StorageClient};
+fn check_every_replica(cluster: &ProcessCluster, inode: u64, expect: &[u8]) {
+    use r3fs_client::{MetaClient, MetaClientConfig, MgmtClient, RoutingWatcher};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let meta = MetaClient::new(MetaClientConfig::new(vec![cluster.meta_addr])).unwrap();
+        let meta = MetaClient::new(MetaClientConfig::new(vec![cluster.meta_addr()])).unwrap();
         let attr = meta.getattr(inode).await.unwrap();
         let layout = attr.layout.expect("a file has a layout");
-        let mgmt = MgmtClient::new(vec![cluster.mgmtd_addr.parse().unwrap()]).unwrap();
+        let mgmt = MgmtClient::new(vec![cluster.mgmtd_addr().parse().unwrap()]).unwrap();
         let mut watcher = RoutingWatcher::start(mgmt);
         let routing = watcher
             .wait_for(WAIT, |_| true)
             .await
             .expect("routing info");
         for node in &routing.nodes {
-            let mut one = (*routing).clone();
-            for chain in &mut one.chains {
-                chain
-                    .targets
-                    .retain(|t| routing.target(t.target).is_some_and(|i| i.node == node.id));
-            }
-            if one.chains.iter().all(|c| c.targets.is_empty()) {
+            let Some((_tx, direct)) = single_node_client(&routing, node.id) else {
                 continue;
-            }
-            let (_tx, rx) = tokio::sync::watch::channel(Some(Arc::new(one)));
-            let direct = StorageClient::new(rx, StorageClientConfig::default());
+            };
             let data = direct
                 .read(&layout, inode, 0, expect.len() as u64)
                 .await
@@ -741,16 +513,14 @@ fn check_every_replica(cluster: &Cluster, inode: u64, expect: &[u8]) {
 
 #[test]
 fn meta_down_gives_eio_and_recovers() {
-    if !can_mount() {
-        eprintln!("skipped: FUSE mounts need root and /dev/fuse");
+    let Some(mut cluster) = cluster() else {
         return;
-    }
-    let mut cluster = Cluster::start();
+    };
     let mount = Mount::start(&cluster);
     let data = pattern(100_000, 3);
     std::fs::write(mount.file("before"), &data).unwrap();
     // Created past the mount, so the kernel has never looked it up.
-    let meta = cluster.meta_addr.to_string();
+    let meta = cluster.meta_addr().to_string();
     let out = r3fs(&["fs", "--meta", &meta, "touch", "/uncached"]);
     assert!(out.status.success(), "fs touch: {out:?}");
 
@@ -798,11 +568,9 @@ fn meta_down_gives_eio_and_recovers() {
 
 #[test]
 fn daemon_killed_leaves_a_clean_error() {
-    if !can_mount() {
-        eprintln!("skipped: FUSE mounts need root and /dev/fuse");
+    let Some(cluster) = cluster() else {
         return;
-    }
-    let cluster = Cluster::start();
+    };
     let mount = Mount::start(&cluster);
     let data = pattern(FILE_BYTES, 4);
     std::fs::write(mount.file("kept"), &data).unwrap();

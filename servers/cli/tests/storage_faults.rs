@@ -20,8 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{r3fs, ServerProcess};
-use nix::sys::signal::Signal;
+use common::cluster::{single_node_client, storage_index, Meta, ProcessCluster};
 use parking_lot::Mutex;
 use r3fs_client::storage::StorageClientConfig;
 use r3fs_client::{MgmtClient, RoutingWatcher, StorageClient};
@@ -76,112 +75,6 @@ fn decode(data: &[u8]) -> Result<u64, String> {
     Ok(u64::from_le_bytes(first))
 }
 
-struct Cluster {
-    dir: tempfile::TempDir,
-    _kv: ServerProcess,
-    _mgmtd: ServerProcess,
-    mgmtd_addr: String,
-    /// A meta server storage nodes collect removed files from, if started.
-    meta: Option<ServerProcess>,
-    storage: Vec<Option<ServerProcess>>,
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        Cluster::start_with_meta(false)
-    }
-
-    fn start_with_meta(with_meta: bool) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let p = |name: &str| dir.path().join(name);
-        let kv = ServerProcess::start(
-            &["kv", "--data-dir", p("kv").to_str().unwrap()],
-            &p("kv.log"),
-        );
-        let kv_addr = kv.addr.to_string();
-        let mgmtd = ServerProcess::start(
-            &[
-                "mgmtd",
-                "--node-id",
-                "1",
-                "--kv-remote",
-                &kv_addr,
-                "--lease-ms",
-                "4000",
-                "--extend-interval-ms",
-                "500",
-                "--check-interval-ms",
-                "200",
-                "--heartbeat-timeout-ms",
-                "1500",
-            ],
-            &p("mgmtd.log"),
-        );
-        let mgmtd_addr = mgmtd.addr.to_string();
-        let meta = with_meta.then(|| {
-            ServerProcess::start(
-                &["meta", "--data-dir", p("meta").to_str().unwrap()],
-                &p("meta.log"),
-            )
-        });
-        let mut c = Cluster {
-            dir,
-            _kv: kv,
-            _mgmtd: mgmtd,
-            mgmtd_addr,
-            meta,
-            storage: vec![None, None, None],
-        };
-        for n in 0..3 {
-            c.start_storage(n);
-        }
-        c
-    }
-
-    fn start_storage(&mut self, n: usize) {
-        let id = (n + 1).to_string();
-        let target = format!(
-            "{}={}",
-            101 + n,
-            self.dir.path().join(format!("t{id}")).display()
-        );
-        let log = self.dir.path().join(format!(
-            "storage{id}.{}.log",
-            Instant::now().elapsed().as_nanos()
-        ));
-        let mut args = vec![
-            "storage",
-            "--node-id",
-            &id,
-            "--mgmtd",
-            &self.mgmtd_addr,
-            "--target",
-            &target,
-            "--heartbeat-interval-ms",
-            "200",
-        ];
-        let meta_addr = self.meta.as_ref().map(|m| m.addr.to_string());
-        if let Some(meta) = &meta_addr {
-            args.extend(["--meta", meta, "--gc-interval-ms", "200"]);
-        }
-        self.storage[n] = Some(ServerProcess::start(&args, &log));
-    }
-
-    fn kill_storage(&mut self, n: usize) {
-        if let Some(p) = self.storage[n].take() {
-            p.signal(Signal::SIGKILL);
-        }
-    }
-
-    fn logs(&self) -> String {
-        let mut out = String::new();
-        for p in self.storage.iter().flatten() {
-            out.push_str(&p.log_text());
-        }
-        out
-    }
-}
-
 async fn wait_routing(
     watcher: &mut RoutingWatcher,
     what: &str,
@@ -201,21 +94,8 @@ fn all_serving(r: &RoutingInfo) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_killing_head_middle_and_tail() {
-    let mut cluster = Cluster::start();
-    let out = r3fs(&[
-        "admin",
-        "--mgmtd",
-        &cluster.mgmtd_addr,
-        "create-chain-table",
-        "--replicas",
-        "3",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mgmt = MgmtClient::new(vec![cluster.mgmtd_addr.parse().unwrap()]).unwrap();
+    let mut cluster = ProcessCluster::builder().start();
+    let mgmt = MgmtClient::new(vec![cluster.mgmtd_addr().parse().unwrap()]).unwrap();
     let mut watcher = RoutingWatcher::start(mgmt.clone());
     wait_routing(&mut watcher, "the chain serves", all_serving).await;
     let client = StorageClient::new(watcher.subscribe(), StorageClientConfig::default());
@@ -305,7 +185,7 @@ async fn acknowledged_writes_survive_killing_head_middle_and_tail() {
             tokio::time::sleep(Duration::from_millis(400)).await;
             let r = watcher.current().unwrap();
             let target = r.chain(1).unwrap().targets[position].target;
-            let n = (target - 101) as usize;
+            let n = storage_index(target);
             cluster.kill_storage(n);
             wait_routing(
                 &mut watcher,
@@ -358,9 +238,8 @@ async fn acknowledged_writes_survive_killing_head_middle_and_tail() {
     let mut listings = Vec::new();
     for (i, node) in routing.nodes.iter().enumerate() {
         let addr: std::net::SocketAddr = node.address.parse().unwrap();
-        let one = single_node_routing(&routing, node.id);
-        let (tx, rx) = tokio::sync::watch::channel(Some(Arc::new(one)));
-        let direct = StorageClient::new(rx, StorageClientConfig::default());
+        let (tx, direct) = single_node_client(&routing, node.id)
+            .unwrap_or_else(|| panic!("node {} holds no replica", node.id));
         for chunk in 0..CHUNKS {
             let data = direct
                 .read(&layout(), INODE, chunk * CHUNK_BYTES, WRITE_BYTES as u64)
@@ -404,44 +283,16 @@ async fn acknowledged_writes_survive_killing_head_middle_and_tail() {
     assert!(acked > 20, "the workload made progress");
 }
 
-/// Routing info in which only `node`'s target serves chain 1, so a client
-/// reads that replica alone.
-fn single_node_routing(r: &RoutingInfo, node: u32) -> RoutingInfo {
-    let mut one = r.clone();
-    for chain in &mut one.chains {
-        chain
-            .targets
-            .retain(|t| r.target(t.target).is_some_and(|i| i.node == node));
-    }
-    one
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chunks_of_a_removed_file_are_garbage_collected() {
     use r3fs_client::{MetaClient, MetaClientConfig};
     use r3fs_wire::meta::{CreateRequest, OpenFlags, User, ROOT_INODE};
-    let cluster = Cluster::start_with_meta(true);
-    let out = r3fs(&[
-        "admin",
-        "--mgmtd",
-        &cluster.mgmtd_addr,
-        "create-chain-table",
-        "--replicas",
-        "3",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mgmt = MgmtClient::new(vec![cluster.mgmtd_addr.parse().unwrap()]).unwrap();
+    let cluster = ProcessCluster::builder().meta(Meta::Collecting).start();
+    let mgmt = MgmtClient::new(vec![cluster.mgmtd_addr().parse().unwrap()]).unwrap();
     let mut watcher = RoutingWatcher::start(mgmt);
     wait_routing(&mut watcher, "the chain serves", all_serving).await;
     let storage = StorageClient::new(watcher.subscribe(), StorageClientConfig::default());
-    let meta = MetaClient::new(MetaClientConfig::new(vec![
-        cluster.meta.as_ref().unwrap().addr,
-    ]))
-    .unwrap();
+    let meta = MetaClient::new(MetaClientConfig::new(vec![cluster.meta_addr()])).unwrap();
     // A file in the namespace, its data in the chain.
     let req = CreateRequest {
         user: User::root(),

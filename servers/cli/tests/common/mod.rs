@@ -1,14 +1,19 @@
 //! A running `r3fs` server process for tests: started with its stderr in a
 //! log file, ready once its port accepts connections, and killed and reaped
-//! by pid when dropped, so a failing test leaves nothing behind.
+//! by pid when dropped, so a failing test leaves nothing behind; a whole
+//! cluster of them in [`cluster`]; small helpers the tests share.
 
-#![allow(dead_code)]
+#![allow(dead_code)] // each test file uses part of it
+
+pub mod cluster;
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_r3fs");
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -103,4 +108,32 @@ pub fn free_addr() -> SocketAddr {
 /// Runs `r3fs <args>` to completion.
 pub fn r3fs(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().expect("run r3fs")
+}
+
+/// Runs `r3fs admin --mgmtd <mgmtd> <cmd> --json`, which must succeed.
+#[track_caller]
+pub fn admin_json(mgmtd: &str, cmd: &str) -> Value {
+    let out = r3fs(&["admin", "--mgmtd", mgmtd, cmd, "--json"]);
+    assert!(out.status.success(), "admin {cmd}: {out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits until `f` holds, trying every `poll` for at most `limit`; returns
+/// how long it took.
+#[track_caller]
+pub fn eventually(
+    what: &str,
+    limit: Duration,
+    poll: Duration,
+    mut f: impl FnMut() -> bool,
+) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting until {what}"
+        );
+        std::thread::sleep(poll);
+    }
+    start.elapsed()
 }
