@@ -577,6 +577,10 @@ fn daemon_killed_leaves_a_clean_error() {
     let mut open = File::open(mount.file("kept")).unwrap();
 
     mount.kill_daemon();
+    // The kernel ends a dead daemon's connection: requests fail with
+    // ENOTCONN, or ECONNABORTED for one caught on an io_uring queue (a mount
+    // in auto mode uses uring when the machine enables it).
+    let gone = |e: i32| e == libc::ENOTCONN || e == libc::ECONNABORTED;
     let took = eventually("the daemon is gone", || !alive(mount.pid));
     println!("daemon gone {took:?} after SIGKILL");
     let p = mount.file("kept");
@@ -584,18 +588,21 @@ fn daemon_killed_leaves_a_clean_error() {
         std::fs::metadata(&p)
     });
     println!("stat without daemon failed after {took:?}");
-    assert_eq!(errno_of(stat), libc::ENOTCONN);
+    let e = errno_of(stat);
+    assert!(gone(e), "stat: errno {e}");
     let p = mount.point.clone();
     let (list, _) = bounded("readdir on a mount without daemon", move || {
         std::fs::read_dir(&p).map(|_| ())
     });
-    assert_eq!(errno_of(list), libc::ENOTCONN);
+    let e = errno_of(list);
+    assert!(gone(e), "readdir: errno {e}");
     let (read, _) = bounded("read of an open file without daemon", move || {
         let mut buf = vec![0u8; 4096];
         open.seek(SeekFrom::Start(0))?;
         open.read(&mut buf)
     });
-    assert_eq!(errno_of(read), libc::ENOTCONN);
+    let e = errno_of(read);
+    assert!(gone(e), "read: errno {e}");
 
     mount.umount();
     assert!(
