@@ -901,6 +901,7 @@ impl QueueWorker {
                     if Instant::now() >= deadline {
                         spin.miss();
                         self.stats.spin_misses.fetch_add(1, Ordering::Relaxed);
+                        self.record_budget(spin);
                         break;
                     }
                     // The worker shares its CPU with the applications whose
@@ -914,6 +915,30 @@ impl QueueWorker {
         }
         self.stats.blocking_waits.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
+        // With a budget left, block at most the idle period first: if nothing
+        // comes the mount is idle and the budget drops to zero (and shows it).
+        if !self.blocks && !spin.budget().is_zero() {
+            let idle = spin.idle_after();
+            let ts = types::Timespec::new()
+                .sec(idle.as_secs())
+                .nsec(idle.subsec_nanos());
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => {
+                    spin.idle();
+                    self.record_budget(spin);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => return Err(e),
+            }
+            if let Some(c) = ring.completion().next() {
+                spin.woke_after(started.elapsed());
+                self.record_budget(spin);
+                return Ok(c);
+            }
+        }
         loop {
             match ring.submit_and_wait(1) {
                 Ok(_) => {}

@@ -54,8 +54,30 @@ fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Holds enable_uring at Y for a uring test; None (test skipped, with the
+/// reason printed) where the kernel lacks FUSE over io_uring.
+fn uring_knob() -> Option<sandbox::EnableUring> {
+    match sandbox::EnableUring::set() {
+        Ok(k) => Some(k),
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            None
+        }
+    }
+}
+
 #[test]
 fn an_idle_xfuse_mount_stops_spinning_and_uses_almost_no_cpu() {
+    idle_mount_stops_spinning("xfuse");
+}
+
+#[test]
+fn an_idle_uring_mount_stops_spinning_and_uses_almost_no_cpu() {
+    let Some(_knob) = uring_knob() else { return };
+    idle_mount_stops_spinning("uring");
+}
+
+fn idle_mount_stops_spinning(mode: &str) {
     if !sandbox::can_mount() {
         eprintln!("skipped: FUSE mounts need root and /dev/fuse");
         return;
@@ -67,7 +89,7 @@ fn an_idle_xfuse_mount_stops_spinning_and_uses_almost_no_cpu() {
         "mount",
         m,
         "--channel",
-        "xfuse",
+        mode,
         "--attr-timeout-ms",
         "0",
         "--entry-timeout-ms",
@@ -213,6 +235,12 @@ fn classic_fuse_mode_survives_an_interrupt_storm() {
 #[test]
 fn xfuse_mode_survives_an_interrupt_storm() {
     interrupt_storm(&["--channel", "xfuse"]);
+}
+
+#[test]
+fn uring_mode_survives_an_interrupt_storm() {
+    let Some(_knob) = uring_knob() else { return };
+    interrupt_storm(&["--channel", "uring"]);
 }
 
 #[test]

@@ -67,43 +67,13 @@ fn posix_suite_passes_with_a_mixed_fuse_ratio() {
     );
 }
 
-/// Sets `/sys/module/fuse/parameters/enable_uring` to Y for as long as it
-/// lives and puts the old value back when dropped, also when the test
-/// panics (the knob is global to the machine).
-struct EnableUring {
-    previous: String,
-}
-
-impl EnableUring {
-    const KNOB: &'static str = "/sys/module/fuse/parameters/enable_uring";
-
-    /// None (with the reason) if the kernel has no such knob or it cannot
-    /// be set.
-    fn set() -> Result<EnableUring, String> {
-        let previous = std::fs::read_to_string(Self::KNOB)
-            .map_err(|e| format!("{}: {e} (kernel without FUSE over io_uring)", Self::KNOB))?;
-        std::fs::write(Self::KNOB, "Y").map_err(|e| format!("cannot set {}: {e}", Self::KNOB))?;
-        Ok(EnableUring {
-            previous: previous.trim().to_string(),
-        })
-    }
-}
-
-impl Drop for EnableUring {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::write(Self::KNOB, &self.previous) {
-            eprintln!("cannot restore {} to {}: {e}", Self::KNOB, self.previous);
-        }
-    }
-}
-
 #[test]
 fn posix_suite_passes_in_uring_mode() {
     if !sandbox::can_mount() {
         eprintln!("skipped: FUSE mounts need root and /dev/fuse");
         return;
     }
-    let _knob = match EnableUring::set() {
+    let _knob = match sandbox::EnableUring::set() {
         Ok(k) => k,
         Err(why) => {
             eprintln!("skipped: {why}");

@@ -129,3 +129,41 @@ fn kill_if_ours(pid: i32, root: &str) {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
     }
 }
+
+/// Sets `/sys/module/fuse/parameters/enable_uring` to Y while held and
+/// restores what it was when the last holder in this process drops it: the
+/// knob is global to the machine, and tests of one binary run in parallel,
+/// so one saved value is shared by every holder (the first saves it, the
+/// last restores it).
+pub struct EnableUring(());
+
+static ENABLE_URING: std::sync::Mutex<(usize, String)> = std::sync::Mutex::new((0, String::new()));
+const URING_KNOB: &str = "/sys/module/fuse/parameters/enable_uring";
+
+impl EnableUring {
+    /// Err (with the reason) if the kernel has no such knob or it cannot
+    /// be set.
+    pub fn set() -> Result<EnableUring, String> {
+        let mut held = ENABLE_URING.lock().unwrap_or_else(|p| p.into_inner());
+        if held.0 == 0 {
+            let previous = std::fs::read_to_string(URING_KNOB)
+                .map_err(|e| format!("{URING_KNOB}: {e} (kernel without FUSE over io_uring)"))?;
+            std::fs::write(URING_KNOB, "Y").map_err(|e| format!("cannot set {URING_KNOB}: {e}"))?;
+            held.1 = previous.trim().to_string();
+        }
+        held.0 += 1;
+        Ok(EnableUring(()))
+    }
+}
+
+impl Drop for EnableUring {
+    fn drop(&mut self) {
+        let mut held = ENABLE_URING.lock().unwrap_or_else(|p| p.into_inner());
+        held.0 -= 1;
+        if held.0 == 0 {
+            if let Err(e) = std::fs::write(URING_KNOB, &held.1) {
+                eprintln!("cannot restore {URING_KNOB} to {}: {e}", held.1);
+            }
+        }
+    }
+}
