@@ -14,6 +14,13 @@
 //! A chain of three on one disk writes every byte three times, so the write
 //! limit is the direct write bandwidth / 3; reads are served by one replica,
 //! so the read limit is the direct read bandwidth at the same depth.
+//!
+//! The host's write cache makes the disk's speed swing from one second to
+//! the next, so each sequential workload runs as `--repeats` side-by-side
+//! pairs, interleaved (direct, chain, direct, chain, ...), and the figures
+//! are medians: the ratio is the median of the per-pair ratios. The blocks
+//! written are built once, before any timing, so the bench's own buffer
+//! filling counts against neither side.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -59,6 +66,40 @@ pub struct StorageArgs {
     /// always measured too.
     #[arg(long, default_value_t = 8)]
     depth: usize,
+    /// Interleaved direct/chain pairs per sequential workload; the table
+    /// and ratios report medians.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+}
+
+/// Distinct block contents; block `i` holds the byte `i % PATTERNS`.
+const PATTERNS: u64 = 16;
+
+/// One sequential workload measured as interleaved pairs.
+#[derive(Default)]
+struct Pairs {
+    direct: Vec<f64>,
+    chain: Vec<f64>,
+    /// chain / limit of each pair.
+    ratios: Vec<f64>,
+}
+
+impl Pairs {
+    fn push(&mut self, direct: f64, chain: f64, limit: f64) {
+        self.direct.push(direct);
+        self.chain.push(chain);
+        self.ratios.push(chain / limit);
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 struct Chain3 {
@@ -140,100 +181,99 @@ fn layout() -> Layout {
     }
 }
 
-fn block(i: u64) -> Bytes {
-    Bytes::from(vec![(i % 251) as u8; BLOCK])
+/// The contents of every block, built before anything is timed.
+fn blocks_by_pattern() -> Vec<Bytes> {
+    (0..PATTERNS)
+        .map(|p| Bytes::from(vec![p as u8; BLOCK]))
+        .collect()
 }
 
 pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("create a data directory")?;
     let blocks = args.size_mib.max(1);
     let d = args.depth.max(1);
+    let repeats = args.repeats.max(1);
     println!(
         "storage suite: {blocks} MiB sequential in 1 MiB blocks at depth 1 and {d}, {} random 4 KiB reads at concurrency {}; \
-         StorageClient -> chain of 3 on 127.0.0.1 (chunk 1 MiB, every version fdatasynced) vs O_DIRECT I/O on the same disk ({}); unpinned",
+         StorageClient -> chain of 3 on 127.0.0.1 (chunk 1 MiB, every version fdatasynced) vs O_DIRECT I/O on the same disk ({}); \
+         sequential figures are medians of {repeats} interleaved direct/chain pairs; unpinned",
         args.random_reads, args.concurrency, dir.path().display()
     );
-    // Direct: the limits.
     let path = dir.path().join("direct");
-    let direct_write1 = direct_seq(&path, blocks, 1, true)?;
-    let direct_write = direct_seq(&path, blocks, d, true)?;
-    let direct_read1 = direct_seq(&path, blocks, 1, false)?;
-    let direct_read = direct_seq(&path, blocks, d, false)?;
-    let direct_random = direct_random_reads(&path, blocks, args.random_reads, args.concurrency)?;
-    std::fs::remove_file(&path)?;
-
-    // Through the chain.
+    let data = blocks_by_pattern();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let targets = dir.path().to_path_buf();
-    let (chain_write1, chain_write, chain_read1, chain_read, chain_random) =
-        runtime.block_on(async {
-            let chain = start_chain(dir.path()).await?;
-            let c = &chain.client;
-            let write1 = seq(c, blocks, 1, true).await?;
-            let write = seq(c, blocks, d, true).await?;
+    let chain = runtime.block_on(start_chain(dir.path()))?;
+    let c = &chain.client;
+    let mut write1 = Pairs::default();
+    let mut write = Pairs::default();
+    let mut read1 = Pairs::default();
+    let mut read = Pairs::default();
+    for _ in 0..repeats {
+        for (pairs, depth) in [(&mut write1, 1), (&mut write, d)] {
+            let direct = direct_seq(&path, blocks, depth, true)?;
+            let chain = runtime.block_on(seq(c, &data, blocks, depth, true))?;
+            pairs.push(direct, chain, direct / 3.0);
+        }
+    }
+    for _ in 0..repeats {
+        for (pairs, depth) in [(&mut read1, 1), (&mut read, d)] {
+            let direct = direct_seq(&path, blocks, depth, false)?;
             evict(&targets)?;
-            let read1 = seq(c, blocks, 1, false).await?;
-            evict(&targets)?;
-            let read = seq(c, blocks, d, false).await?;
-            evict(&targets)?;
-            let random = chain_random_reads(c, blocks, args.random_reads, args.concurrency).await?;
-            Ok::<_, anyhow::Error>((write1, write, read1, read, random))
-        })?;
+            let chain = runtime.block_on(seq(c, &data, blocks, depth, false))?;
+            pairs.push(direct, chain, direct);
+        }
+    }
+    let direct_random = direct_random_reads(&path, blocks, args.random_reads, args.concurrency)?;
+    std::fs::remove_file(&path)?;
+    evict(&targets)?;
+    let chain_random = runtime.block_on(chain_random_reads(
+        c,
+        blocks,
+        args.random_reads,
+        args.concurrency,
+    ))?;
 
     println!(
         "columns: direct = O_DIRECT 1 MiB pwrite (+1 fdatasync) / pread of one file at the same depth; \
          chain = StorageClient through 3 replicas, reads after evicting the targets' files from the page cache; \
-         limit = direct / 3 for writes (3 copies on one disk), direct for reads (one replica serves)"
+         limit = direct / 3 for writes (3 copies on one disk), direct for reads (one replica serves); \
+         sequential rows: median of {repeats} interleaved pairs, vs limit = median of the pairs' ratios (min..max)"
     );
     let mut table = Table::new(&[
-        "workload",
+        "workload (median of pairs)",
         "direct O_DIRECT",
         "chain of 3 (cold)",
         "limit",
         "vs limit",
+        "range",
     ]);
     let rows = [
-        (
-            "seq write MiB/s, depth 1".to_string(),
-            direct_write1,
-            chain_write1,
-            direct_write1 / 3.0,
-        ),
-        (
-            format!("seq write MiB/s, depth {d}"),
-            direct_write,
-            chain_write,
-            direct_write / 3.0,
-        ),
-        (
-            "seq read MiB/s, depth 1".to_string(),
-            direct_read1,
-            chain_read1,
-            direct_read1,
-        ),
-        (
-            format!("seq read MiB/s, depth {d}"),
-            direct_read,
-            chain_read,
-            direct_read,
-        ),
+        ("seq write MiB/s, depth 1".to_string(), &write1, 3.0),
+        (format!("seq write MiB/s, depth {d}"), &write, 3.0),
+        ("seq read MiB/s, depth 1".to_string(), &read1, 1.0),
+        (format!("seq read MiB/s, depth {d}"), &read, 1.0),
     ];
-    for (name, direct, chain, limit) in rows {
+    for (name, pairs, copies) in rows {
+        let lo = pairs.ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = pairs.ratios.iter().copied().fold(0.0, f64::max);
         table.row(vec![
             name,
-            format!("{direct:.0}"),
-            format!("{chain:.0}"),
-            format!("{limit:.0}"),
-            format!("{:.2}", chain / limit),
+            format!("{:.0}", median(&pairs.direct)),
+            format!("{:.0}", median(&pairs.chain)),
+            format!("{:.0}", median(&pairs.direct) / copies),
+            format!("{:.2}", median(&pairs.ratios)),
+            format!("{lo:.2}..{hi:.2}"),
         ]);
     }
     table.row(vec![
         format!("rand 4K read IOPS, conc {}", args.concurrency),
         format!("{:.0}", direct_random.ops_per_sec()),
         format!("{:.0}", chain_random.ops_per_sec()),
+        "-".into(),
         "-".into(),
         "-".into(),
     ]);
@@ -247,21 +287,28 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
         format!("{:.1}/{:.1}", chain_random.mean_us(), chain_random.p99_us()),
         "-".into(),
         "-".into(),
+        "-".into(),
     ]);
     table.print();
-    result(SUITE, "direct_write_depth1", direct_write1, "MiB/s");
-    result(SUITE, "direct_write", direct_write, "MiB/s");
-    result(SUITE, "direct_read_depth1", direct_read1, "MiB/s");
-    result(SUITE, "direct_read", direct_read, "MiB/s");
+    result(
+        SUITE,
+        "direct_write_depth1",
+        median(&write1.direct),
+        "MiB/s",
+    );
+    result(SUITE, "direct_write", median(&write.direct), "MiB/s");
+    result(SUITE, "direct_read_depth1", median(&read1.direct), "MiB/s");
+    result(SUITE, "direct_read", median(&read.direct), "MiB/s");
     result(SUITE, "direct_rand4k", direct_random.ops_per_sec(), "IOPS");
-    result(SUITE, "chain_write_depth1", chain_write1, "MiB/s");
-    result(SUITE, "chain_read_depth1", chain_read1, "MiB/s");
-    result(SUITE, "chain_write", chain_write, "MiB/s");
-    result(SUITE, "chain_read", chain_read, "MiB/s");
+    result(SUITE, "chain_write_depth1", median(&write1.chain), "MiB/s");
+    result(SUITE, "chain_read_depth1", median(&read1.chain), "MiB/s");
+    result(SUITE, "chain_write", median(&write.chain), "MiB/s");
+    result(SUITE, "chain_read", median(&read.chain), "MiB/s");
     result(SUITE, "chain_rand4k", chain_random.ops_per_sec(), "IOPS");
     result(SUITE, "chain_rand4k_p99", chain_random.p99_us(), "us");
-    ratio(SUITE, "write_vs_limit", chain_write / (direct_write / 3.0));
-    ratio(SUITE, "read_vs_limit", chain_read / direct_read);
+    ratio(SUITE, "write_depth1_vs_limit", median(&write1.ratios));
+    ratio(SUITE, "write_vs_limit", median(&write.ratios));
+    ratio(SUITE, "read_vs_limit", median(&read.ratios));
     Ok(())
 }
 
@@ -296,11 +343,11 @@ fn direct_seq(path: &Path, blocks: u64, depth: usize, write: bool) -> anyhow::Re
                 for i in (w..blocks).step_by(depth) {
                     let at = i * BLOCK as u64;
                     if write {
-                        buf.fill((i % 251) as u8);
+                        buf.fill((i % PATTERNS) as u8);
                         file.write_all_at(buf, at)?;
                     } else {
                         file.read_exact_at(buf, at)?;
-                        anyhow::ensure!(buf[0] == (i % 251) as u8, "direct block {i} wrong");
+                        anyhow::ensure!(buf[0] == (i % PATTERNS) as u8, "direct block {i} wrong");
                     }
                 }
                 Ok::<_, anyhow::Error>(())
@@ -410,17 +457,25 @@ async fn chain_random_reads(
 }
 
 /// MiB/s of `blocks` sequential 1 MiB writes (or reads) with `depth` in flight.
-async fn seq(c: &StorageClient, blocks: u64, depth: usize, write: bool) -> anyhow::Result<f64> {
+/// Writes send `data[i % PATTERNS]` (shared, not copied) as block `i`.
+async fn seq(
+    c: &StorageClient,
+    data: &[Bytes],
+    blocks: u64,
+    depth: usize,
+    write: bool,
+) -> anyhow::Result<f64> {
     use futures::stream::{self, StreamExt, TryStreamExt};
     let t = Instant::now();
     stream::iter(0..blocks)
         .map(|i| async move {
             if write {
-                c.write(&layout(), 1, i * BLOCK as u64, block(i)).await?;
+                let bytes = data[(i % PATTERNS) as usize].clone();
+                c.write(&layout(), 1, i * BLOCK as u64, bytes).await?;
             } else {
                 let data = c.read(&layout(), 1, i * BLOCK as u64, BLOCK as u64).await?;
                 anyhow::ensure!(
-                    data.len() == BLOCK && data[0] == (i % 251) as u8,
+                    data.len() == BLOCK && data[0] == (i % PATTERNS) as u8,
                     "block {i} read back wrong"
                 );
             }

@@ -1660,6 +1660,18 @@ impl ChunkEngine {
         Ok(self.load(id)?.map(|r| r.meta))
     }
 
+    /// Whether a version needing `bytes` of new slots would find room now,
+    /// with the free slots and twice the [`SPACE_RESERVE_BYTES`] to spare (a
+    /// hint for callers that must not meet `NoSpace` half way; staging
+    /// still checks for itself).
+    pub fn has_room_for(&self, bytes: u64) -> ChunkResult<bool> {
+        let free_slots = self.slots.lock().free.len() as u64;
+        let needed = bytes.saturating_sub(free_slots.saturating_mul(u64::from(BLOCK_BYTES)));
+        let available =
+            available_bytes(&self.data_dir).map_err(|e| io_error(None, &self.data_dir, e))?;
+        Ok(available >= needed.saturating_add(2 * SPACE_RESERVE_BYTES))
+    }
+
     /// Every chunk of the target in id order (resync compares these).
     pub fn list(&self) -> ChunkResult<Vec<(ChunkId, ChunkMeta)>> {
         let mut out = Vec::new();

@@ -348,6 +348,115 @@ async fn a_write_in_doubt_is_never_dropped_but_re_driven_by_the_next_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_local_stage_fails_while_forwarded_is_re_driven_by_the_next_write() {
+    let f = Fixture::start().await;
+    f.write_to(0, 1, 0, 0, b"precious bytes").await.unwrap();
+    // The head's copy of the block is corrupt: a partial write over it
+    // fails to stage there, while the forward (sent at the same time)
+    // commits it on middle and tail.
+    let (path, pos) = f.nodes[0]
+        .engine
+        .block_location(id(0), 1, 3)
+        .unwrap()
+        .expect("committed block");
+    flip_bit(&path, pos);
+    let err = f.write_to(0, 1, 0, 0, b"PRE").await.unwrap_err();
+    assert!(
+        matches!(err, StorageError::Checksum { target: 101, .. }),
+        "{err}"
+    );
+    assert_eq!(
+        f.nodes[0].engine.meta(id(0)).unwrap().unwrap().update_ver,
+        1
+    );
+    assert_eq!(
+        f.nodes[2].engine.meta(id(0)).unwrap().unwrap().commit_ver,
+        2
+    );
+    // Nothing was acknowledged, and the head, behind its successors, serves
+    // no version of the chunk.
+    let err = f.read_from(0, 0).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StorageError::NotCommitted {
+                committed: 1,
+                pending: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(&f.read_from(2, 0).await.unwrap().1[..], b"PREcious bytes");
+    // While the block stays corrupt, the next write fails on the re-drive
+    // too and changes nothing.
+    let err = f.write_to(0, 1, 0, 0, b"x").await.unwrap_err();
+    assert!(matches!(err, StorageError::Checksum { .. }), "{err}");
+    assert_eq!(
+        f.nodes[2].engine.meta(id(0)).unwrap().unwrap().commit_ver,
+        2
+    );
+    // Repaired, the next write stages and commits version 2 first, then
+    // applies itself as version 3 on every replica.
+    flip_bit(&path, pos);
+    let v = f.write_to(0, 1, 0, 14, b"!").await.unwrap();
+    assert_eq!(v.commit_ver, 3);
+    for node in 0..3 {
+        assert_eq!(
+            &f.read_from(node, 0).await.unwrap().1[..],
+            b"PREcious bytes!",
+            "node {node}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_middle_whose_local_stage_fails_while_forwarded_fails_the_write_and_the_head_re_drives_it(
+) {
+    let f = Fixture::start().await;
+    f.write_to(0, 1, 0, 0, b"precious bytes").await.unwrap();
+    let (path, pos) = f.nodes[1]
+        .engine
+        .block_location(id(0), 1, 3)
+        .unwrap()
+        .expect("committed block");
+    flip_bit(&path, pos);
+    // The head stages it, the tail commits it, the middle fails to stage:
+    // the head acknowledges nothing and keeps its pending version.
+    let err = f.write_to(0, 1, 0, 0, b"PRE").await.unwrap_err();
+    assert!(matches!(err, StorageError::Forward { .. }), "{err}");
+    assert_eq!(
+        f.nodes[0].engine.meta(id(0)).unwrap().unwrap().update_ver,
+        2
+    );
+    assert_eq!(
+        f.nodes[1].engine.meta(id(0)).unwrap().unwrap().update_ver,
+        1
+    );
+    assert_eq!(
+        f.nodes[2].engine.meta(id(0)).unwrap().unwrap().commit_ver,
+        2
+    );
+    for node in 0..2 {
+        let err = f.read_from(node, 0).await.unwrap_err();
+        assert!(
+            matches!(err, StorageError::NotCommitted { .. }),
+            "node {node}: {err}"
+        );
+    }
+    flip_bit(&path, pos);
+    let v = f.write_to(0, 1, 0, 14, b"!").await.unwrap();
+    assert_eq!(v.commit_ver, 3);
+    for node in 0..3 {
+        assert_eq!(
+            &f.read_from(node, 0).await.unwrap().1[..],
+            b"PREcious bytes!",
+            "node {node}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_with_an_uncommitted_version_refuses_to_read_it() {
     let f = Fixture::start().await;
     f.write_to(0, 1, 0, 0, b"committed").await.unwrap();
