@@ -28,6 +28,15 @@ enum Suite {
     /// Chunk storage through StorageClient on a chain of 3, side by side with
     /// direct file I/O on the same disk.
     Storage(suites::storage::StorageArgs),
+    /// Through a mount, side by side: tmpfs (the limit), bindfs over tmpfs
+    /// (FUSE alone) and r3fs on a fresh local cluster: create/stat/unlink,
+    /// sequential 1 MiB write and read, random 4 KiB reads. Needs root.
+    Fuse(suites::fuse::FuseArgs),
+    /// The kernel round trip alone, per channel mode (fuse, xfuse with
+    /// a = 0, 0.5, 1, uring) on an in-memory file system, side by side with
+    /// tmpfs, bindfs and the real r3fs client: fstat, stat, 4 KiB pread,
+    /// pinned and unpinned. Needs root.
+    Channels(suites::channels::ChannelsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +50,8 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().suite {
         Suite::Meta(args) => suites::meta::run(args),
         Suite::Storage(args) => suites::storage::run(args),
+        Suite::Fuse(args) => suites::fuse::run(args),
+        Suite::Channels(args) => suites::channels::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

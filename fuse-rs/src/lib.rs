@@ -19,6 +19,7 @@ pub mod creds;
 pub mod fs;
 pub mod inodes;
 pub mod kernel;
+pub mod memfs;
 pub mod serve;
 pub mod write_buffer;
 
@@ -294,6 +295,9 @@ pub struct MountStats {
     pub mode: ChannelMode,
     pub classic_threads: usize,
     pub xfuse_channels: usize,
+    /// io_uring queues (0 unless the mode is uring).
+    #[serde(default)]
+    pub uring_queues: usize,
     pub channels: Vec<channel::ChannelReport>,
 }
 
@@ -313,6 +317,7 @@ async fn write_stats_forever(
             mode,
             classic_threads: plan.classic_threads,
             xfuse_channels: plan.xfuse_channels.len(),
+            uring_queues: plan.uring.map(|u| u.queues).unwrap_or(0),
             channels: stats.reports(),
         };
         let Ok(json) = serde_json::to_vec_pretty(&report) else {

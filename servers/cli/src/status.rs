@@ -184,11 +184,12 @@ fn print_channels(m: &MountStatus) {
     };
     println!();
     println!(
-        "{}: channel mode {}, {} classic thread(s), {} XFUSE channel(s)",
+        "{}: channel mode {}, {} classic thread(s), {} XFUSE channel(s), {} io_uring queue(s)",
         m.mountpoint.display(),
         c.mode,
         c.classic_threads,
-        c.xfuse_channels
+        c.xfuse_channels,
+        c.uring_queues
     );
     let rows = c.channels.iter().map(|ch| {
         vec![
