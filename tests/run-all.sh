@@ -47,7 +47,11 @@ cargo build --release --locked -p r3fs-cli -p r3fs-bench
 
 step "r3fs-bench meta and storage (short runs: check the benchmarks work; figures are not judged)"
 target/release/r3fs-bench meta --ops 2000 --listings 40
-target/release/r3fs-bench storage --size-mib 16 --random-reads 400
+target/release/r3fs-bench storage --size-mib 16 --random-reads 400 --repeats 1
+
+step "r3fs-bench fuse and channels (short runs; root and /dev/fuse)"
+target/release/r3fs-bench fuse --files 1000 --size-mib 64 --random-reads 2000
+mkdir -p target/bench && target/release/r3fs-bench channels --quick --chart target/bench/channels.png
 
 step "cluster of separate processes (kv, 2 mgmtd, 2 meta) through r3fs fs"
 R3FS_BIN=target/release/r3fs bash tests/scripts/local-cluster.sh

@@ -66,6 +66,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    unblock_stop_signals();
     let cli = Cli::parse();
     // Background children (`r3fs mount`'s daemon, the local cluster) inherit
     // the log filter. Still single-threaded here, so setting the environment is sound.
@@ -95,5 +96,20 @@ fn main() -> std::process::ExitCode {
             eprintln!("r3fs: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// A signal mask is inherited across exec: a parent that blocked SIGTERM
+/// (say, to wait for it with sigwait) would leave our servers and daemons
+/// deaf to `r3fs umount` and `kill`. Every r3fs process unblocks the
+/// signals it stops on before it starts any thread.
+fn unblock_stop_signals() {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(s);
+    }
+    if let Err(e) = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None) {
+        eprintln!("r3fs: warning: cannot unblock SIGTERM/SIGINT: {e}");
     }
 }

@@ -240,3 +240,33 @@ fn mounts_share_the_local_cluster_and_the_last_umount_stops_it() {
     assert_eq!(sb.status()["local_cluster"], Value::Null);
     assert_eq!(sb.status()["mounts"], serde_json::json!([]));
 }
+
+/// A parent that blocks SIGTERM (to sigwait for it, say) passes that mask
+/// on through exec; r3fs must still stop gracefully on `local-cluster stop`
+/// rather than sit deaf until the SIGKILL fallback.
+#[test]
+fn a_cluster_started_with_sigterm_blocked_still_stops_gracefully() {
+    use std::os::unix::process::CommandExt;
+    let sb = Sandbox::new();
+    let data = sb.data();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_r3fs"));
+    cmd.args(["local-cluster", "--data-dir", data.to_str().unwrap()]);
+    // SAFETY: between fork and exec only async-signal-safe calls (sigprocmask).
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set = nix::sys::signal::SigSet::empty();
+            set.add(nix::sys::signal::Signal::SIGTERM);
+            set.add(nix::sys::signal::Signal::SIGINT);
+            nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_BLOCK, Some(&set), None)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    sb.ok(&["local-cluster", "stop"]);
+    let log = sb.log();
+    assert!(
+        log.contains("local cluster stopped"),
+        "the cluster did not shut down gracefully:\n{log}"
+    );
+}
