@@ -151,9 +151,20 @@ impl<F: FileSystem + Send + Sync> Dispatch for ServerDispatch<F> {
             .server
             .handle_message(reader, writer.into(), None, None)
         {
-            // The kernel gets no answer for a request we could not decode; it
-            // waits until the mount is aborted. Log loudly.
-            tracing::warn!(opcode, unique, error = %e, "FUSE request failed to decode or reply");
+            match e {
+                // ENOENT on the reply: the kernel no longer waits for it (the
+                // caller was interrupted or the mount is going away).
+                fuse_backend_rs::Error::EncodeMessage(ref io)
+                    if io.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    tracing::debug!(opcode, unique, "reply to an abandoned request dropped");
+                }
+                // The kernel gets no answer for a request we could not
+                // decode; it waits until the mount is aborted. Log loudly.
+                _ => {
+                    tracing::warn!(opcode, unique, error = %e, "FUSE request failed to decode or reply")
+                }
+            }
         }
         if opcode == OPCODE_INIT {
             self.initialized.store(true, Ordering::Release);
