@@ -89,12 +89,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use r3fs_net::{CallOptions, RetryPolicy, Router, RpcClient};
-use r3fs_wire::mgmt::{Chain, ChainId, NodeId, PublicState, RoutingInfo, TargetId};
+use r3fs_wire::mgmt::{Chain, ChainId, ChainTarget, NodeId, PublicState, RoutingInfo, TargetId};
 use r3fs_wire::storage::*;
 use r3fs_wire::Method;
 use tokio::sync::watch;
 
-use crate::chunk::{ChunkEngine, ChunkError, ChunkId, ChunkMeta};
+use crate::chunk::{ChunkEngine, ChunkError, ChunkId, ChunkMeta, ChunkUpdate};
 
 /// Locks serializing writes per chunk (a chunk maps to one by hash).
 pub const CHUNK_LOCK_STRIPES: usize = 1024;
@@ -693,37 +693,23 @@ impl StorageService {
             .iter()
             .find(|t| matches!(t.state, PublicState::Serving | PublicState::Syncing))
             .copied();
-        match successor {
-            None => self.stage_here(me, &req, data).await?,
-            // A SYNCING successor gets the whole new version: it may lack
-            // the base the update builds on, so it is read after staging.
-            Some(next) if next.state == PublicState::Syncing => {
-                self.stage_then_forward_whole(routing, chain.id, me, next.target, &req, data)
-                    .await?
-            }
-            Some(next) if self.pipelinable(me, &req, &data).await? => {
-                self.stage_while_forwarding(routing, chain.id, me, next.target, &req, data)
-                    .await?
-            }
+        let meta = match successor {
+            // The last member: nothing after it can refuse the version, so
+            // it is staged and committed in one metadata commit.
+            None => self.stage_committed_here(me, &req, data).await?,
             Some(next) => {
-                self.stage_here(me, &req, data.clone()).await?;
-                let forwarded = UpdateRequest {
-                    target: next.target,
-                    ..req.clone()
-                };
-                let sent = self
-                    .call::<Update, _>(routing, chain.id, next.target, &forwarded, data)
-                    .await;
-                self.after_forward(me, addr, sent.map(drop)).await?
+                self.stage_and_forward(routing, chain.id, me, next, &req, data)
+                    .await?;
+                let op = req.op;
+                blocking(move || match engine.commit(id, update_ver) {
+                    Ok(meta) => Ok(meta),
+                    Err(ChunkError::NotFound { .. }) if removes_or_keeps_absent(op) => Ok(None),
+                    Err(e) => Err(e),
+                })
+                .await
+                .map_err(|e| storage_error(e, addr, me))?
             }
-        }
-        let meta = blocking(move || match engine.commit(id, update_ver) {
-            Ok(meta) => Ok(meta),
-            Err(ChunkError::NotFound { .. }) if removes_or_keeps_absent(req.op) => Ok(None),
-            Err(e) => Err(e),
-        })
-        .await
-        .map_err(|e| storage_error(e, addr, me))?;
+        };
         if let Some(meta) = &meta {
             assert!(
                 meta.commit_ver >= update_ver,
@@ -736,6 +722,59 @@ impl StorageService {
         self.inner.origins.lock().remove(&addr);
         self.remember(origin, addr, version);
         Ok(version)
+    }
+
+    /// Stages `req` here and forwards it to the successor `next`, in the way
+    /// its state and the update allow (see `apply_and_forward`).
+    async fn stage_and_forward(
+        &self,
+        routing: &RoutingInfo,
+        chain_id: ChainId,
+        me: TargetId,
+        next: ChainTarget,
+        req: &UpdateRequest,
+        data: Bytes,
+    ) -> StorageResult<()> {
+        // A SYNCING successor gets the whole new version: it may lack the
+        // base the update builds on, so it is read after staging.
+        if next.state == PublicState::Syncing {
+            return self
+                .stage_then_forward_whole(routing, chain_id, me, next.target, req, data)
+                .await;
+        }
+        if self.pipelinable(me, req, &data).await? {
+            return self
+                .stage_while_forwarding(routing, chain_id, me, next.target, req, data)
+                .await;
+        }
+        self.stage_here(me, req, data.clone()).await?;
+        let forwarded = UpdateRequest {
+            target: next.target,
+            ..req.clone()
+        };
+        let sent = self
+            .call::<Update, _>(routing, chain_id, next.target, &forwarded, data)
+            .await;
+        self.after_forward(me, req.addr, sent.map(drop)).await
+    }
+
+    /// Stages `req` on this node's target as committed at once (the last
+    /// member of the chain): one metadata commit, so a crash leaves the
+    /// old committed version or this one, never a pending copy.
+    async fn stage_committed_here(
+        &self,
+        me: TargetId,
+        req: &UpdateRequest,
+        data: Bytes,
+    ) -> StorageResult<Option<ChunkMeta>> {
+        let engine = self.engine(me).clone();
+        let (addr, update_ver) = (req.addr, req.update_ver);
+        let staged = req.clone();
+        let meta = blocking(move || stage_committed(&engine, chunk_id(addr), &staged, &data))
+            .await
+            .map_err(|e| storage_error(e, addr, me))?;
+        self.clear_unstaged(addr, update_ver);
+        Ok(meta)
     }
 
     /// Stages `req` as the pending version on this node's target.
@@ -1421,6 +1460,29 @@ fn stage(
             .map(drop),
         UpdateOp::Remove => engine.remove(id, v, cv).map(drop),
     }
+}
+
+/// Stages and commits `req` on `engine` in one metadata commit; `None` when
+/// the chunk is absent afterwards.
+fn stage_committed(
+    engine: &ChunkEngine,
+    id: ChunkId,
+    req: &UpdateRequest,
+    data: &[u8],
+) -> Result<Option<ChunkMeta>, ChunkError> {
+    let update = match req.op {
+        UpdateOp::Write { offset } => ChunkUpdate::Write {
+            offset,
+            data,
+            chunk_size: req.chunk_size,
+            crc: req.crc,
+        },
+        UpdateOp::Truncate { length } => ChunkUpdate::Truncate { length },
+        UpdateOp::Zero { offset, len } => ChunkUpdate::Zero { offset, len },
+        UpdateOp::Replace => ChunkUpdate::Replace { data, crc: req.crc },
+        UpdateOp::Remove => ChunkUpdate::Remove,
+    };
+    engine.apply_committed(id, req.update_ver, req.chain_ver, update)
 }
 
 /// Ops after which a missing chunk is a valid outcome (nothing to commit).

@@ -5,7 +5,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use r3fs_storage::chunk::{
-    ChunkEngine, ChunkError, ChunkId, ChunkMeta, SlotStats, BLOCK_BYTES, CHUNK_BYTES_MAX,
+    ChunkEngine, ChunkError, ChunkId, ChunkMeta, ChunkUpdate, SlotStats, BLOCK_BYTES,
+    CHUNK_BYTES_MAX,
 };
 
 /// Chunk size used by most tests.
@@ -56,6 +57,26 @@ enum Op {
         chunk: u64,
         ver: u64,
         chain: u64,
+    },
+    /// `apply_committed` of a write: staged and committed at once.
+    ApplyWrite {
+        chunk: u64,
+        ver: u64,
+        chain: u64,
+        off: u32,
+        data: &'static [u8],
+    },
+    /// `apply_committed` of a zeroing.
+    ApplyZero {
+        chunk: u64,
+        ver: u64,
+        off: u32,
+        len: u32,
+    },
+    /// `apply_committed` of a removal.
+    ApplyRemove {
+        chunk: u64,
+        ver: u64,
     },
 }
 
@@ -117,6 +138,37 @@ fn run_op(engine: &ChunkEngine, op: &Op) -> String {
             .map(|m| render_meta(&m)),
         Op::Remove { chunk, ver, chain } => engine
             .remove(cid(chunk), ver, chain)
+            .map(|m| m.map_or("absent".to_string(), |m| render_meta(&m))),
+        Op::ApplyWrite {
+            chunk,
+            ver,
+            chain,
+            off,
+            data,
+        } => {
+            let update = ChunkUpdate::Write {
+                offset: off,
+                data,
+                chunk_size: CHUNK_SIZE,
+                crc: crc32c::crc32c(data),
+            };
+            engine
+                .apply_committed(cid(chunk), ver, chain, update)
+                .map(|m| m.map_or("absent".to_string(), |m| render_meta(&m)))
+        }
+        Op::ApplyZero {
+            chunk,
+            ver,
+            off,
+            len,
+        } => {
+            let update = ChunkUpdate::Zero { offset: off, len };
+            engine
+                .apply_committed(cid(chunk), ver, 1, update)
+                .map(|m| m.map_or("absent".to_string(), |m| render_meta(&m)))
+        }
+        Op::ApplyRemove { chunk, ver } => engine
+            .apply_committed(cid(chunk), ver, 1, ChunkUpdate::Remove)
             .map(|m| m.map_or("absent".to_string(), |m| render_meta(&m))),
     };
     match result {
@@ -219,6 +271,156 @@ fn pending_writes_are_invisible_until_commit() {
             "\"HEllo\"",
         ),
     ]);
+}
+
+#[test]
+fn apply_committed_stages_and_commits_in_one_step() {
+    let w = |ver, off, data| ApplyWrite {
+        chunk: 0,
+        ver,
+        chain: 1,
+        off,
+        data,
+    };
+    check(&[
+        (
+            ApplyZero {
+                chunk: 0,
+                ver: 1,
+                off: 0,
+                len: 4,
+            },
+            "absent",
+        ),
+        (ApplyRemove { chunk: 0, ver: 1 }, "absent"),
+        (w(1, 0, b"hello"), "c1 u1 len5"),
+        (
+            Read {
+                chunk: 0,
+                off: 0,
+                len: 10,
+            },
+            "\"hello\"",
+        ),
+        // A retry of the committed version succeeds; other bytes do not.
+        (w(1, 0, b"hello"), "c1 u1 len5"),
+        (w(1, 0, b"HELLO"), "err StaleVersion"),
+        (w(3, 0, b"x"), "err OutOfOrder"),
+        (w(2, 5, b" world"), "c2 u2 len11"),
+        (
+            Read {
+                chunk: 0,
+                off: 0,
+                len: 20,
+            },
+            "\"hello world\"",
+        ),
+        (
+            ApplyZero {
+                chunk: 0,
+                ver: 3,
+                off: 0,
+                len: 5,
+            },
+            "c3 u3 len11",
+        ),
+        (
+            Read {
+                chunk: 0,
+                off: 5,
+                len: 20,
+            },
+            "\" world\"",
+        ),
+        // A version left pending (the member was not the tail then) is
+        // committed by the same update, and refused with other bytes.
+        (
+            Write {
+                chunk: 0,
+                ver: 4,
+                chain: 1,
+                off: 0,
+                data: b"A",
+            },
+            "c3 u4 len11",
+        ),
+        (w(4, 0, b"B"), "err VersionConflict"),
+        (w(4, 0, b"A"), "c4 u4 len11"),
+        (
+            Read {
+                chunk: 0,
+                off: 0,
+                len: 2,
+            },
+            "\"A\\0\"",
+        ),
+        (
+            Write {
+                chunk: 0,
+                ver: 5,
+                chain: 1,
+                off: 0,
+                data: b"Z",
+            },
+            "c4 u5 len11",
+        ),
+        (ApplyRemove { chunk: 0, ver: 5 }, "err VersionConflict"),
+        (Commit { chunk: 0, ver: 5 }, "c5 u5 len11"),
+        (
+            ApplyWrite {
+                chunk: 0,
+                ver: 6,
+                chain: 0,
+                off: 0,
+                data: b"x",
+            },
+            "err StaleChainVersion",
+        ),
+        (ApplyRemove { chunk: 0, ver: 6 }, "absent"),
+        (
+            Read {
+                chunk: 0,
+                off: 0,
+                len: 2,
+            },
+            "err NotFound",
+        ),
+    ]);
+}
+
+#[test]
+fn apply_committed_frees_the_replaced_blocks_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = ChunkEngine::open(dir.path(), 4 * BLOCK_BYTES).expect("open");
+    let id = cid(0);
+    let data = vec![7u8; 2 * BLOCK_BYTES as usize];
+    let apply = |ver, data: &[u8]| {
+        let update = ChunkUpdate::Write {
+            offset: 0,
+            data,
+            chunk_size: 4 * BLOCK_BYTES,
+            crc: crc32c::crc32c(data),
+        };
+        engine.apply_committed(id, ver, 1, update).expect("apply")
+    };
+    apply(1, &data);
+    assert_eq!(engine.slot_stats(), SlotStats { total: 2, free: 0 });
+    let meta = apply(2, &data[..BLOCK_BYTES as usize]).expect("chunk exists");
+    assert!(!meta.is_dirty());
+    // The write's block is fresh and the one it replaced is free at once;
+    // the second block is shared with the old version.
+    assert_eq!(engine.slot_stats(), SlotStats { total: 3, free: 1 });
+    assert_eq!(
+        engine
+            .apply_committed(id, 3, 1, ChunkUpdate::Remove)
+            .expect("remove"),
+        None
+    );
+    assert_eq!(engine.slot_stats(), SlotStats { total: 3, free: 3 });
+    drop(engine);
+    let engine = ChunkEngine::open(dir.path(), 4 * BLOCK_BYTES).expect("reopen");
+    assert_eq!(engine.slot_stats(), SlotStats { total: 3, free: 3 });
+    assert_eq!(engine.meta(id).expect("meta"), None);
 }
 
 #[test]
@@ -993,16 +1195,66 @@ fn crash_child_writes_until_killed() {
     }
 }
 
+/// Not a test on its own: the child of
+/// `versions_committed_at_once_survive_kill_9_whole_or_not_at_all`, which
+/// applies each version as the tail does (`apply_committed`). Returns at
+/// once unless `R3FS_CHUNK_CRASH_CHILD_DIR` is set.
+#[test]
+fn crash_child_applies_committed_until_killed() {
+    let Ok(dir) = std::env::var(CRASH_CHILD_DIR_ENV) else {
+        return;
+    };
+    let engine = open(Path::new(&dir));
+    let mut out = std::io::stdout().lock();
+    for step in 0..CRASH_CHILD_STEPS_MAX {
+        let chunk = step % CRASH_CHUNKS;
+        let ver = step / CRASH_CHUNKS + 1;
+        let data = pattern(chunk, ver);
+        let update = ChunkUpdate::Write {
+            offset: crash_offset(ver),
+            data: &data,
+            chunk_size: CHUNK_SIZE,
+            crc: crc32c::crc32c(&data),
+        };
+        let meta = engine
+            .apply_committed(cid(chunk), ver, 1, update)
+            .expect("child apply")
+            .expect("a written chunk exists");
+        assert_eq!((meta.commit_ver, meta.update_ver), (ver, ver));
+        writeln!(out, "ack {chunk} {ver}").expect("ack");
+        out.flush().expect("flush ack");
+    }
+}
+
 #[test]
 fn acknowledged_commits_survive_kill_9() {
+    crash_child_and_check("crash_child_writes_until_killed", CrashLeaves::MaybePending);
+}
+
+#[test]
+fn versions_committed_at_once_survive_kill_9_whole_or_not_at_all() {
+    crash_child_and_check(
+        "crash_child_applies_committed_until_killed",
+        CrashLeaves::NeverPending,
+    );
+}
+
+/// What the version in flight at the kill may leave behind.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CrashLeaves {
+    /// Staged and committed in two steps: it may stay pending.
+    MaybePending,
+    /// One metadata commit: committed or absent, never pending.
+    NeverPending,
+}
+
+/// Runs the crash child `child_test`, kills it after
+/// `CRASH_ACKS_BEFORE_KILL` acknowledged versions, reopens its target and
+/// checks that every acknowledged version survived with the right bytes.
+fn crash_child_and_check(child_test: &str, leaves: CrashLeaves) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut child = Command::new(std::env::current_exe().expect("current exe"))
-        .args([
-            "--exact",
-            "crash_child_writes_until_killed",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", child_test, "--nocapture", "--test-threads=1"])
         .env(CRASH_CHILD_DIR_ENV, dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -1049,6 +1301,9 @@ fn acknowledged_commits_survive_kill_9() {
             meta.update_ver <= acked_ver + newer_allowed,
             "chunk {chunk}: {meta:?}"
         );
+        if leaves == CrashLeaves::NeverPending {
+            assert!(!meta.is_dirty(), "chunk {chunk} half applied: {meta:?}");
+        }
         let (bytes, _) = engine
             .read_committed_even_if_dirty(id, 0, CHUNK_SIZE)
             .expect("committed bytes with a valid crc");
