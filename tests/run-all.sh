@@ -6,8 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# bindfs: the libfuse peer the FUSE benchmarks compare against.
-packages=(build-essential pkg-config libclang-dev bindfs)
+# bindfs: the libfuse peer the FUSE benchmarks compare against;
+# fonts-dejavu-core: text in the channels benchmark chart.
+packages=(build-essential pkg-config libclang-dev bindfs fonts-dejavu-core)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
