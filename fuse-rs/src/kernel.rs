@@ -5,7 +5,6 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags};
@@ -175,57 +174,4 @@ pub fn unmount(path: &Path, flags: MntFlags) -> Result<(), FuseError> {
         path: path.to_path_buf(),
         errno: e as i32,
     })
-}
-
-/// Whether `path` is the root of a mount of type `fuse.r3fs` (from
-/// /proc/self/mountinfo).
-pub fn is_r3fs_mount(path: &Path) -> bool {
-    let Ok(canon) = path.canonicalize() else {
-        return false;
-    };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = canon.as_os_str().as_bytes();
-    info.lines().any(|line| {
-        let mut halves = line.splitn(2, " - ");
-        let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
-            return false;
-        };
-        let mount_point = left.split(' ').nth(4).unwrap_or("");
-        let fstype = right.split(' ').next().unwrap_or("");
-        unescape_mountinfo(mount_point) == want && fstype == format!("fuse.{SUBTYPE}")
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            let digits = std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("");
-            if let Ok(v) = u8::from_str_radix(digits, 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape_mountinfo(r"/mnt/a\040b"), b"/mnt/a b");
-        assert_eq!(unescape_mountinfo("/plain"), b"/plain");
-        assert_eq!(unescape_mountinfo(r"/trailing\04"), br"/trailing\04");
-    }
 }

@@ -235,6 +235,7 @@ pub fn run(config: MountConfig, ready: impl FnOnce()) -> Result<(), FuseError> {
     for task in background {
         task.abort();
     }
+    fs.flush_all();
     rt.block_on(async {
         fs.report_lengths().await;
         fs.drop_locks().await;

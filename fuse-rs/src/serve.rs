@@ -125,6 +125,8 @@ impl Served {
         let deadline = Instant::now() + INIT_WAIT;
         while !dispatch.initialized() {
             if Instant::now() > deadline || channels.all_finished() {
+                // No worker may outlive the session fd it reads.
+                channels.stop(kernel);
                 return Err(FuseError::InitTimeout(INIT_WAIT));
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -132,6 +134,7 @@ impl Served {
         // uring: the kernel holds every request until each queue has an
         // entry; report ready only then.
         if !channels.wait_ready(deadline) {
+            channels.stop(kernel);
             return Err(FuseError::InitTimeout(INIT_WAIT));
         }
         Ok((channels, mode, plan))

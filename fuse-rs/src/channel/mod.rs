@@ -453,6 +453,32 @@ impl Channels {
             stats: Vec::new(),
             uring: None,
         };
+        match channels.start_all(kernel, dispatch, plan, spin) {
+            Ok(()) => Ok(channels),
+            Err(e) => {
+                // Workers already started read the session's fd: end the
+                // session and join them before the fd can be closed.
+                channels.stop(kernel);
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends the session (detaching the mount) and joins every worker, so no
+    /// thread outlives the fd it reads. For failed starts.
+    pub fn stop(self, kernel: &crate::kernel::KernelSession) {
+        let _ = kernel.unmount_lazy();
+        let _ = self.join();
+    }
+
+    fn start_all(
+        &mut self,
+        kernel: &crate::kernel::KernelSession,
+        dispatch: Arc<dyn Dispatch>,
+        plan: &ChannelPlan,
+        spin: spin::SpinConfig,
+    ) -> std::io::Result<()> {
+        let channels = self;
         let permits = Arc::new(spin::SpinPermits::for_this_machine());
         // In uring mode the session reader answers INIT itself (to advertise
         // io_uring) and tells the queue workers when the session ends.
@@ -530,7 +556,7 @@ impl Channels {
                 })?;
             }
         }
-        Ok(channels)
+        Ok(())
     }
 
     fn spawn(

@@ -119,10 +119,14 @@ impl FileState {
     }
 }
 
+/// Closes meta could not take, kept for the periodic report to retry.
+pub const OWED_CLOSES_MAX: usize = 65536;
+
 #[derive(Default)]
 pub(crate) struct OpenFiles {
     by_inode: Mutex<HashMap<u64, Arc<OpenFile>>>,
     handles: HandleMap<FileHandle>,
+    owed: Mutex<Vec<CloseRequest>>,
 }
 
 impl OpenFiles {
@@ -232,6 +236,18 @@ impl OpenFiles {
         }
     }
 
+    fn owe(&self, req: CloseRequest) {
+        let mut owed = self.owed.lock();
+        if owed.len() >= OWED_CLOSES_MAX {
+            let lost = owed.remove(0);
+            tracing::error!(
+                inode = lost.inode,
+                "too many closes owed to meta; the oldest is dropped (its length may be lost)"
+            );
+        }
+        owed.push(req);
+    }
+
     fn all(&self) -> Vec<Arc<OpenFile>> {
         self.by_inode.lock().values().cloned().collect()
     }
@@ -276,7 +292,7 @@ impl R3fs {
             // kernel's. Anything else here has nothing for us to serve.
             return Ok((None, OpenOptions::empty(), None));
         }
-        let fh = self.open_handle(&resp.attr, resp.session, flags, truncate)?;
+        let (fh, _) = self.open_handle(&resp.attr, resp.session, flags, truncate)?;
         self.invalidate_attr(inode);
         Ok((Some(fh), open_options(flags), None))
     }
@@ -302,45 +318,52 @@ impl R3fs {
             .block_on(self.meta.create(req))
             .map_err(|e| meta_error("create", e))?;
         let truncate = truncate && !resp.created;
-        let fh = self.open_handle(&resp.attr, resp.session, args.flags, truncate)?;
-        let attr = match truncate {
-            true => self
-                .block_on(self.meta.getattr(resp.attr.inode))
-                .map_err(|e| meta_error("create", e))?,
-            false => resp.attr,
-        };
+        let (fh, attr) = self.open_handle(&resp.attr, resp.session, args.flags, truncate)?;
         Ok((self.entry(&attr), Some(fh), open_options(args.flags), None))
     }
 
     /// Registers a handle for a file meta just opened; truncates it first
-    /// for O_TRUNC (storage before meta, see `do_setattr`).
+    /// for O_TRUNC (storage before meta, see `do_setattr`). Returns the
+    /// handle and the file's attributes after the open.
     fn open_handle(
         &self,
         attr: &Attr,
         session: Option<u64>,
         flags: u32,
         truncate: bool,
-    ) -> io::Result<u64> {
-        let file = self.files.attach(attr)?;
+    ) -> io::Result<(u64, Attr)> {
+        // The kernel sends no RELEASE for a failed open: every error path
+        // here closes the meta session itself.
+        let file = match self.files.attach(attr) {
+            Ok(f) => f,
+            Err(e) => {
+                self.close_session(attr.inode, session);
+                return Err(e);
+            }
+        };
+        let attr = match truncate {
+            false => attr.clone(),
+            true => match self.truncate_open_file(&file) {
+                Ok(new) => new,
+                Err(e) => {
+                    self.close_session(file.inode, session);
+                    self.files.detach(&file);
+                    return Err(e);
+                }
+            },
+        };
         let handle = FileHandle {
             write: open_flags(flags).0.write,
             direct: flags as i32 & libc::O_DIRECT != 0,
             session,
-            file: file.clone(),
+            file,
         };
-        if truncate {
-            if let Err(e) = self.truncate_open_file(&file) {
-                self.close_session(&file, session);
-                self.files.detach(&file);
-                return Err(e);
-            }
-        }
         let fh = self.next_handle();
         self.files.handles.insert(fh, handle);
-        Ok(fh)
+        Ok((fh, attr))
     }
 
-    fn truncate_open_file(&self, file: &OpenFile) -> io::Result<()> {
+    fn truncate_open_file(&self, file: &OpenFile) -> io::Result<Attr> {
         self.truncate_storage(file.inode, 0)?;
         let req = SetAttrRequest {
             user: r3fs_wire::meta::User::root(),
@@ -359,18 +382,26 @@ impl R3fs {
             .block_on(self.meta.setattr(req))
             .map_err(|e| meta_error("open(O_TRUNC)", e))?;
         self.files.truncated(&new);
-        Ok(())
+        Ok(new)
     }
 
-    fn close_session(&self, file: &OpenFile, session: Option<u64>) {
+    fn close_session(&self, inode: u64, session: Option<u64>) {
         let req = CloseRequest {
-            inode: file.inode,
+            inode,
             session,
             hint: None,
             touched: false,
         };
-        if let Err(e) = self.block_on(self.meta.close(req)) {
-            tracing::warn!(inode = file.inode, error = %e, "closing a meta session failed");
+        self.close_or_owe(req);
+    }
+
+    /// Sends a close to meta; if meta cannot take it now, it is owed and
+    /// retried by the periodic report (a lost close would lose the file's
+    /// length and leave its session behind).
+    fn close_or_owe(&self, req: CloseRequest) {
+        if let Err(e) = self.block_on(self.meta.close(req.clone())) {
+            tracing::warn!(inode = req.inode, error = %e, "meta close failed; retrying in the background");
+            self.files.owe(req);
         }
     }
 
@@ -459,10 +490,13 @@ impl R3fs {
         data: Bytes,
     ) -> io::Result<()> {
         let end = offset + data.len() as u64;
-        self.wait_writes(st, |w| w.start < end && offset < w.end)?;
+        // A failure of an earlier write is kept in `st.error` for the next
+        // write/flush/fsync; these bytes are still written (dropping them
+        // would lose data the application was told is written).
+        let _ = self.wait_writes(st, |w| w.start < end && offset < w.end);
         while st.inflight.len() >= WRITES_IN_FLIGHT_MAX {
             let oldest = st.inflight[0].start;
-            self.wait_writes(st, |w| w.start == oldest)?;
+            let _ = self.wait_writes(st, |w| w.start == oldest);
         }
         let storage = self.storage.clone();
         let layout = file.layout.clone();
@@ -552,9 +586,10 @@ impl R3fs {
                 None => r,
             }
         };
-        let reported = self.report_length(file);
         self.release_posix_locks(inode, lock_owner);
-        flushed.and(reported)
+        // Meta's length must not cover bytes that failed to reach storage.
+        flushed?;
+        self.report_length(file)
     }
 
     pub(super) fn do_fsync(&self, _inode: u64, fh: u64) -> io::Result<()> {
@@ -562,10 +597,12 @@ impl R3fs {
         let file = &h.file;
         {
             let mut st = file.state.lock();
-            self.flush_writes(file, &mut st)?;
+            let flushed = self.flush_writes(file, &mut st);
+            // Report a failure once, here, not again at close.
             if let Some(e) = st.error.take() {
                 return Err(errno(e));
             }
+            flushed?;
         }
         self.report_length(file)
     }
@@ -597,9 +634,7 @@ impl R3fs {
             hint,
             touched,
         };
-        if let Err(e) = self.block_on(self.meta.close(req)) {
-            tracing::warn!(inode, error = %e, "meta close failed; the session expires with this client");
-        }
+        self.close_or_owe(req);
         if flock_release {
             if let Some(owner) = lock_owner {
                 self.release_flock(inode, owner);
@@ -712,6 +747,13 @@ impl R3fs {
     /// Sends pending length hints of every dirty open file (the periodic
     /// report). Skips files busy with I/O; they are reported next round.
     pub async fn report_lengths(&self) {
+        let owed = std::mem::take(&mut *self.files.owed.lock());
+        for req in owed {
+            if let Err(e) = self.meta.close(req.clone()).await {
+                tracing::warn!(inode = req.inode, error = %e, "owed meta close failed again");
+                self.files.owe(req);
+            }
+        }
         for file in self.files.all() {
             let (req, gen) = {
                 let Some(st) = file.state.try_lock() else {
@@ -741,6 +783,17 @@ impl R3fs {
                 Err(e) => {
                     tracing::warn!(inode = file.inode, error = %e, "periodic length report failed")
                 }
+            }
+        }
+    }
+
+    /// Writes out every open file's buffered and in-flight writes (at
+    /// shutdown: a connection abort sends no RELEASE).
+    pub fn flush_all(&self) {
+        for file in self.files.all() {
+            let mut st = file.state.lock();
+            if let Err(e) = self.flush_writes(&file, &mut st) {
+                tracing::error!(inode = file.inode, error = %e, "writes lost at shutdown");
             }
         }
     }

@@ -21,6 +21,9 @@ use nix::unistd::Pid;
 
 /// Lines of a child's log shown when it fails to start.
 const LOG_TAIL_LINES: usize = 30;
+/// How long a child that missed its readiness deadline gets to stop on
+/// SIGTERM before it is killed.
+const STOP_WAIT: Duration = Duration::from_secs(10);
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Runs `r3fs <args> --daemon-child` detached, waits up to `timeout` for its
@@ -74,7 +77,16 @@ pub fn spawn_and_wait(
             )
         }
         Err(_) => {
+            // A child stuck in mount(2) or INIT may ignore SIGTERM: wait a
+            // bounded time, then SIGKILL, so this command never hangs.
             let _ = signal(child.id() as i32, Signal::SIGTERM);
+            let deadline = Instant::now() + STOP_WAIT;
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
             let _ = child.wait();
             bail!(
                 "the {what} was not ready after {timeout:?} and was stopped; its log {}:\n{}",
