@@ -637,11 +637,17 @@ impl StorageClient {
                 .await?;
             out.extend(page.chunks.iter().map(|c| (c.index, c.length)));
             match page.next_index {
-                Some(next) => {
-                    // Terminates: the cursor only moves forward.
-                    assert!(next > cursor, "a listing cursor moves forward");
-                    cursor = next;
+                // A cursor that does not move forward (a broken or hostile
+                // server) would loop forever: refuse it.
+                Some(next) if next <= cursor => {
+                    return Err(StorageClientError::Refused {
+                        addr,
+                        error: AttemptError::Routing(format!(
+                            "listing cursor went from {cursor} to {next}"
+                        )),
+                    });
                 }
+                Some(next) => cursor = next,
                 None => return Ok((out, true)),
             }
         }
@@ -757,10 +763,16 @@ impl StorageClient {
                 .await?;
             removed += resp.removed;
             match resp.next_index {
-                Some(next) => {
-                    assert!(next > base.from_index, "a removal cursor moves forward");
-                    base.from_index = next;
+                Some(next) if next <= base.from_index => {
+                    return Err(StorageClientError::Refused {
+                        addr,
+                        error: AttemptError::Routing(format!(
+                            "removal cursor went from {} to {next}",
+                            base.from_index
+                        )),
+                    });
                 }
+                Some(next) => base.from_index = next,
                 None => return Ok(removed),
             }
         }

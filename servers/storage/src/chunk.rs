@@ -1443,10 +1443,10 @@ impl ChunkEngine {
             Staged::Existing(record) => return Ok(record.meta),
             Staged::New(new) => new,
         };
-        if let Err(e) = self.store(id, Some(&new)) {
-            self.release(only_in(&new.pending, &new.committed));
-            return Err(e);
-        }
+        // On failure the batch may still be visible, and after a restart
+        // durable: its slots stay taken until the next open rebuilds the free
+        // list from the records (a leak, never an overwrite).
+        self.store(id, Some(&new))?;
         Ok(new.meta)
     }
 
@@ -1474,10 +1474,10 @@ impl ChunkEngine {
         }
         let done = new.promoted();
         assert!(done.meta.commit_ver == update_ver, "{done:?}");
-        if let Err(e) = self.store(id, Some(&done)) {
-            self.release(only_in(&new.pending, &new.committed));
-            return Err(e);
-        }
+        // On failure the batch may still be visible, and after a restart
+        // durable: its slots stay taken until the next open rebuilds the free
+        // list from the records (a leak, never an overwrite).
+        self.store(id, Some(&done))?;
         self.release(only_in(&new.committed, &done.committed));
         Ok(Some(done.meta))
     }
@@ -1726,10 +1726,10 @@ impl ChunkEngine {
             committed,
             pending: Vec::new(),
         };
-        if let Err(e) = self.store(id, Some(&new)) {
-            self.release(only_in(&new.committed, &[]));
-            return Err(e);
-        }
+        // On failure the batch may still be visible, and after a restart
+        // durable: its slots stay taken until the next open rebuilds the free
+        // list from the records (a leak, never an overwrite).
+        self.store(id, Some(&new))?;
         if let Some(old) = old {
             self.release(old.slots().collect::<Vec<_>>());
         }
@@ -1850,18 +1850,6 @@ impl ChunkEngine {
         // Under the lock, so `load` sees no store still waiting for its fsync.
         let _guard = self.lock(id);
         Ok(self.load(id)?.map(|r| r.meta))
-    }
-
-    /// Whether a version needing `bytes` of new slots would find room now,
-    /// with the free slots and twice the [`SPACE_RESERVE_BYTES`] to spare (a
-    /// hint for callers that must not meet `NoSpace` half way; staging
-    /// still checks for itself).
-    pub fn has_room_for(&self, bytes: u64) -> ChunkResult<bool> {
-        let free_slots = self.slots.lock().free.len() as u64;
-        let needed = bytes.saturating_sub(free_slots.saturating_mul(u64::from(BLOCK_BYTES)));
-        let available =
-            available_bytes(&self.data_dir).map_err(|e| io_error(None, &self.data_dir, e))?;
-        Ok(available >= needed.saturating_add(2 * SPACE_RESERVE_BYTES))
     }
 
     /// Every chunk of the target in id order (resync compares these).

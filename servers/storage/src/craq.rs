@@ -13,17 +13,6 @@
 //! longer or create one: the head turns them into no-ops on a chunk already
 //! short enough or missing.
 //!
-//! A member forwards a write or replacement while it stages it (the two
-//! overlap; it acknowledges upstream and commits only once both are done),
-//! when its own stage can fail only on an I/O fault: the chunk is clean at
-//! the version below, the bytes fit and the disk has room. Every other
-//! update stages first and forwards after. Since a successor may then commit
-//! a version before this member holds it, the update is an *unstaged entry*
-//! here from before the forward until the local stage succeeds: the member
-//! serves no read of the chunk meanwhile, and if the stage fails the entry
-//! stays and the head re-drives it (stages it, forwards it) before the
-//! chunk's next update, as it does a pending version.
-//!
 //! A pending version whose forward failed is never dropped (a successor may
 //! have committed it); the next update of the chunk first re-drives it down
 //! the current chain as the exact bytes of that version (`Replace`, which
@@ -63,16 +52,9 @@
 //! [`DEDUP_ENTRIES_MAX`] client requests per chunk so a retry is applied
 //! once. A `RemoveChunks` call removes at most `REMOVE_CHUNKS_MAX` chunks and
 //! a `ListChunks` answer holds at most `LIST_CHUNKS_MAX`; both answer with a
-//! cursor to continue from. At most [`UNSTAGED_ENTRIES_MAX`] unstaged
-//! entries per node; past that, updates stage before forwarding.
+//! cursor to continue from.
 //!
 //! # Known gaps
-//! Unstaged entries live in memory. A member that crashes after forwarding
-//! but before its stage was durable comes back through resync (the local
-//! state rule) with the version missing, which is fine while a successor
-//! that committed it survives; if every successor is lost too and this
-//! member returns as the LASTSRV, a version a reader saw at the tail is gone
-//! (staging before forwarding did not have this window).
 //! A removed chunk leaves no tombstone, so its versions start again at 1. A
 //! forwarded update that a successor receives only after its sender gave up
 //! on it and the chunk was removed could stage a stale version 1 there; the
@@ -102,10 +84,6 @@ pub const CHUNK_LOCK_STRIPES: usize = 1024;
 pub const DEDUP_ENTRIES_MAX: usize = 65_536;
 /// Deadline of one forwarded update or sync call.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Updates a node remembers as forwarded but not (yet) staged locally; at
-/// this many, further updates stage first and forward after, as no entry
-/// is needed then.
-pub const UNSTAGED_ENTRIES_MAX: usize = 128;
 
 /// The CRAQ service of one storage node. Cheap to clone.
 #[derive(Clone)]
@@ -126,20 +104,6 @@ struct Inner {
     /// SYNCING targets whose copy a predecessor declared complete, with the
     /// chain version it was complete at.
     synced: Mutex<HashMap<TargetId, u64>>,
-    /// Updates forwarded while their local stage ran, until that stage
-    /// succeeds: a successor may have committed such a version before this
-    /// node holds it, so the chunk serves no reads here and the head
-    /// re-drives the entry before anything else. At most
-    /// [`UNSTAGED_ENTRIES_MAX`].
-    unstaged: Mutex<HashMap<ChunkAddr, Unstaged>>,
-}
-
-/// An update forwarded down the chain whose local pending copy does not
-/// exist (yet): the request and its payload, to stage again.
-#[derive(Clone)]
-struct Unstaged {
-    req: UpdateRequest,
-    data: Bytes,
 }
 
 /// The client request an update carries; `(0, 0)` when unknown.
@@ -195,7 +159,6 @@ impl StorageService {
                 dedup: Mutex::new(Dedup::default()),
                 origins: Mutex::new(HashMap::new()),
                 synced: Mutex::new(HashMap::new()),
-                unstaged: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -497,7 +460,6 @@ impl StorageService {
         pos: usize,
         addr: ChunkAddr,
     ) -> StorageResult<Option<ChunkMeta>> {
-        self.redrive_unstaged(routing, chain, pos, addr).await?;
         let me = chain.targets[pos].target;
         let engine = self.engine(me).clone();
         let id = chunk_id(addr);
@@ -641,7 +603,6 @@ impl StorageService {
         let engine = self.engine(target).clone();
         let meta = installed_meta(req.update_ver, req.chain_ver, &data);
         let id = chunk_id(req.addr);
-        self.inner.unstaged.lock().remove(&req.addr);
         let meta = blocking(move || engine.install(id, meta, &data))
             .await
             .map_err(|e| storage_error(e, req.addr, target))?;
@@ -658,7 +619,6 @@ impl StorageService {
     ) -> StorageResult<ChunkVersion> {
         let engine = self.engine(target).clone();
         let (id, chain_ver) = (chunk_id(req.addr), req.chain_ver);
-        self.inner.unstaged.lock().remove(&req.addr);
         blocking(move || drop_chunk(&engine, id, chain_ver))
             .await
             .map_err(|e| storage_error(e, req.addr, target))?;
@@ -667,11 +627,9 @@ impl StorageService {
         Ok(version)
     }
 
-    /// Stores the pending version on this node's target and forwards it down
-    /// the chain — at the same time when the local stage is sure to be
-    /// ordinary (see [`StorageService::pipelinable`]), else one after the
-    /// other — and commits it once both are done (the successor has then
-    /// committed). A successor that ran out of space has not committed it
+    /// Stores the pending version on this node's target, then forwards it
+    /// down the chain, and commits it once the successor acknowledged (the
+    /// successor has then committed). A successor that ran out of space has not committed it
     /// (nor has anything after it), so the pending version is dropped again
     /// and the caller gets `NoSpace`.
     async fn apply_and_forward(
@@ -717,7 +675,6 @@ impl StorageService {
             );
             assert!(!meta.is_dirty(), "a chunk just committed is clean");
         }
-        self.clear_unstaged(addr, update_ver);
         let version = chunk_version(meta.as_ref());
         self.inner.origins.lock().remove(&addr);
         self.remember(origin, addr, version);
@@ -742,11 +699,6 @@ impl StorageService {
                 .stage_then_forward_whole(routing, chain_id, me, next.target, req, data)
                 .await;
         }
-        if self.pipelinable(me, req, &data).await? {
-            return self
-                .stage_while_forwarding(routing, chain_id, me, next.target, req, data)
-                .await;
-        }
         self.stage_here(me, req, data.clone()).await?;
         let forwarded = UpdateRequest {
             target: next.target,
@@ -768,12 +720,11 @@ impl StorageService {
         data: Bytes,
     ) -> StorageResult<Option<ChunkMeta>> {
         let engine = self.engine(me).clone();
-        let (addr, update_ver) = (req.addr, req.update_ver);
+        let addr = req.addr;
         let staged = req.clone();
         let meta = blocking(move || stage_committed(&engine, chunk_id(addr), &staged, &data))
             .await
             .map_err(|e| storage_error(e, addr, me))?;
-        self.clear_unstaged(addr, update_ver);
         Ok(meta)
     }
 
@@ -785,12 +736,11 @@ impl StorageService {
         data: Bytes,
     ) -> StorageResult<()> {
         let engine = self.engine(me).clone();
-        let (addr, update_ver) = (req.addr, req.update_ver);
+        let addr = req.addr;
         let staged = req.clone();
         blocking(move || stage(&engine, chunk_id(addr), &staged, &data))
             .await
             .map_err(|e| storage_error(e, addr, me))?;
-        self.clear_unstaged(addr, update_ver);
         Ok(())
     }
 
@@ -815,7 +765,6 @@ impl StorageService {
         })
         .await
         .map_err(|e| storage_error(e, addr, me))?;
-        self.clear_unstaged(addr, update_ver);
         let (payload, op) = match whole {
             Some(whole) => (Bytes::from(whole), UpdateOp::Replace),
             None => (Bytes::new(), UpdateOp::Remove),
@@ -832,87 +781,6 @@ impl StorageService {
         self.after_forward(me, addr, sent.map(drop)).await
     }
 
-    /// Whether `req` may be forwarded while it is staged here: a write or
-    /// replacement (the updates whose stage takes time) of a chunk clean at
-    /// the version just below, within the chunk size, with room on the
-    /// disk and no unstaged entry already. Its stage then fails only on an
-    /// I/O fault (or a racing `RemoveInode`), which leaves an unstaged
-    /// entry; everything a successor would refuse alike fails before.
-    async fn pipelinable(
-        &self,
-        me: TargetId,
-        req: &UpdateRequest,
-        data: &Bytes,
-    ) -> StorageResult<bool> {
-        let end = match req.op {
-            UpdateOp::Write { offset } => u64::from(offset) + data.len() as u64,
-            UpdateOp::Replace => data.len() as u64,
-            _ => return Ok(false),
-        };
-        {
-            let unstaged = self.inner.unstaged.lock();
-            if unstaged.len() >= UNSTAGED_ENTRIES_MAX || unstaged.contains_key(&req.addr) {
-                return Ok(false);
-            }
-        }
-        let engine = self.engine(me).clone();
-        let limit = match req.op {
-            UpdateOp::Write { .. } => req.chunk_size.min(engine.chunk_size_max()),
-            _ => engine.chunk_size_max(),
-        };
-        if end > u64::from(limit) {
-            return Ok(false);
-        }
-        let (id, update_ver, bytes) = (chunk_id(req.addr), req.update_ver, data.len() as u64);
-        blocking(move || {
-            let next = match engine.meta(id)? {
-                None => Some(1),
-                Some(m) => (!m.is_dirty()).then_some(m.commit_ver + 1),
-            };
-            Ok(next == Some(update_ver) && engine.has_room_for(bytes)?)
-        })
-        .await
-        .map_err(|e| storage_error(e, req.addr, me))
-    }
-
-    /// Stages `req` here while forwarding it to `next`; both must succeed.
-    /// The request is an unstaged entry from before the forward starts
-    /// until the local stage succeeded, so this node serves no read of the
-    /// chunk while a successor may hold a newer committed version than it.
-    async fn stage_while_forwarding(
-        &self,
-        routing: &RoutingInfo,
-        chain_id: ChainId,
-        me: TargetId,
-        next: TargetId,
-        req: &UpdateRequest,
-        data: Bytes,
-    ) -> StorageResult<()> {
-        let addr = req.addr;
-        let entry = Unstaged {
-            req: req.clone(),
-            data: data.clone(),
-        };
-        self.inner.unstaged.lock().insert(addr, entry);
-        let engine = self.engine(me).clone();
-        let (staged, payload) = (req.clone(), data.clone());
-        let local = blocking(move || stage(&engine, chunk_id(addr), &staged, &payload));
-        let forwarded = UpdateRequest {
-            target: next,
-            ..req.clone()
-        };
-        let remote = self.call::<Update, _>(routing, chain_id, next, &forwarded, data);
-        let (staged, sent) = tokio::join!(local, remote);
-        let sent = sent.map(drop);
-        match staged {
-            Ok(()) => {
-                self.clear_unstaged(addr, req.update_ver);
-                self.after_forward(me, addr, sent).await
-            }
-            Err(e) => Err(self.unstaged_failure(me, addr, e, sent)),
-        }
-    }
-
     /// Passes a forward's outcome on, first dropping the pending version
     /// here if the successor had no space for it. Any other failure keeps
     /// it pending: a successor may already have committed it, and the next
@@ -927,111 +795,6 @@ impl StorageService {
             self.abort_after_no_space(me, addr).await;
         }
         sent
-    }
-
-    /// The error of an update whose local stage failed while it was
-    /// forwarded. Its unstaged entry stays (the head re-drives it) unless
-    /// no successor can hold the version: a bad payload (every member
-    /// checks the same CRC over the same bytes) that the successor refused
-    /// too, or a successor without space (it and all after it refused).
-    fn unstaged_failure(
-        &self,
-        me: TargetId,
-        addr: ChunkAddr,
-        local: ChunkError,
-        sent: StorageResult<()>,
-    ) -> StorageError {
-        let refused_alike = matches!(local, ChunkError::PayloadChecksum { .. }) && sent.is_err();
-        let no_space_after = matches!(sent, Err(StorageError::NoSpace { .. }));
-        if refused_alike || no_space_after {
-            self.inner.unstaged.lock().remove(&addr);
-            self.inner.origins.lock().remove(&addr);
-            return match sent {
-                Err(e @ StorageError::NoSpace { .. }) => e,
-                _ => storage_error(local, addr, me),
-            };
-        }
-        tracing::warn!(
-            ?addr,
-            error = %local,
-            forwarded = sent.is_ok(),
-            "staging failed while the update was forwarded; it stays unstaged until re-driven"
-        );
-        match storage_error(local, addr, me) {
-            // In doubt, not refused: a successor may have committed it.
-            StorageError::NoSpace { .. } => StorageError::Io {
-                target: me,
-                reason: format!("no space to stage {addr:?}, which was forwarded (in doubt)"),
-            },
-            other => other,
-        }
-    }
-
-    /// Forgets the unstaged entry of `addr` once this node holds
-    /// `update_ver` (pending or committed), which covers the entry's version.
-    fn clear_unstaged(&self, addr: ChunkAddr, update_ver: u64) {
-        let mut unstaged = self.inner.unstaged.lock();
-        if unstaged
-            .get(&addr)
-            .is_some_and(|u| u.req.update_ver <= update_ver)
-        {
-            unstaged.remove(&addr);
-        }
-    }
-
-    /// The version of `addr` forwarded from here but not staged here.
-    fn unstaged_version(&self, addr: ChunkAddr) -> Option<u64> {
-        self.inner
-            .unstaged
-            .lock()
-            .get(&addr)
-            .map(|u| u.req.update_ver)
-    }
-
-    /// At the head, before anything else: stages and drives down the chain
-    /// an update this node forwarded but failed to stage, if the chunk here
-    /// is still clean at the version below it. Otherwise the entry is stale
-    /// (the version is pending here, or a resync moved the chunk on) and is
-    /// dropped.
-    async fn redrive_unstaged(
-        &self,
-        routing: &RoutingInfo,
-        chain: &Chain,
-        pos: usize,
-        addr: ChunkAddr,
-    ) -> StorageResult<()> {
-        let Some(entry) = self.inner.unstaged.lock().get(&addr).cloned() else {
-            return Ok(());
-        };
-        let me = chain.targets[pos].target;
-        let engine = self.engine(me).clone();
-        let id = chunk_id(addr);
-        let meta = blocking(move || engine.meta(id))
-            .await
-            .map_err(|e| storage_error(e, addr, me))?;
-        let clean_at = match meta {
-            None => Some(0),
-            Some(m) => (!m.is_dirty()).then_some(m.commit_ver),
-        };
-        let update_ver = entry.req.update_ver;
-        if clean_at != Some(update_ver - 1) {
-            tracing::info!(?addr, update_ver, ?meta, "dropping a stale unstaged entry");
-            self.clear_unstaged(addr, update_ver);
-            return Ok(());
-        }
-        tracing::info!(
-            ?addr,
-            update_ver,
-            "re-driving an unstaged version down the chain"
-        );
-        let redo = UpdateRequest {
-            chain_ver: chain.version,
-            target: me,
-            ..entry.req
-        };
-        self.apply_and_forward(routing, chain, pos, redo, entry.data)
-            .await
-            .map(drop)
     }
 
     /// Drops this target's pending version of `addr` after the successor
@@ -1099,13 +862,6 @@ impl StorageService {
         let me = chain.targets[pos];
         if me.state != PublicState::Serving {
             return Err(StorageError::NotServing { chain: chain.id });
-        }
-        if let Some(pending) = self.unstaged_version(req.addr) {
-            return Err(StorageError::NotCommitted {
-                addr: req.addr,
-                committed: pending - 1,
-                pending,
-            });
         }
         let engine = self.engine(me.target).clone();
         let id = chunk_id(req.addr);
@@ -1242,11 +998,6 @@ impl StorageService {
 
     async fn sync_list(&self, req: SyncListRequest) -> StorageResult<Vec<ChunkSummary>> {
         let engine = self.syncing_target(req.chain, req.target, req.chain_ver)?;
-        // The copy replaces whatever this target held of the chain.
-        self.inner
-            .unstaged
-            .lock()
-            .retain(|addr, _| addr.chain != req.chain);
         let target = req.target;
         let all = blocking(move || engine.list())
             .await
@@ -1261,7 +1012,6 @@ impl StorageService {
     async fn sync_install(&self, req: SyncInstallRequest, data: Bytes) -> StorageResult<()> {
         let engine = self.syncing_target(req.addr.chain, req.target, req.chain_ver)?;
         let _guard = self.lock_for(req.addr).lock().await;
-        self.inner.unstaged.lock().remove(&req.addr);
         let meta = installed_meta(req.chunk.commit_ver, req.chain_ver, &data);
         if meta.crc != req.chunk.crc || meta.length != req.chunk.length {
             return Err(StorageError::PayloadChecksum {
@@ -1278,7 +1028,6 @@ impl StorageService {
     async fn sync_remove(&self, req: SyncRemoveRequest) -> StorageResult<()> {
         let engine = self.syncing_target(req.addr.chain, req.target, req.chain_ver)?;
         let _guard = self.lock_for(req.addr).lock().await;
-        self.inner.unstaged.lock().remove(&req.addr);
         let id = chunk_id(req.addr);
         let chain_ver = req.chain_ver;
         blocking(move || drop_chunk(&engine, id, chain_ver))
