@@ -31,17 +31,22 @@ if [ ! -x "$BIN" ]; then
   cargo build --release --locked -p r3fs-cli
 fi
 
-if $check; then
-  tmp=$(mktemp -d /tmp/r3fs-main-job.XXXXXX)
-  export R3FS_DATA_DIR=$tmp/data
-  mnt=${mnt:-$tmp/mnt}
-  cleanup() {
+src=""
+tmp=""
+on_exit() {
+  if [ -n "$src" ]; then rm -f "$src"; fi
+  if [ -n "$tmp" ]; then
     "$BIN" umount "$mnt" >/dev/null 2>&1 || true
     if mountpoint -q "$mnt" 2>/dev/null; then umount -l "$mnt" || true; fi
     "$BIN" local-cluster stop --force >/dev/null 2>&1 || true
     rm -rf "$tmp"
-  }
-  trap cleanup EXIT
+  fi
+}
+trap on_exit EXIT
+if $check; then
+  tmp=$(mktemp -d /tmp/r3fs-main-job.XXXXXX)
+  export R3FS_DATA_DIR=$tmp/data
+  mnt=${mnt:-$tmp/mnt}
 fi
 mnt=${mnt:-/mnt/r3fs}
 mkdir -p "$mnt"
@@ -50,7 +55,7 @@ echo "== r3fs mount $mnt"
 "$BIN" mount "$mnt"
 
 echo "== write 64 MiB through the mount and read it back"
-src=$(mktemp /tmp/r3fs-main-job-src.XXXXXX)
+src=$(mktemp "${TMPDIR:-/tmp}/r3fs-main-job-src.XXXXXX")
 head -c $((64 << 20)) /dev/urandom >"$src"
 cp "$src" "$mnt/hello.bin"
 echo "hello from r3fs" >"$mnt/hello.txt"

@@ -179,37 +179,38 @@ fn interrupt_storm(opts: &[&str]) {
             .unwrap()
             .success()
     });
-    // Waiters block in SETLKW (or get ENOLCK beyond the daemon's limit).
-    let waiters: Vec<u32> = (0..6)
-        .map(|_| children.spawn(Command::new("flock").arg("-x").arg(&lock).arg("true")))
-        .collect();
-    // Readers bypass the page cache so each read is a request.
-    let readers: Vec<u32> = (0..4)
-        .map(|_| {
-            children.spawn(Command::new("sh").arg("-c").arg(format!(
-                "while :; do dd if={} of=/dev/null bs=1M iflag=direct status=none; done",
-                big.display()
-            )))
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
-    for round in 0..10 {
-        for &pid in waiters.iter().chain(&readers) {
-            if round == 0 || pid % 3 == round % 3 {
-                children.kill(pid);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    for &pid in waiters.iter().chain(&readers) {
-        children.kill(pid);
-    }
-    // Every killed process exits: none is stuck in a request.
+    // Waiters block in SETLKW (or get ENOLCK beyond the daemon's limit);
+    // readers bypass the page cache so each read is a request. Each round
+    // kills every waiter and reader (their whole process group, so the
+    // `dd` inside a reader's shell is killed mid-read too), checks they all
+    // exit, and starts a fresh set: ten storms of INTERRUPTs.
+    let waiter = || {
+        let mut c = Command::new("flock");
+        c.arg("-x").arg(&lock).arg("true");
+        c
+    };
+    let reader = || {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(format!(
+            "while :; do dd if={} of=/dev/null bs=1M iflag=direct status=none; done",
+            big.display()
+        ));
+        c
+    };
     let started = Instant::now();
-    for &pid in waiters.iter().chain(&readers) {
-        children.wait_exit(pid, Duration::from_secs(60));
+    for _round in 0..10 {
+        let mut pids: Vec<u32> = (0..6).map(|_| children.spawn(&mut waiter())).collect();
+        pids.extend((0..4).map(|_| children.spawn(&mut reader())));
+        std::thread::sleep(Duration::from_millis(100));
+        for &pid in &pids {
+            children.kill(pid);
+        }
+        // Every killed process exits: none is stuck in a request.
+        for &pid in &pids {
+            children.wait_exit(pid, Duration::from_secs(60));
+        }
     }
-    eprintln!("killed processes exited within {:?}", started.elapsed());
+    eprintln!("ten rounds of kills done in {:?}", started.elapsed());
     // No killed waiter left a lock behind; the holder's lock goes with it.
     children.kill(holder);
     children.wait_exit(holder, Duration::from_secs(60));
@@ -255,8 +256,12 @@ struct Children {
 }
 
 impl Children {
+    /// Starts `cmd` in a process group of its own, so a kill reaches
+    /// everything it started.
     fn spawn(&mut self, cmd: &mut Command) -> u32 {
+        use std::os::unix::process::CommandExt;
         let child = cmd
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -267,9 +272,11 @@ impl Children {
         pid
     }
 
+    /// SIGKILLs the process group of our child `pid`.
     fn kill(&mut self, pid: u32) {
-        if let Some(c) = self.live.iter_mut().find(|c| c.id() == pid) {
-            let _ = c.kill();
+        if self.live.iter().any(|c| c.id() == pid) {
+            let group = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
         }
     }
 
@@ -290,7 +297,8 @@ impl Children {
 impl Drop for Children {
     fn drop(&mut self) {
         for c in &mut self.live {
-            let _ = c.kill();
+            let group = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
             let _ = c.wait();
         }
     }
