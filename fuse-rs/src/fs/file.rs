@@ -67,13 +67,28 @@ pub(crate) struct FileHandle {
 }
 
 /// A regular file open at least once on this mount.
+///
+/// Two locks: `io` (write buffer, writes in flight) is held across storage
+/// calls; `sizes` (lengths, hint state) only for a few instructions, so a
+/// stat never waits for a write. Lock order: `io`, then `sizes`, never the
+/// other way.
 pub(crate) struct OpenFile {
     pub inode: u64,
     pub layout: Layout,
-    state: Mutex<FileState>,
+    io: Mutex<IoState>,
+    sizes: Mutex<Sizes>,
 }
 
-struct FileState {
+struct IoState {
+    buffer: WriteBuffer,
+    /// Storage writes started and not yet waited for (write-behind).
+    inflight: Vec<InFlight>,
+    /// A write failed after its `write()` returned; the next write,
+    /// flush or fsync reports it.
+    error: Option<i32>,
+}
+
+struct Sizes {
     truncate_ver: u64,
     /// The length meta last told us.
     meta_size: u64,
@@ -84,16 +99,10 @@ struct FileState {
     touched: bool,
     /// Bumped by every write, so a hint answer does not clear newer news.
     write_gen: u64,
-    buffer: WriteBuffer,
-    /// Storage writes started and not yet waited for (write-behind).
-    inflight: Vec<InFlight>,
-    /// A write failed after its `write()` returned; the next write,
-    /// flush or fsync reports it.
-    error: Option<i32>,
     opens: u32,
 }
 
-impl FileState {
+impl Sizes {
     fn size(&self) -> u64 {
         self.meta_size.max(self.written_end)
     }
@@ -104,7 +113,6 @@ impl FileState {
         if attr.truncate_ver > self.truncate_ver {
             self.truncate_ver = attr.truncate_ver;
             self.written_end = 0;
-            self.buffer.clip(attr.size);
         }
         if attr.truncate_ver == self.truncate_ver {
             self.meta_size = attr.size;
@@ -116,6 +124,14 @@ impl FileState {
             length: self.written_end,
             truncate_ver: self.truncate_ver,
         })
+    }
+
+    /// A write reached `end`.
+    fn wrote(&mut self, end: u64) {
+        self.written_end = self.written_end.max(end);
+        self.hint_pending = true;
+        self.touched = true;
+        self.write_gen += 1;
     }
 }
 
@@ -142,34 +158,36 @@ impl OpenFiles {
                 Arc::new(OpenFile {
                     inode: attr.inode,
                     layout,
-                    state: Mutex::new(FileState {
+                    io: Mutex::new(IoState {
+                        buffer: WriteBuffer::new(WRITE_BUFFER_BYTES_MAX),
+                        inflight: Vec::new(),
+                        error: None,
+                    }),
+                    sizes: Mutex::new(Sizes {
                         truncate_ver: attr.truncate_ver,
                         meta_size: attr.size,
                         written_end: 0,
                         hint_pending: false,
                         touched: false,
                         write_gen: 0,
-                        buffer: WriteBuffer::new(WRITE_BUFFER_BYTES_MAX),
-                        inflight: Vec::new(),
-                        error: None,
                         opens: 0,
                     }),
                 })
             })
             .clone();
-        let mut st = file.state.lock();
-        st.opens += 1;
-        st.observe(attr);
-        drop(st);
+        let mut sz = file.sizes.lock();
+        sz.opens += 1;
+        sz.observe(attr);
+        drop(sz);
         Ok(file)
     }
 
     fn detach(&self, file: &Arc<OpenFile>) {
         let mut map = self.by_inode.lock();
-        let mut st = file.state.lock();
-        assert!(st.opens > 0, "detach of inode {} with no opens", file.inode);
-        st.opens -= 1;
-        if st.opens == 0 {
+        let mut sz = file.sizes.lock();
+        assert!(sz.opens > 0, "detach of inode {} with no opens", file.inode);
+        sz.opens -= 1;
+        if sz.opens == 0 {
             map.remove(&file.inode);
         }
     }
@@ -191,9 +209,9 @@ impl OpenFiles {
     pub fn visible_size(&self, attr: &Attr) -> u64 {
         match self.get(attr.inode) {
             Some(f) => {
-                let st = f.state.lock();
-                if st.truncate_ver == attr.truncate_ver {
-                    attr.size.max(st.written_end)
+                let sz = f.sizes.lock();
+                if sz.truncate_ver == attr.truncate_ver {
+                    attr.size.max(sz.written_end)
                 } else {
                     attr.size
                 }
@@ -204,24 +222,26 @@ impl OpenFiles {
 
     pub fn observe(&self, attr: &Attr) {
         if let Some(f) = self.get(attr.inode) {
-            f.state.lock().observe(attr);
+            f.sizes.lock().observe(attr);
         }
     }
 
     /// After this mount truncated: meta's answer is the whole truth.
     pub fn truncated(&self, attr: &Attr) {
         if let Some(f) = self.get(attr.inode) {
-            let mut st = f.state.lock();
-            st.truncate_ver = attr.truncate_ver;
-            st.meta_size = attr.size;
-            st.written_end = 0;
-            st.buffer.clip(attr.size);
+            {
+                let mut sz = f.sizes.lock();
+                sz.truncate_ver = attr.truncate_ver;
+                sz.meta_size = attr.size;
+                sz.written_end = 0;
+            }
+            f.io.lock().buffer.clip(attr.size);
         }
     }
 
     pub fn clip_buffer(&self, inode: u64, length: u64) {
         if let Some(f) = self.get(inode) {
-            f.state.lock().buffer.clip(length);
+            f.io.lock().buffer.clip(length);
         }
     }
 
@@ -229,8 +249,8 @@ impl OpenFiles {
     pub fn flush_inode(&self, fs: &R3fs, inode: u64) -> io::Result<()> {
         match self.get(inode) {
             Some(f) => {
-                let mut st = f.state.lock();
-                fs.flush_writes(&f, &mut st)
+                let mut io = f.io.lock();
+                fs.flush_writes(&f, &mut io)
             }
             None => Ok(()),
         }
@@ -409,11 +429,11 @@ impl R3fs {
         let h = self.files.handle(fh)?;
         let file = &h.file;
         debug_assert_eq!(file.inode, inode);
-        let length = {
-            let mut st = file.state.lock();
-            self.flush_writes(file, &mut st)?;
-            st.size()
-        };
+        {
+            let mut io = file.io.lock();
+            self.flush_writes(file, &mut io)?;
+        }
+        let length = file.sizes.lock().size();
         if offset >= length || size == 0 {
             return Ok(Bytes::new());
         }
@@ -439,41 +459,38 @@ impl R3fs {
         let end = offset
             .checked_add(len as u64)
             .ok_or_else(|| errno(libc::EFBIG))?;
-        let mut st = file.state.lock();
-        if let Some(e) = st.error.take() {
+        let mut io = file.io.lock();
+        if let Some(e) = io.error.take() {
             return Err(errno(e));
         }
         if h.direct {
             // O_DIRECT: done when write() returns, no buffering.
-            self.flush_writes(file, &mut st)?;
+            self.flush_writes(file, &mut io)?;
             self.block_on(
                 self.storage
                     .write(&file.layout, inode, offset, Bytes::from(data)),
             )
             .map_err(|e| storage_error("write", inode, e))?;
-        } else if len < WRITE_BUFFER_BYTES_MAX && st.buffer.can_append(offset, len) {
-            st.buffer.append(offset, &data);
+        } else if len < WRITE_BUFFER_BYTES_MAX && io.buffer.can_append(offset, len) {
+            io.buffer.append(offset, &data);
         } else {
-            if let Some((o, d)) = st.buffer.take() {
-                self.start_write(file, &mut st, o, d)?;
+            if let Some((o, d)) = io.buffer.take() {
+                self.start_write(file, &mut io, o, d)?;
             }
             if len < WRITE_BUFFER_BYTES_MAX {
-                st.buffer.append(offset, &data);
+                io.buffer.append(offset, &data);
             } else {
-                self.start_write(file, &mut st, offset, Bytes::from(data))?;
+                self.start_write(file, &mut io, offset, Bytes::from(data))?;
             }
         }
-        st.written_end = st.written_end.max(end);
-        st.hint_pending = true;
-        st.touched = true;
-        st.write_gen += 1;
+        file.sizes.lock().wrote(end);
         Ok(len)
     }
 
     /// Writes out the buffer of `file` and waits for every write in
     /// flight; a failure is remembered for the next flush/fsync as well as
     /// returned.
-    fn flush_writes(&self, file: &OpenFile, st: &mut FileState) -> io::Result<()> {
+    fn flush_writes(&self, file: &OpenFile, st: &mut IoState) -> io::Result<()> {
         if let Some((offset, data)) = st.buffer.take() {
             self.start_write(file, st, offset, data)?;
         }
@@ -485,7 +502,7 @@ impl R3fs {
     fn start_write(
         &self,
         file: &OpenFile,
-        st: &mut FileState,
+        st: &mut IoState,
         offset: u64,
         data: Bytes,
     ) -> io::Result<()> {
@@ -517,7 +534,7 @@ impl R3fs {
 
     /// Waits for the writes in flight that `pick` selects; the first
     /// failure is remembered in the file and returned.
-    fn wait_writes(&self, st: &mut FileState, pick: impl Fn(&InFlight) -> bool) -> io::Result<()> {
+    fn wait_writes(&self, st: &mut IoState, pick: impl Fn(&InFlight) -> bool) -> io::Result<()> {
         if !st.inflight.iter().any(&pick) {
             return Ok(());
         }
@@ -552,7 +569,7 @@ impl R3fs {
     /// Tells meta the length and mtime this mount's writes reached.
     fn report_length(&self, file: &OpenFile) -> io::Result<()> {
         let (req, gen) = {
-            let st = file.state.lock();
+            let st = file.sizes.lock();
             if !st.hint_pending {
                 return Ok(());
             }
@@ -566,7 +583,7 @@ impl R3fs {
         let attr = self
             .block_on(self.meta.sync(req))
             .map_err(|e| meta_error("sync", e))?;
-        let mut st = file.state.lock();
+        let mut st = file.sizes.lock();
         if st.write_gen == gen {
             st.hint_pending = false;
             st.touched = false;
@@ -579,7 +596,7 @@ impl R3fs {
         let h = self.files.handle(fh)?;
         let file = &h.file;
         let flushed = {
-            let mut st = file.state.lock();
+            let mut st = file.io.lock();
             let r = self.flush_writes(file, &mut st);
             match st.error.take() {
                 Some(e) => Err(errno(e)),
@@ -596,7 +613,7 @@ impl R3fs {
         let h = self.files.handle(fh)?;
         let file = &h.file;
         {
-            let mut st = file.state.lock();
+            let mut st = file.io.lock();
             let flushed = self.flush_writes(file, &mut st);
             // Report a failure once, here, not again at close.
             if let Some(e) = st.error.take() {
@@ -618,15 +635,17 @@ impl R3fs {
             return Err(errno(libc::EBADF));
         };
         let file = &h.file;
-        let (hint, touched) = {
-            let mut st = file.state.lock();
-            if let Err(e) = self.flush_writes(file, &mut st) {
+        {
+            let mut io = file.io.lock();
+            if let Err(e) = self.flush_writes(file, &mut io) {
                 tracing::error!(inode, error = %e, "buffered writes lost at release (close already returned)");
             }
-            let pending = st.hint_pending;
-            st.hint_pending = false;
-            let touched = std::mem::take(&mut st.touched);
-            (if pending { st.hint() } else { None }, touched)
+        }
+        let (hint, touched) = {
+            let mut sz = file.sizes.lock();
+            let pending = std::mem::take(&mut sz.hint_pending);
+            let touched = std::mem::take(&mut sz.touched);
+            (if pending { sz.hint() } else { None }, touched)
         };
         let req = CloseRequest {
             inode,
@@ -670,19 +689,19 @@ impl R3fs {
             FALLOC_FL_ZERO_RANGE => true,
             _ => return Err(errno(libc::EOPNOTSUPP)),
         };
-        let size = {
-            let mut st = file.state.lock();
-            self.flush_writes(file, &mut st)?;
-            st.size()
-        };
+        {
+            let mut io = file.io.lock();
+            self.flush_writes(file, &mut io)?;
+        }
+        let size = file.sizes.lock().size();
         if zero && offset < size {
             let len = end.min(size) - offset;
             self.block_on(self.storage.punch_hole(&file.layout, inode, offset, len))
                 .map_err(|e| storage_error("fallocate", inode, e))?;
-            let mut st = file.state.lock();
-            st.touched = true;
-            st.hint_pending = true;
-            st.write_gen += 1;
+            let mut sz = file.sizes.lock();
+            sz.touched = true;
+            sz.hint_pending = true;
+            sz.write_gen += 1;
         }
         if !keep_size && end > size {
             // Storage holds nothing past `size`, so the new bytes read as
@@ -726,11 +745,11 @@ impl R3fs {
         }
         let h = self.files.handle(fh)?;
         let file = &h.file;
-        let size = {
-            let mut st = file.state.lock();
-            self.flush_writes(file, &mut st)?;
-            st.size()
-        };
+        {
+            let mut io = file.io.lock();
+            self.flush_writes(file, &mut io)?;
+        }
+        let size = file.sizes.lock().size();
         if offset >= size {
             return Err(errno(libc::ENXIO));
         }
@@ -756,29 +775,31 @@ impl R3fs {
         }
         for file in self.files.all() {
             let (req, gen) = {
-                let Some(st) = file.state.try_lock() else {
-                    continue;
-                };
-                // Report only lengths whose bytes are on storage.
-                if !st.hint_pending || !st.buffer.is_empty() || !st.inflight.is_empty() {
+                // Report only lengths whose bytes are on storage: skip a
+                // file with writes buffered or in flight (or busy).
+                match file.io.try_lock() {
+                    Some(io) if io.buffer.is_empty() && io.inflight.is_empty() => {}
+                    _ => continue,
+                }
+                let sz = file.sizes.lock();
+                if !sz.hint_pending {
                     continue;
                 }
                 let req = SyncRequest {
                     inode: file.inode,
-                    hint: st.hint(),
-                    touched: st.touched,
+                    hint: sz.hint(),
+                    touched: sz.touched,
                 };
-                (req, st.write_gen)
+                (req, sz.write_gen)
             };
             match self.meta.sync(req).await {
                 Ok(attr) => {
-                    if let Some(mut st) = file.state.try_lock() {
-                        if st.write_gen == gen {
-                            st.hint_pending = false;
-                            st.touched = false;
-                        }
-                        st.observe(&attr);
+                    let mut sz = file.sizes.lock();
+                    if sz.write_gen == gen {
+                        sz.hint_pending = false;
+                        sz.touched = false;
                     }
+                    sz.observe(&attr);
                 }
                 Err(e) => {
                     tracing::warn!(inode = file.inode, error = %e, "periodic length report failed")
@@ -791,8 +812,8 @@ impl R3fs {
     /// shutdown: a connection abort sends no RELEASE).
     pub fn flush_all(&self) {
         for file in self.files.all() {
-            let mut st = file.state.lock();
-            if let Err(e) = self.flush_writes(&file, &mut st) {
+            let mut io = file.io.lock();
+            if let Err(e) = self.flush_writes(&file, &mut io) {
                 tracing::error!(inode = file.inode, error = %e, "writes lost at shutdown");
             }
         }

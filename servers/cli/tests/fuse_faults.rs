@@ -61,6 +61,11 @@ fn spawn_call<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Pend
 }
 
 impl<T> Pending<T> {
+    /// Whether the call is still running.
+    fn rx_is_pending(&self) -> bool {
+        matches!(self.rx.try_recv(), Err(mpsc::TryRecvError::Empty))
+    }
+
     /// The call's result and how long it took since it started; panics if
     /// it has not returned [`SYSCALL_BOUND`] after it started (the thread
     /// stays blocked until the mount's guard kills the daemon and frees it).
@@ -285,6 +290,26 @@ fn storage_chain_down_gives_eio_not_a_hang() {
         late_file.write_all(&pattern(8192, 2))?;
         late_file.sync_all()
     });
+    // While that fsync waits on storage's retries, a stat of the same file
+    // answers at once: sizes are not locked across storage calls. (After
+    // the kernel's 1 s attribute timeout, so the stat reaches the daemon.)
+    std::thread::sleep(Duration::from_millis(1200));
+    let late_path = late.clone();
+    let (stat, stat_took) = bounded(
+        "stat of a file whose writes wait on a dead chain",
+        move || std::fs::metadata(&late_path),
+    );
+    println!("stat during the stuck fsync answered in {stat_took:?}");
+    assert!(stat.is_ok(), "{stat:?}");
+    // Generous: it takes milliseconds; waiting for the fsync takes >10 s.
+    assert!(
+        stat_took < Duration::from_secs(5),
+        "the stat waited for the stuck write: {stat_took:?}"
+    );
+    assert!(
+        synced.rx_is_pending(),
+        "the fsync must still be waiting on storage while the stat answers"
+    );
     let (read, took) = read.wait("O_DIRECT read with the chain down");
     println!("O_DIRECT read with the chain down failed after {took:?}: {read:?}");
     assert_eq!(errno_of(read), libc::EIO);
