@@ -4,6 +4,7 @@
 //!
 //! Never a test: nothing here asserts a speed. Nothing depends on this crate.
 
+mod mounts;
 mod report;
 mod suites;
 

@@ -38,8 +38,6 @@
 mod chart;
 
 use std::collections::HashMap;
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -54,6 +52,10 @@ use r3fs_fuse::kernel::{KernelSession, MountOptions};
 use r3fs_fuse::memfs::{MemFs, MemFsConfig};
 use r3fs_fuse::{resolve_mode, ChannelOptions, Served};
 
+use crate::mounts::{
+    self, check_interrupt, cpath, install_signal_handlers, interrupted, loadavg, mounted_at,
+    mounts_under, r3fs_bin, spawn_bindfs, stop_child, wait_mounted, which, Fd, IfBusy,
+};
 use crate::report::{ratio, result, Phase, Table};
 
 const SUITE: &str = "channels";
@@ -61,7 +63,9 @@ const SUITE: &str = "channels";
 const FILE_BYTES: usize = 1 << 20;
 const IO_BYTES: usize = 4096;
 const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
-const MOUNT_WAIT: Duration = Duration::from_secs(10);
+/// How often a mount that is awaited, or a child that should exit, is
+/// looked at.
+const POLL: Duration = Duration::from_millis(10);
 /// Application thread counts of the throughput runs.
 const THREADS: [usize; 2] = [1, 2];
 
@@ -95,34 +99,6 @@ pub struct ChannelsArgs {
     /// Leave out the bindfs column.
     #[arg(long)]
     no_bindfs: bool,
-}
-
-// ---------------------------------------------------------------- signals
-
-static SIGNALLED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    SIGNALLED.store(true, Ordering::SeqCst);
-}
-
-fn install_signal_handlers() {
-    // SAFETY: the handler only stores to an atomic (async-signal-safe); the
-    // sigaction struct is fully initialised.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
-        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
-    }
-}
-
-fn check_signal() -> anyhow::Result<()> {
-    if SIGNALLED.load(Ordering::Relaxed) {
-        bail!("interrupted by a signal");
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------- watchdog
@@ -170,84 +146,11 @@ fn start_watchdog() {
 
 // ---------------------------------------------------------------- OS helpers
 
-fn cpath(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).expect("path without NUL")
-}
-
-fn mount_points() -> Vec<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| {
-            let b = m.as_bytes();
-            let mut out = Vec::with_capacity(b.len());
-            let mut i = 0;
-            while i < b.len() {
-                if b[i] == b'\\' && i + 3 < b.len() {
-                    if let Ok(v) = u8::from_str_radix(&m[i + 1..i + 4], 8) {
-                        out.push(v);
-                        i += 4;
-                        continue;
-                    }
-                }
-                out.push(b[i]);
-                i += 1;
-            }
-            PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
-        })
-        .collect()
-}
-
-fn mounted_at(path: &Path) -> bool {
-    mount_points().iter().any(|m| m == path)
-}
-
 /// Unmounts every mount stacked on `path`; if busy, forcibly (for FUSE
 /// that aborts the connection, so requests stuck in it fail) and then
 /// lazily; silent if none.
 fn unmount_all(path: &Path) {
-    let c = cpath(path);
-    while mounted_at(path) {
-        // SAFETY: a valid NUL-terminated path.
-        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-            continue;
-        }
-        // SAFETY: as above.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_FORCE) } == 0 {
-            continue;
-        }
-        let err = std::io::Error::last_os_error();
-        // SAFETY: as above.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-            eprintln!(
-                "channels: cannot unmount {} ({err}; lazily: {})",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
-            return;
-        }
-    }
-}
-
-fn wait_mounted(path: &Path, mut alive: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
-    let deadline = Instant::now() + MOUNT_WAIT;
-    while !mounted_at(path) {
-        alive()?;
-        check_signal()?;
-        if Instant::now() > deadline {
-            bail!("{} did not appear within {MOUNT_WAIT:?}", path.display());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
+    mounts::unmount_all(path, IfBusy::ForceThenDetach, SUITE);
 }
 
 /// This process's CPU mask when the suite started ("unpinned").
@@ -290,32 +193,6 @@ fn tasks(pid: Option<i32>) -> Vec<libc::pid_t> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
-struct Fd(libc::c_int);
-
-impl Fd {
-    fn open(path: &Path, flags: libc::c_int) -> std::io::Result<Fd> {
-        // SAFETY: a valid path; mode is used only with O_CREAT.
-        let fd = unsafe { libc::open(cpath(path).as_ptr(), flags | libc::O_CLOEXEC, 0o644) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Fd(fd))
-    }
-}
-
-impl Drop for Fd {
-    fn drop(&mut self) {
-        // SAFETY: we own the fd.
-        unsafe { libc::close(self.0) };
-    }
 }
 
 // ---------------------------------------------------------------- targets
@@ -455,24 +332,7 @@ impl Drop for Teardown {
             }
             Teardown::Bindfs { mnt, src, child } => {
                 unmount_all(mnt);
-                let deadline = Instant::now() + Duration::from_secs(5);
-                loop {
-                    match child.try_wait() {
-                        Ok(Some(_)) => break,
-                        Ok(None) if Instant::now() < deadline => {
-                            std::thread::sleep(Duration::from_millis(10))
-                        }
-                        _ => {
-                            eprintln!(
-                                "channels: bindfs (pid {}) did not exit; killing it",
-                                child.id()
-                            );
-                            let _ = child.kill();
-                            let _ = child.wait();
-                            break;
-                        }
-                    }
-                }
+                stop_child(child, "bindfs", POLL, SUITE);
                 unmount_all(src);
             }
             Teardown::R3fs { bin, mnt, data } => {
@@ -558,6 +418,23 @@ impl Drop for UringEnabled {
     }
 }
 
+/// The first steps of a column served in channel mode `mode`: `enable_uring`
+/// switched on (until the guard drops) for uring, and the mount point made.
+fn prepare_channel_column(
+    base: &Path,
+    spec: &Spec,
+    mode: ChannelMode,
+) -> anyhow::Result<(Option<UringEnabled>, PathBuf)> {
+    let uring = if mode == ChannelMode::Uring {
+        Some(UringEnabled::enable()?)
+    } else {
+        None
+    };
+    let mnt = base.join(&spec.slug);
+    std::fs::create_dir_all(&mnt)?;
+    Ok((uring, mnt))
+}
+
 /// Why FUSE over io_uring cannot be measured, if it cannot. Asks the
 /// daemon with `enable_uring` switched on for the question (and put back
 /// at once).
@@ -597,21 +474,7 @@ fn write_file(path: &Path) -> anyhow::Result<()> {
 
 fn mount_tmpfs(path: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(path)?;
-    // SAFETY: valid NUL-terminated strings.
-    let rc = unsafe {
-        libc::mount(
-            c"r3fs-bench-channels".as_ptr(),
-            cpath(path).as_ptr(),
-            c"tmpfs".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            c"mode=0755,size=64m".as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("mount tmpfs on {} (needs root)", path.display()));
-    }
-    Ok(())
+    mounts::mount_tmpfs(path, c"r3fs-bench-channels", 64)
 }
 
 fn setup_tmpfs(base: &Path) -> anyhow::Result<Live> {
@@ -634,13 +497,7 @@ fn setup_tmpfs(base: &Path) -> anyhow::Result<Live> {
 
 fn setup_memfs(base: &Path, spec: &Spec, daemon_threads: usize) -> anyhow::Result<Live> {
     let mode = spec.mode.expect("a MemFs column has a mode");
-    let uring = if mode == ChannelMode::Uring {
-        Some(UringEnabled::enable()?)
-    } else {
-        None
-    };
-    let mnt = base.join(&spec.slug);
-    std::fs::create_dir_all(&mnt)?;
+    let (uring, mnt) = prepare_channel_column(base, spec, mode)?;
     let fs = Arc::new(MemFs::new(MemFsConfig {
         attr_timeout: Duration::ZERO,
         entry_timeout: Duration::ZERO,
@@ -694,15 +551,13 @@ fn setup_bindfs(base: &Path, bindfs: &Path) -> anyhow::Result<Live> {
     let mnt = base.join("bindfs");
     std::fs::create_dir_all(&mnt)?;
     mount_tmpfs(&src)?;
-    let child = Command::new(bindfs)
-        .args(["-f", "--multithreaded", "-o"])
-        .arg("attr_timeout=0,entry_timeout=0,negative_timeout=0,direct_io")
-        .arg(&src)
-        .arg(&mnt)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .process_group(0)
-        .spawn();
+    let child = spawn_bindfs(
+        bindfs,
+        &["--multithreaded"],
+        "attr_timeout=0,entry_timeout=0,negative_timeout=0,direct_io",
+        &src,
+        &mnt,
+    );
     let child = match child {
         Ok(c) => c,
         Err(e) => {
@@ -716,7 +571,7 @@ fn setup_bindfs(base: &Path, bindfs: &Path) -> anyhow::Result<Live> {
         src,
         child,
     };
-    wait_mounted(&mnt, || {
+    wait_mounted(&mnt, POLL, || {
         if let Teardown::Bindfs { child, .. } = &mut teardown {
             if let Some(status) = child.try_wait()? {
                 bail!("bindfs exited early: {status}");
@@ -741,13 +596,7 @@ fn setup_bindfs(base: &Path, bindfs: &Path) -> anyhow::Result<Live> {
 
 fn setup_r3fs(base: &Path, bin: &Path, data: &Path, spec: &Spec) -> anyhow::Result<Live> {
     let mode = spec.mode.expect("an r3fs column has a mode");
-    let uring = if mode == ChannelMode::Uring {
-        Some(UringEnabled::enable()?)
-    } else {
-        None
-    };
-    let mnt = base.join(&spec.slug);
-    std::fs::create_dir_all(&mnt)?;
+    let (uring, mnt) = prepare_channel_column(base, spec, mode)?;
     let teardown = Teardown::R3fs {
         bin: bin.to_path_buf(),
         mnt: mnt.clone(),
@@ -915,9 +764,7 @@ fn run_op(
                                 .with_context(|| format!("{} of {}", op.name(), file.display()));
                         }
                         lat.push((t1 - t0).as_nanos() as u64);
-                        if i % 64 == 63
-                            && (t1 - start >= budget.max || SIGNALLED.load(Ordering::Relaxed))
-                        {
+                        if i % 64 == 63 && (t1 - start >= budget.max || interrupted()) {
                             break;
                         }
                     }
@@ -933,7 +780,7 @@ fn run_op(
             })
             .collect()
     });
-    check_signal()?;
+    check_interrupt()?;
     let mut first: Option<Instant> = None;
     let mut last: Option<Instant> = None;
     let mut latencies_ns = Vec::new();
@@ -1016,10 +863,7 @@ struct BaseDir(Option<tempfile::TempDir>);
 impl Drop for BaseDir {
     fn drop(&mut self) {
         let Some(dir) = self.0.take() else { return };
-        let left: Vec<_> = mount_points()
-            .into_iter()
-            .filter(|m| m.starts_with(dir.path()))
-            .collect();
+        let left = mounts_under(dir.path());
         if left.is_empty() {
             if let Err(e) = dir.close() {
                 eprintln!("channels: cannot remove the temporary directory: {e}");
@@ -1144,13 +988,7 @@ pub fn run(args: ChannelsArgs) -> anyhow::Result<()> {
     if args.no_r3fs {
         println!("r3fs: skipped (--no-r3fs)");
     } else {
-        let bin = match &args.r3fs_bin {
-            Some(b) => b.clone(),
-            None => std::env::current_exe()?
-                .parent()
-                .context("the bench executable has no directory")?
-                .join("r3fs"),
-        };
+        let bin = r3fs_bin(args.r3fs_bin.as_deref())?;
         if !bin.exists() {
             println!(
                 "r3fs: SKIPPED: {} not found (`cargo build --release -p r3fs-cli` or --r3fs-bin)",
@@ -1235,7 +1073,7 @@ fn run_column(
     };
     match outcome {
         Ok(()) => Ok(()),
-        Err(e) if SIGNALLED.load(Ordering::Relaxed) => Err(e),
+        Err(e) if interrupted() => Err(e),
         Err(e) => {
             println!("  {}: FAILED: {e:#}", spec.label);
             notes.push(format!("{}: FAILED: {e:#}", spec.label));

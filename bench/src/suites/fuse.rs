@@ -31,16 +31,20 @@
 //! by a watcher thread if the workload does not stop in time.
 
 use std::ffi::{CString, OsStr};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use crate::mounts::{
+    check_interrupt, cpath, install_signal_handlers, joined, loadavg, mount_tmpfs, mounted_at,
+    mounts_under, r3fs_bin, signal_count, spawn_bindfs, stop_child, unmount_all, wait_mounted,
+    which, Fd, IfBusy,
+};
 use crate::report::{ratio, result, Phase, Table};
 
 const SUITE: &str = "fuse";
@@ -50,8 +54,9 @@ const SMALL: usize = 4096;
 const CACHE_TIMEOUT_MS: u64 = 1000;
 /// Idle time before the stat phase: longer than [`CACHE_TIMEOUT_MS`].
 const STAT_COLD_WAIT: Duration = Duration::from_millis(1100);
-/// How long a mount may take to appear.
-const MOUNT_WAIT: Duration = Duration::from_secs(10);
+/// How often a mount that is awaited, or a child that should exit, is
+/// looked at.
+const POLL: Duration = Duration::from_millis(20);
 /// How long after SIGINT/SIGTERM the watcher waits for the workload to stop
 /// before it cleans up by itself and exits.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(20);
@@ -85,26 +90,6 @@ pub struct FuseArgs {
 
 // ---------------------------------------------------------------- signals
 
-static SIGNALS: AtomicUsize = AtomicUsize::new(0);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    SIGNALS.fetch_add(1, Ordering::SeqCst);
-}
-
-fn install_signal_handlers() {
-    // SAFETY: the handler only touches an atomic (async-signal-safe); the
-    // sigaction struct is fully initialised. Handlers reset to default in
-    // exec'd children.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
-        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
-    }
-}
-
 /// Blocks (`block`) or unblocks SIGINT and SIGTERM in the calling thread.
 /// The main thread blocks them so that they reach the watcher thread even
 /// while the main thread waits in the kernel for a stuck FUSE daemon.
@@ -123,13 +108,6 @@ fn mask_signals(block: bool) {
         };
         libc::pthread_sigmask(how, &set, std::ptr::null_mut());
     }
-}
-
-fn check_interrupt() -> anyhow::Result<()> {
-    if SIGNALS.load(Ordering::Relaxed) > 0 {
-        bail!("interrupted by a signal");
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------- cleanup
@@ -209,21 +187,7 @@ fn release(item: Item) {
         Item::Unmount(path) => unmount(&path),
         Item::Bindfs { mnt, mut child } => {
             unmount(&mnt);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) => break,
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20))
-                    }
-                    _ => {
-                        eprintln!("fuse: bindfs (pid {}) did not exit; killing it", child.id());
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                }
-            }
+            stop_child(&mut child, "bindfs", POLL, SUITE);
         }
         Item::R3fs { bin, mnt, data } => {
             let r3fs = |args: &[&OsStr]| {
@@ -281,7 +245,7 @@ fn release(item: Item) {
                 eprintln!(
                     "fuse: NOT removing {}: still mounted below it: {}",
                     path.display(),
-                    left.join(", ")
+                    joined(&left)
                 );
             } else if keep {
                 println!("kept {}", path.display());
@@ -294,108 +258,9 @@ fn release(item: Item) {
 
 // ---------------------------------------------------------------- mounts
 
-fn cpath(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).expect("path without NUL")
-}
-
-/// Mount points from /proc/self/mountinfo (octal escapes decoded).
-fn mount_points() -> Vec<String> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| {
-            let b = m.as_bytes();
-            let mut out = Vec::with_capacity(b.len());
-            let mut i = 0;
-            while i < b.len() {
-                if b[i] == b'\\' && i + 3 < b.len() {
-                    if let Ok(v) = u8::from_str_radix(&m[i + 1..i + 4], 8) {
-                        out.push(v);
-                        i += 4;
-                        continue;
-                    }
-                }
-                out.push(b[i]);
-                i += 1;
-            }
-            String::from_utf8_lossy(&out).into_owned()
-        })
-        .collect()
-}
-
-fn mounted_at(path: &Path) -> bool {
-    let p = path.to_string_lossy();
-    mount_points().iter().any(|m| *m == p)
-}
-
-fn mounts_under(path: &Path) -> Vec<String> {
-    let p = path.to_string_lossy().into_owned();
-    let prefix = format!("{p}/");
-    mount_points()
-        .into_iter()
-        .filter(|m| *m == p || m.starts_with(&prefix))
-        .collect()
-}
-
 /// Unmounts `path` (all stacked mounts), lazily if busy; silent if none.
 fn unmount(path: &Path) {
-    let c = cpath(path);
-    while mounted_at(path) {
-        // SAFETY: a valid NUL-terminated path.
-        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-            continue;
-        }
-        let err = std::io::Error::last_os_error();
-        // SAFETY: as above.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-            eprintln!(
-                "fuse: cannot unmount {} ({err}; lazy: {})",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
-            return;
-        }
-    }
-}
-
-fn mount_tmpfs(path: &Path, size_mib: u64) -> anyhow::Result<()> {
-    let opts = CString::new(format!("mode=0755,size={size_mib}m")).unwrap();
-    // SAFETY: valid NUL-terminated strings; the data is a C string.
-    let rc = unsafe {
-        libc::mount(
-            c"r3fs-bench-tmpfs".as_ptr(),
-            cpath(path).as_ptr(),
-            c"tmpfs".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            opts.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("mount tmpfs on {} (needs root)", path.display()));
-    }
-    Ok(())
-}
-
-fn wait_mounted(path: &Path, mut alive: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
-    let deadline = Instant::now() + MOUNT_WAIT;
-    while !mounted_at(path) {
-        alive()?;
-        check_interrupt()?;
-        if Instant::now() > deadline {
-            bail!("{} did not appear within {MOUNT_WAIT:?}", path.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
+    unmount_all(path, IfBusy::Detach, SUITE);
 }
 
 // ---------------------------------------------------------------- pinning
@@ -462,25 +327,6 @@ impl Drop for Aligned {
     }
 }
 
-struct Fd(libc::c_int);
-
-impl Drop for Fd {
-    fn drop(&mut self) {
-        // SAFETY: we own the fd.
-        unsafe { libc::close(self.0) };
-    }
-}
-
-fn open(path: &Path, flags: libc::c_int) -> std::io::Result<Fd> {
-    // SAFETY: valid path; mode is used only with O_CREAT.
-    let fd = unsafe { libc::open(cpath(path).as_ptr(), flags | libc::O_CLOEXEC, 0o644) };
-    if fd < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(Fd(fd))
-    }
-}
-
 fn os<T: PartialOrd + Default>(rc: T, what: &str) -> anyhow::Result<T> {
     if rc < T::default() {
         return Err(std::io::Error::last_os_error()).context(what.to_string());
@@ -525,7 +371,7 @@ fn cached_under(dir: &Path) -> u64 {
         if ft.is_dir() {
             cached += cached_under(&e.path());
         } else if ft.is_file() {
-            if let Ok(fd) = open(&e.path(), libc::O_RDONLY) {
+            if let Ok(fd) = Fd::open(&e.path(), libc::O_RDONLY) {
                 cached += cached_bytes(&fd).unwrap_or(0);
             }
         }
@@ -630,7 +476,7 @@ fn workloads(
     }
     let start = Instant::now();
     {
-        let fd = open(&path, libc::O_CREAT | libc::O_TRUNC | libc::O_WRONLY)
+        let fd = Fd::open(&path, libc::O_CREAT | libc::O_TRUNC | libc::O_WRONLY)
             .with_context(|| format!("create {}", path.display()))?;
         for i in 0..blocks {
             check_interrupt()?;
@@ -665,7 +511,7 @@ fn workloads(
         }
     };
     let read_mibs = {
-        let fd = open(&path, libc::O_RDONLY)?;
+        let fd = Fd::open(&path, libc::O_RDONLY)?;
         let cached = cached_bytes(&fd);
         notes.push(format!(
             "seq read: {} of the file in the page cache at open (after fsync + POSIX_FADV_DONTNEED + reopen)",
@@ -696,10 +542,10 @@ fn workloads(
 
     // Random 4 KiB reads.
     drop_cache(&path)?;
-    let (fd, mode) = match open(&path, libc::O_RDONLY | libc::O_DIRECT) {
+    let (fd, mode) = match Fd::open(&path, libc::O_RDONLY | libc::O_DIRECT) {
         Ok(fd) => (fd, "O_DIRECT".to_string()),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            let fd = open(&path, libc::O_RDONLY)?;
+            let fd = Fd::open(&path, libc::O_RDONLY)?;
             let c = cached_bytes(&fd).map_or("?".into(), |c| pct(c, size));
             (
                 fd,
@@ -734,7 +580,7 @@ fn workloads(
 
 /// fsync + POSIX_FADV_DONTNEED of `path`'s pages (the caller reopens).
 fn drop_cache(path: &Path) -> anyhow::Result<()> {
-    let fd = open(path, libc::O_RDONLY)?;
+    let fd = Fd::open(path, libc::O_RDONLY)?;
     // SAFETY: our fd.
     unsafe {
         os(libc::fsync(fd.0), "fsync")?;
@@ -774,7 +620,7 @@ fn run_tmpfs(
     let mnt = base.join("tmpfs");
     std::fs::create_dir(&mnt)?;
     cleanup.push(Item::Unmount(mnt.clone()));
-    mount_tmpfs(&mnt, tmpfs_mib)?;
+    mount_tmpfs(&mnt, c"r3fs-bench-tmpfs", tmpfs_mib)?;
     let mut col = workloads(&mnt, args, offsets, None)?;
     col.notes
         .push("tmpfs is memory: every read is served from RAM, no cache can be dropped".into());
@@ -794,28 +640,22 @@ fn run_bindfs(
     std::fs::create_dir(&src)?;
     std::fs::create_dir(&mnt)?;
     cleanup.push(Item::Unmount(src.clone()));
-    mount_tmpfs(&src, tmpfs_mib)?;
-    let child = Command::new(bindfs)
-        .arg("-f")
-        .arg("-o")
-        .arg(format!(
-            "big_writes,entry_timeout={t},attr_timeout={t}",
-            t = CACHE_TIMEOUT_MS as f64 / 1000.0
-        ))
-        .arg(&src)
-        .arg(&mnt)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .process_group(0)
-        .spawn()
+    mount_tmpfs(&src, c"r3fs-bench-tmpfs", tmpfs_mib)?;
+    let options = format!(
+        "big_writes,entry_timeout={t},attr_timeout={t}",
+        t = CACHE_TIMEOUT_MS as f64 / 1000.0
+    );
+    let child = spawn_bindfs(bindfs, &[], &options, &src, &mnt)
         .with_context(|| format!("start {}", bindfs.display()))?;
     cleanup.push(Item::Bindfs {
         mnt: mnt.clone(),
         child,
     });
-    wait_mounted(&mnt, || match cleanup.with_bindfs_child(|c| c.try_wait()) {
-        Some(Ok(Some(status))) => bail!("bindfs exited early: {status}"),
-        _ => Ok(()),
+    wait_mounted(&mnt, POLL, || {
+        match cleanup.with_bindfs_child(|c| c.try_wait()) {
+            Some(Ok(Some(status))) => bail!("bindfs exited early: {status}"),
+            _ => Ok(()),
+        }
     })?;
     let mut col = workloads(&mnt, args, offsets, None)?;
     col.notes.push(
@@ -887,14 +727,6 @@ fn run_r3fs(
 }
 
 // ---------------------------------------------------------------- report
-
-/// The 1, 5 and 15 minute load averages: other work on the machine skews
-/// every figure here, so they are printed with the table.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
 
 fn mem_available_mib() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -1005,7 +837,7 @@ pub fn run(args: FuseArgs) -> anyhow::Result<()> {
             let mut first: Option<Instant> = None;
             while !done.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(100));
-                let n = SIGNALS.load(Ordering::SeqCst);
+                let n = signal_count();
                 if n == 0 {
                     continue;
                 }
@@ -1032,13 +864,7 @@ fn run_inner(args: &FuseArgs, cleanup: &Cleanup) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the fuse suite mounts tmpfs and FUSE file systems: run it as root");
     }
-    let r3fs_bin = match &args.r3fs_bin {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("executable has no directory")?
-            .join("r3fs"),
-    };
+    let r3fs_bin = r3fs_bin(args.r3fs_bin.as_deref())?;
     if !r3fs_bin.is_file() {
         bail!(
             "{} not found: build it (`cargo build --release -p r3fs-cli`) or pass --r3fs-bin",
@@ -1131,7 +957,7 @@ fn run_inner(args: &FuseArgs, cleanup: &Cleanup) -> anyhow::Result<()> {
         println!(
             "WARNING: mounts left under {}: {}",
             base.display(),
-            left.join(", ")
+            joined(&left)
         );
     }
     Ok(())
