@@ -1335,18 +1335,8 @@ impl ChunkEngine {
 
     /// Stage pending version `update_ver` as exactly `data`, whatever the
     /// committed bytes (a re-driven version: it may be shorter than them).
-    pub fn replace_pending(
-        &self,
-        id: ChunkId,
-        update_ver: u64,
-        chain_ver: u64,
-        data: &[u8],
-    ) -> ChunkResult<ChunkMeta> {
-        self.replace_inner(id, update_ver, chain_ver, data, None)
-    }
-
-    /// [`ChunkEngine::replace_pending`] of a payload that must have CRC32C
-    /// `crc`, checked as for [`ChunkEngine::write_pending_checked`].
+    /// The payload must have CRC32C `crc`, checked as for
+    /// [`ChunkEngine::write_pending_checked`].
     pub fn replace_pending_checked(
         &self,
         id: ChunkId,
@@ -1355,22 +1345,11 @@ impl ChunkEngine {
         data: &[u8],
         crc: u32,
     ) -> ChunkResult<ChunkMeta> {
-        self.replace_inner(id, update_ver, chain_ver, data, Some(crc))
-    }
-
-    fn replace_inner(
-        &self,
-        id: ChunkId,
-        update_ver: u64,
-        chain_ver: u64,
-        data: &[u8],
-        sent_crc: Option<u32>,
-    ) -> ChunkResult<ChunkMeta> {
         self.check_length(id, data.len() as u64)?;
         let _guard = self.lock(id);
         let record = self.load(id)?;
         let change = Change::Replace { data };
-        let staged = self.stage(id, record, update_ver, chain_ver, change, sent_crc)?;
+        let staged = self.stage(id, record, update_ver, chain_ver, change, Some(crc))?;
         self.store_pending(id, staged)
     }
 
