@@ -82,6 +82,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
+use crate::crc;
 use parking_lot::{Mutex, MutexGuard};
 use r3fs_kv::embedded::{EmbeddedConfig, EmbeddedEngine};
 use r3fs_kv::{AsKvError, KvEngine, KvError, RangeOptions, RetryPolicy};
@@ -396,7 +397,7 @@ fn block_len(length: u32, i: usize) -> u32 {
 fn version_crc(blocks: &[BlockRef], length: u32) -> u32 {
     let mut crc = 0;
     for (i, b) in blocks.iter().enumerate() {
-        crc = crc32c::crc32c_combine(crc, b.crc, block_len(length, i) as usize);
+        crc = crc::combine(crc, b.crc, block_len(length, i) as usize);
     }
     crc
 }
@@ -541,7 +542,7 @@ impl Plan {
     fn crc(&self) -> u32 {
         let mut crc = 0;
         for (i, (_, block_crc)) in self.blocks.iter().enumerate() {
-            crc = crc32c::crc32c_combine(crc, *block_crc, block_len(self.length, i) as usize);
+            crc = crc::combine(crc, *block_crc, block_len(self.length, i) as usize);
         }
         crc
     }
@@ -1088,7 +1089,7 @@ impl ChunkEngine {
         if whole_blocks {
             let mut crc = 0;
             for (i, b) in blocks.iter().enumerate().take(last + 1).skip(first) {
-                crc = crc32c::crc32c_combine(crc, b.crc, block_len(length, i) as usize);
+                crc = crc::combine(crc, b.crc, block_len(length, i) as usize);
             }
             return Ok((buf, crc));
         }
@@ -1170,7 +1171,7 @@ impl ChunkEngine {
                 Overlay::Bytes { offset, data } if os == bs && oe == be => {
                     let (start, end) = ((bs - offset) as usize, (be - offset) as usize);
                     let crc = crc32c::crc32c(&data[start..end]);
-                    payload_crc = crc32c::crc32c_combine(payload_crc, crc, end - start);
+                    payload_crc = crc::combine(payload_crc, crc, end - start);
                     (Content::Payload { start, end }, crc)
                 }
                 Overlay::Zeros { .. } if os == bs && oe == be => (Content::Zero, zero_crc(len)),
@@ -1186,7 +1187,7 @@ impl ChunkEngine {
                         Overlay::Bytes { offset, data } if touched => {
                             let src = &data[(os - offset) as usize..(oe - offset) as usize];
                             let crc = crc32c::crc32c(src);
-                            payload_crc = crc32c::crc32c_combine(payload_crc, crc, src.len());
+                            payload_crc = crc::combine(payload_crc, crc, src.len());
                             bytes[piece].copy_from_slice(src);
                         }
                         Overlay::Zeros { .. } => bytes[piece].fill(0),

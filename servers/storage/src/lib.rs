@@ -1,8 +1,10 @@
 //! Chunk storage on one node: the local chunk engine ([`chunk`]) and CRAQ
-//! chain replication over it ([`craq`]).
+//! chain replication over it ([`craq`]); [`crc`] combines the CRC32Cs of
+//! adjacent blocks for the engine.
 //!
 //! Never opens the namespace or edits chains; routing comes from mgmtd.
 
 pub mod chunk;
 pub mod craq;
+pub mod crc;
 pub mod node;
