@@ -15,7 +15,8 @@
 //!   block's bytes (the last block may be short and is checksummed over its
 //!   valid bytes only). Block number [`BLOCK_ZERO`] means "all zeros, no
 //!   disk block" (gaps and zeroed ranges).
-//! - `<dir>/data/blocks`: one file of [`BLOCK_BYTES`] slots. Which slots are
+//! - `<dir>/data/blocks`: one file of [`BLOCK_BYTES`] slots, written around
+//!   the page cache and read through it ([`crate::data_file`]). Which slots are
 //!   in use is not stored anywhere: it is exactly the set the records name,
 //!   rebuilt by `open`.
 //!
@@ -75,14 +76,14 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use crate::crc;
+use crate::data_file::DataFile;
 use parking_lot::{Mutex, MutexGuard};
 use r3fs_kv::embedded::{EmbeddedConfig, EmbeddedEngine};
 use r3fs_kv::{AsKvError, KvEngine, KvError, RangeOptions, RetryPolicy};
@@ -611,28 +612,17 @@ struct Slots {
     end: u64,
 }
 
-/// Group sync of the data file: one `fdatasync` covers every write that
-/// finished before it started.
-struct GroupSync {
-    /// Writes finished so far.
-    written: AtomicU64,
-    /// Every write up to this count is durable.
-    synced: AtomicU64,
-    lock: Mutex<()>,
-}
-
 /// The store of one storage target. See the module docs.
 pub struct ChunkEngine {
     dir: PathBuf,
     meta_dir: PathBuf,
     data_dir: PathBuf,
-    blocks_path: PathBuf,
-    blocks: File,
+    /// The slots: `<dir>/data/blocks`.
+    data: DataFile,
     chunk_size_max: u32,
     kv: EmbeddedEngine,
     locks: Box<[Mutex<()>]>,
     slots: Mutex<Slots>,
-    sync: GroupSync,
     /// A metadata commit failed: its batch may be visible to reads without
     /// being durable, so from then on `load` waits for durability.
     kv_in_doubt: AtomicBool,
@@ -673,13 +663,7 @@ impl ChunkEngine {
         fs::create_dir_all(&data_dir).map_err(|e| io_error(None, &data_dir, e))?;
         sync_dir(None, &dir)?;
         let blocks_path = data_dir.join(BLOCKS_FILE);
-        let blocks = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&blocks_path)
-            .map_err(|e| io_error(None, &blocks_path, e))?;
+        let data = DataFile::open(&blocks_path).map_err(|e| io_error(None, &blocks_path, e))?;
         // The file's name is durable before any record names a slot in it.
         sync_dir(None, &data_dir)?;
         let kv = EmbeddedEngine::open(EmbeddedConfig::new(&meta_dir))?;
@@ -688,8 +672,7 @@ impl ChunkEngine {
             dir,
             meta_dir,
             data_dir,
-            blocks_path,
-            blocks,
+            data,
             chunk_size_max,
             kv,
             locks,
@@ -697,11 +680,6 @@ impl ChunkEngine {
                 free: BTreeSet::new(),
                 end: 0,
             }),
-            sync: GroupSync {
-                written: AtomicU64::new(0),
-                synced: AtomicU64::new(0),
-                lock: Mutex::new(()),
-            },
             kv_in_doubt: AtomicBool::new(false),
         };
         engine.rebuild_slots()?;
@@ -722,10 +700,9 @@ impl ChunkEngine {
             used.extend(record.slots());
         })?;
         let file_bytes = self
-            .blocks
-            .metadata()
-            .map_err(|e| io_error(None, &self.blocks_path, e))?
-            .len();
+            .data
+            .byte_len()
+            .map_err(|e| io_error(None, self.data.path(), e))?;
         let file_slots = file_bytes.div_ceil(u64::from(BLOCK_BYTES));
         let end = used
             .iter()
@@ -787,7 +764,7 @@ impl ChunkEngine {
             return Ok(None);
         }
         let pos = block * u64::from(BLOCK_BYTES) + u64::from(offset % BLOCK_BYTES);
-        Ok(Some((self.blocks_path.clone(), pos)))
+        Ok(Some((self.data.path().to_path_buf(), pos)))
     }
 
     // ---- metadata ----
@@ -939,23 +916,15 @@ impl ChunkEngine {
     /// Make every finished write to the data file durable, sharing one
     /// `fdatasync` with the writers waiting at the same time.
     fn sync_data(&self, id: ChunkId) -> ChunkResult<()> {
-        let mine = self.sync.written.fetch_add(1, Ordering::SeqCst) + 1;
-        let _guard = self.sync.lock.lock();
-        if self.sync.synced.load(Ordering::SeqCst) >= mine {
-            return Ok(());
-        }
-        let upto = self.sync.written.load(Ordering::SeqCst);
-        self.blocks
+        self.data
             .sync_data()
-            .map_err(|e| io_error(Some(id), &self.blocks_path, e))?;
-        self.sync.synced.fetch_max(upto, Ordering::SeqCst);
-        Ok(())
+            .map_err(|e| io_error(Some(id), self.data.path(), e))
     }
 
     fn write_slots(&self, id: ChunkId, first: u64, bytes: &[u8]) -> ChunkResult<()> {
-        self.blocks
-            .write_all_at(bytes, first * u64::from(BLOCK_BYTES))
-            .map_err(|e| io_error(Some(id), &self.blocks_path, e))
+        self.data
+            .write_at(bytes, first * u64::from(BLOCK_BYTES))
+            .map_err(|e| io_error(Some(id), self.data.path(), e))
     }
 
     /// Write the new blocks of `plan` to fresh slots and sync them; returns
@@ -1063,12 +1032,12 @@ impl ChunkEngine {
                 j += 1;
             }
             let to = at(j) + block_len(length, j) as usize;
-            self.blocks
+            self.data
                 .read_exact_at(
                     &mut buf[at(i)..to],
                     blocks[i].block * u64::from(BLOCK_BYTES),
                 )
-                .map_err(|e| io_error(Some(id), &self.blocks_path, e))?;
+                .map_err(|e| io_error(Some(id), self.data.path(), e))?;
             i = j + 1;
         }
         for (i, b) in blocks.iter().enumerate().take(last + 1).skip(first) {

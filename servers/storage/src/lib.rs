@@ -1,10 +1,12 @@
 //! Chunk storage on one node: the local chunk engine ([`chunk`]) and CRAQ
 //! chain replication over it ([`craq`]); [`crc`] combines the CRC32Cs of
-//! adjacent blocks for the engine.
+//! adjacent blocks for the engine, and [`data_file`] moves its blocks to
+//! and from disk.
 //!
 //! Never opens the namespace or edits chains; routing comes from mgmtd.
 
 pub mod chunk;
 pub mod craq;
 pub mod crc;
+pub mod data_file;
 pub mod node;
