@@ -281,6 +281,7 @@ impl<T: Transport> RpcClient<T> {
             request_id,
             body: body.clone(),
             payload: payload.clone(),
+            payload_crc_in_body: M::PAYLOAD_CRC_IN_BODY && !payload.is_empty(),
         };
         let queued = match conn.tx.try_send(frame) {
             Ok(()) => Ok(()),

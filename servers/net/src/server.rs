@@ -93,6 +93,8 @@ type Handler = Arc<dyn Fn(Bytes, CallContext) -> ReplyFuture + Send + Sync>;
 struct Route {
     name: &'static str,
     handler: Handler,
+    /// `Method::PAYLOAD_CRC_IN_BODY`: the handler checks its payload itself.
+    payload_crc_in_body: bool,
 }
 
 /// Handlers by method id.
@@ -149,6 +151,7 @@ impl Router {
         let route = Route {
             name: M::NAME,
             handler,
+            payload_crc_in_body: M::PAYLOAD_CRC_IN_BODY,
         };
         let previous = self.routes.insert(M::ID, route);
         assert!(
@@ -420,6 +423,19 @@ impl Connection {
             let answer = error_frame(frame.msg_type, frame.request_id, &error);
             return self.tx.send(answer).await.map_err(|_| ReadEnd::Fatal);
         };
+        if frame.payload_crc_in_body && !route.payload_crc_in_body {
+            // Nobody would check this payload: refuse it unread.
+            tracing::warn!(%peer, method = route.name, "refusing a request whose payload CRC is left to a handler that does not check it");
+            let error = ErrorBody {
+                code: ErrorCode::BadRequest,
+                message: format!(
+                    "{}: the payload CRC must be in the frame header for this method",
+                    route.name
+                ),
+            };
+            let answer = error_frame(frame.msg_type, frame.request_id, &error);
+            return self.tx.send(answer).await.map_err(|_| ReadEnd::Fatal);
+        }
         let permit = match self.in_flight.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => self
@@ -474,6 +490,7 @@ fn answer_frame(
                     request_id,
                     body,
                     payload,
+                    payload_crc_in_body: false,
                 }
             }
             Err(e) => {
@@ -504,6 +521,7 @@ fn error_frame(msg_type: u16, request_id: u64, error: &ErrorBody) -> Frame {
         request_id,
         body: body::encode(error),
         payload: Bytes::new(),
+        payload_crc_in_body: false,
     }
 }
 

@@ -33,6 +33,7 @@ fn request<M: Method>(request_id: u64, body: Bytes) -> Frame {
         request_id,
         body,
         payload: Bytes::new(),
+        payload_crc_in_body: false,
     }
 }
 
@@ -239,5 +240,17 @@ async fn unknown_method_answered_and_connection_kept() {
         ErrorCode::UnknownMethod,
     )
     .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn payload_crc_left_to_a_handler_that_does_not_check_it_is_refused() {
+    let (server, _) = server(short_timeouts()).await;
+    let frame = Frame {
+        payload: Bytes::from_static(b"unchecked bytes"),
+        payload_crc_in_body: true,
+        ..request::<Blob>(5, body::encode(&()))
+    };
+    check_error_answer(server.local_addr(), frame, ErrorCode::BadRequest).await;
     server.shutdown().await;
 }

@@ -1070,6 +1070,60 @@ async fn a_forwarded_update_with_version_0_or_an_op_a_syncing_target_cannot_take
     assert!(f.nodes[2].engine.meta(id(0)).unwrap().is_none());
 }
 
+/// Updates leave their payload's CRC to the handler (the frame layer checks
+/// none): a payload that does not match the CRC in the body is refused by
+/// the middle, the tail and a SYNCING tail alike, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_update_whose_payload_does_not_match_its_crc_is_refused_everywhere() {
+    use PublicState::{Serving, Syncing};
+    let f = Fixture::start().await;
+    let payload = Bytes::from_static(b"bytes damaged on the way");
+    let update = |target, op| UpdateRequest {
+        addr: ChunkAddr {
+            chain: CHAIN,
+            inode: 7,
+            index: 0,
+        },
+        chain_ver: f.chain_ver(),
+        target,
+        update_ver: 1,
+        op,
+        chunk_size: CHUNK,
+        crc: crc32c::crc32c(b"the bytes the sender meant"),
+        client: 0,
+        request: 0,
+    };
+    let send = |node: usize, req: UpdateRequest| {
+        let rpc = f.rpc.clone();
+        let addr = f.nodes[node].addr;
+        let payload = payload.clone();
+        async move {
+            rpc.call_with_payload::<Update>(addr, &req, payload, Fixture::opts())
+                .await
+                .unwrap()
+                .0
+        }
+    };
+    for (node, target) in [(1, 102), (2, 103)] {
+        for op in [UpdateOp::Write { offset: 0 }, UpdateOp::Replace] {
+            let got = send(node, update(target, op)).await;
+            assert!(
+                matches!(got, Err(StorageError::PayloadChecksum { .. })),
+                "node {node} {op:?}: {got:?}"
+            );
+        }
+    }
+    f.set_states(2, &[Serving, Serving, Syncing]);
+    let got = send(2, update(103, UpdateOp::Replace)).await;
+    assert!(
+        matches!(got, Err(StorageError::PayloadChecksum { .. })),
+        "syncing: {got:?}"
+    );
+    for node in &f.nodes {
+        assert!(node.engine.meta(id(0)).unwrap().is_none());
+    }
+}
+
 /// Flip one bit of the byte at `pos` of the file at `path`.
 fn flip_bit(path: &std::path::Path, pos: u64) {
     use std::os::unix::fs::FileExt;

@@ -10,15 +10,25 @@
 //! ```text
 //! offset size field
 //!      0    4 magic        FRAME_MAGIC (b"R3FS")
-//!      4    2 flags        bit 0 response, bit 1 error (only with bit 0)
+//!      4    2 flags        bit 0 response, bit 1 error (only with bit 0),
+//!                          bit 2 payload CRC in body (only without bit 0)
 //!      6    2 msg_type     Method::ID
 //!      8    8 request_id
 //!     16    4 body_len
 //!     20    4 payload_len
 //!     24    4 body_crc     CRC32C of the body
-//!     28    4 payload_crc  CRC32C of the payload (0 when empty)
+//!     28    4 payload_crc  CRC32C of the payload (0 when empty or when
+//!                          bit 2 is set)
 //!     32      body, then payload
 //! ```
+//!
+//! A request of a method whose body carries the CRC32C of its payload
+//! (`Method::PAYLOAD_CRC_IN_BODY`, storage writes) sets bit 2: the frame
+//! layer then neither computes nor checks a payload CRC, and the handler
+//! checks the payload against the body's CRC in the pass that checksums
+//! what it stores. A 1 MiB write is then checksummed once per hop, not
+//! three times (sender, receiver, handler). The server refuses bit 2 for a
+//! method that does not check its payload itself.
 //!
 //! # Limits
 //! A body is at most `FrameLimits::body_bytes_max` (default
@@ -42,6 +52,9 @@ pub const FRAME_PAYLOAD_BYTES_MAX: u32 = 64 * 1024 * 1024;
 pub const FLAG_RESPONSE: u16 = 1 << 0;
 /// Flag bit: the response body is an [`crate::ErrorBody`]; only with [`FLAG_RESPONSE`].
 pub const FLAG_ERROR: u16 = 1 << 1;
+/// Flag bit: the request body carries the payload's CRC32C and the handler
+/// checks it; the header's `payload_crc` is 0. Only without [`FLAG_RESPONSE`].
+pub const FLAG_PAYLOAD_CRC_IN_BODY: u16 = 1 << 2;
 
 /// What a frame is, as its flags say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -72,6 +85,18 @@ impl FrameKind {
             _ => Err(FrameError::UnknownFlags { flags }),
         }
     }
+}
+
+/// Splits flag bits into the frame's kind and whether its payload CRC is
+/// left to the body ([`FLAG_PAYLOAD_CRC_IN_BODY`], requests only).
+fn parse_flags(flags: u16) -> Result<(FrameKind, bool), FrameError> {
+    let crc_in_body = flags & FLAG_PAYLOAD_CRC_IN_BODY != 0;
+    let kind = FrameKind::from_flags(flags & !FLAG_PAYLOAD_CRC_IN_BODY)
+        .map_err(|_| FrameError::UnknownFlags { flags })?;
+    if crc_in_body && kind != FrameKind::Request {
+        return Err(FrameError::UnknownFlags { flags });
+    }
+    Ok((kind, crc_in_body))
 }
 
 /// Largest body and payload a codec accepts or emits.
@@ -145,6 +170,8 @@ pub struct Header {
     pub payload_len: u32,
     pub body_crc: u32,
     pub payload_crc: u32,
+    /// [`FLAG_PAYLOAD_CRC_IN_BODY`]: `payload_crc` is 0 and not checked here.
+    pub payload_crc_in_body: bool,
 }
 
 impl Header {
@@ -158,7 +185,7 @@ impl Header {
         if magic != FRAME_MAGIC {
             return Err(FrameError::BadMagic { found: magic });
         }
-        let kind = FrameKind::from_flags(b.get_u16_le())?;
+        let (kind, payload_crc_in_body) = parse_flags(b.get_u16_le())?;
         let msg_type = b.get_u16_le();
         let request_id = b.get_u64_le();
         let body_len = b.get_u32_le();
@@ -174,6 +201,7 @@ impl Header {
             payload_len,
             body_crc,
             payload_crc,
+            payload_crc_in_body,
         })
     }
 
@@ -181,7 +209,12 @@ impl Header {
     pub fn write(&self, dst: &mut BytesMut) {
         dst.reserve(FRAME_HEADER_BYTES);
         dst.put_u32_le(FRAME_MAGIC);
-        dst.put_u16_le(self.kind.flags());
+        let crc_flag = if self.payload_crc_in_body {
+            FLAG_PAYLOAD_CRC_IN_BODY
+        } else {
+            0
+        };
+        dst.put_u16_le(self.kind.flags() | crc_flag);
         dst.put_u16_le(self.msg_type);
         dst.put_u64_le(self.request_id);
         dst.put_u32_le(self.body_len);
@@ -204,6 +237,10 @@ pub struct Frame {
     pub request_id: u64,
     pub body: Bytes,
     pub payload: Bytes,
+    /// The body carries the payload's CRC32C and the receiving handler
+    /// checks it: no payload CRC is computed for the header or checked on
+    /// arrival. Requests only; see the module docs.
+    pub payload_crc_in_body: bool,
 }
 
 impl Frame {
@@ -219,7 +256,12 @@ impl Frame {
             body_len,
             payload_len,
             body_crc: crc32c::crc32c(&self.body),
-            payload_crc: payload_crc(&self.payload),
+            payload_crc: if self.payload_crc_in_body {
+                0
+            } else {
+                payload_crc(&self.payload)
+            },
+            payload_crc_in_body: self.payload_crc_in_body,
         }
     }
 
@@ -290,12 +332,14 @@ impl Decoder for FrameCodec {
                 actual: body_crc,
             });
         }
-        let payload_crc = payload_crc(&payload);
-        if payload_crc != header.payload_crc {
-            return Err(FrameError::PayloadCrcMismatch {
-                expected: header.payload_crc,
-                actual: payload_crc,
-            });
+        if !header.payload_crc_in_body {
+            let payload_crc = payload_crc(&payload);
+            if payload_crc != header.payload_crc {
+                return Err(FrameError::PayloadCrcMismatch {
+                    expected: header.payload_crc,
+                    actual: payload_crc,
+                });
+            }
         }
         Ok(Some(Frame {
             kind: header.kind,
@@ -303,6 +347,7 @@ impl Decoder for FrameCodec {
             request_id: header.request_id,
             body,
             payload,
+            payload_crc_in_body: header.payload_crc_in_body,
         }))
     }
 
@@ -340,6 +385,7 @@ mod tests {
             request_id: 7,
             body: Bytes::copy_from_slice(body),
             payload: Bytes::copy_from_slice(payload),
+            payload_crc_in_body: false,
         }
     }
 
@@ -403,11 +449,39 @@ mod tests {
 
     #[test]
     fn unknown_flags_rejected() {
-        for flags in [FLAG_ERROR, 1 << 2, 0x8001, 0xffff] {
+        let crc_in_body_on_responses = [
+            FLAG_RESPONSE | FLAG_PAYLOAD_CRC_IN_BODY,
+            FLAG_RESPONSE | FLAG_ERROR | FLAG_PAYLOAD_CRC_IN_BODY,
+        ];
+        for flags in [FLAG_ERROR, 1 << 3, 0x8001, 0xffff]
+            .into_iter()
+            .chain(crc_in_body_on_responses)
+        {
             let mut buf = encoded(&frame(b"x", b""));
             buf[4..6].copy_from_slice(&flags.to_le_bytes());
             check(&buf, FrameLimits::default(), "UnknownFlags");
         }
+    }
+
+    #[test]
+    fn payload_crc_in_body_skips_the_payload_crc_both_ways() {
+        let mut f = frame(b"x", b"payload bytes");
+        f.payload_crc_in_body = true;
+        let mut buf = encoded(&f);
+        assert_eq!(&buf[28..32], &[0, 0, 0, 0], "no CRC computed");
+        let flags = u16::from_le_bytes([buf[4], buf[5]]);
+        assert_eq!(flags, FLAG_PAYLOAD_CRC_IN_BODY);
+        // A damaged payload passes the frame layer: its handler checks it.
+        let last = buf.len() - 1;
+        buf[last] ^= 0x01;
+        let got = FrameCodec::default().decode(&mut buf).unwrap().unwrap();
+        assert!(got.payload_crc_in_body);
+        assert_ne!(got.payload, f.payload);
+        // Without the flag the same damage is caught here.
+        let mut buf = encoded(&frame(b"x", b"payload bytes"));
+        let last = buf.len() - 1;
+        buf[last] ^= 0x01;
+        check(&buf, FrameLimits::default(), "PayloadCrcMismatch");
     }
 
     #[test]

@@ -11,6 +11,11 @@ pub trait Method: Send + Sync + 'static {
     const NAME: &'static str;
     type Request: Serialize + DeserializeOwned + Send + Sync + 'static;
     type Response: Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// The request body carries the CRC32C of the request payload and the
+    /// handler checks the payload against it, so the frame layer leaves the
+    /// payload unchecksummed (see [`crate::frame`]). A method that sets this
+    /// must reject a payload whose CRC does not match, on every path.
+    const PAYLOAD_CRC_IN_BODY: bool = false;
 }
 
 /// Why a call failed, as the server says it.

@@ -314,7 +314,7 @@ pub struct LastChunk {
 }
 
 macro_rules! methods {
-    ($($name:ident = $id:literal : $req:ty => $resp:ty;)*) => {
+    ($($name:ident = $id:literal : $req:ty => $resp:ty $(, payload_crc_in_body = $crc:literal)?;)*) => {
         $(
             #[doc = concat!("storage method `", stringify!($name), "`.")]
             pub struct $name;
@@ -323,6 +323,7 @@ macro_rules! methods {
                 const NAME: &'static str = concat!("storage.", stringify!($name));
                 type Request = $req;
                 type Response = $resp;
+                $(const PAYLOAD_CRC_IN_BODY: bool = $crc;)?
             }
         )*
         /// Every storage method id.
@@ -331,8 +332,8 @@ macro_rules! methods {
 }
 
 methods! {
-    Write = 0x0301: WriteRequest => StorageResult<ChunkVersion>;
-    Update = 0x0302: UpdateRequest => StorageResult<ChunkVersion>;
+    Write = 0x0301: WriteRequest => StorageResult<ChunkVersion>, payload_crc_in_body = true;
+    Update = 0x0302: UpdateRequest => StorageResult<ChunkVersion>, payload_crc_in_body = true;
     Read = 0x0303: ReadRequest => StorageResult<ReadResponse>;
     SyncList = 0x0304: SyncListRequest => StorageResult<Vec<ChunkSummary>>;
     SyncInstall = 0x0305: SyncInstallRequest => StorageResult<()>;

@@ -23,14 +23,19 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         any::<u64>(),
         proptest::collection::vec(any::<u8>(), 0..512),
         proptest::collection::vec(any::<u8>(), 0..1024),
+        any::<bool>(),
     )
-        .prop_map(|(kind, msg_type, request_id, body, payload)| Frame {
-            kind,
-            msg_type,
-            request_id,
-            body: Bytes::from(body),
-            payload: Bytes::from(payload),
-        })
+        .prop_map(
+            |(kind, msg_type, request_id, body, payload, crc_in_body)| Frame {
+                kind,
+                msg_type,
+                request_id,
+                body: Bytes::from(body),
+                payload: Bytes::from(payload),
+                // Only requests may leave the payload CRC to the body.
+                payload_crc_in_body: crc_in_body && kind == FrameKind::Request,
+            },
+        )
 }
 
 fn encode_all(frames: &[Frame]) -> Vec<u8> {
