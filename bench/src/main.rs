@@ -10,6 +10,11 @@ mod suites;
 
 use clap::{Parser, Subcommand};
 
+/// The allocator the `r3fs` binary uses, so in-process clusters here
+/// allocate as the servers do (see `servers/cli/src/main.rs`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "r3fs-bench",
