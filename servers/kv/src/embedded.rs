@@ -263,6 +263,45 @@ impl EmbeddedEngine {
         self.inner.durability
     }
 
+    /// A transaction whose commit returns once its batch is in the OS,
+    /// without waiting for the journal fsync, whatever the durability mode.
+    /// It is as visible as any commit at once, and durable once
+    /// [`EmbeddedEngine::synced_version`] reaches the
+    /// [`EmbeddedEngine::committed_version`] read after it: with the next
+    /// group commit of a waiting transaction, a periodic sync or
+    /// [`EmbeddedEngine::sync`]. A crash of the process loses nothing (the
+    /// batch is in the OS); a crash of the machine before that fsync loses it.
+    pub fn begin_unsynced(&self) -> Box<dyn Transaction> {
+        Box::new(self.begin_txn(false))
+    }
+
+    fn begin_txn(&self, wait_synced: bool) -> EmbeddedTxn {
+        // Version first, then snapshot: the snapshot holds at least every
+        // commit up to the version (maybe more, which only adds conflicts).
+        let read_version = self.inner.committed_version.load(Ordering::Acquire);
+        let snapshot = self.inner.db.snapshot();
+        EmbeddedTxn {
+            inner: Arc::clone(&self.inner),
+            snapshot,
+            read_version,
+            buffer: WriteBuffer::default(),
+            reads: Vec::new(),
+            budget: WriteBudget::default(),
+            wait_synced,
+        }
+    }
+
+    /// The newest committed version: every commit that returned has a
+    /// version at most this.
+    pub fn committed_version(&self) -> u64 {
+        self.inner.committed_version.load(Ordering::Acquire)
+    }
+
+    /// Every commit up to this version is fsynced.
+    pub fn synced_version(&self) -> u64 {
+        self.inner.sync.lock().synced_version
+    }
+
     /// Fsync the journal now, whatever the durability mode.
     pub fn sync(&self) -> Result<(), KvError> {
         let version = self.inner.committed_version.load(Ordering::Acquire);
@@ -440,18 +479,7 @@ impl Inner {
 
 impl KvEngine for EmbeddedEngine {
     fn begin(&self) -> Result<Box<dyn Transaction>, KvError> {
-        // Version first, then snapshot: the snapshot holds at least every
-        // commit up to the version (maybe more, which only adds conflicts).
-        let read_version = self.inner.committed_version.load(Ordering::Acquire);
-        let snapshot = self.inner.db.snapshot();
-        Ok(Box::new(EmbeddedTxn {
-            inner: Arc::clone(&self.inner),
-            snapshot,
-            read_version,
-            buffer: WriteBuffer::default(),
-            reads: Vec::new(),
-            budget: WriteBudget::default(),
-        }))
+        Ok(Box::new(self.begin_txn(true)))
     }
 
     fn name(&self) -> &'static str {
@@ -471,6 +499,9 @@ struct EmbeddedTxn {
     reads: Vec<KeyRange>,
     /// Bytes of keys and values written so far, against `TRANSACTION_BYTES_MAX`.
     budget: WriteBudget,
+    /// Under [`Durability::Sync`], whether `commit` waits for the journal
+    /// fsync (false for [`EmbeddedEngine::begin_unsynced`]).
+    wait_synced: bool,
 }
 
 impl EmbeddedTxn {
@@ -661,6 +692,7 @@ impl Transaction for EmbeddedTxn {
             read_version,
             buffer,
             reads,
+            wait_synced,
             ..
         } = *self;
         drop(snapshot);
@@ -668,8 +700,8 @@ impl Transaction for EmbeddedTxn {
             // Read-only: nothing to check. Under Sync, do not report reads of
             // data a power loss could still take back.
             return match inner.durability {
-                Durability::Sync => inner.wait_synced(read_version),
-                Durability::Periodic(_) => Ok(()),
+                Durability::Sync if wait_synced => inner.wait_synced(read_version),
+                _ => Ok(()),
             };
         }
         inner.writers_pending.fetch_add(1, Ordering::AcqRel);
@@ -677,8 +709,8 @@ impl Transaction for EmbeddedTxn {
         inner.writers_pending.fetch_sub(1, Ordering::AcqRel);
         let version = committed?;
         match inner.durability {
-            Durability::Sync => inner.wait_synced(version),
-            Durability::Periodic(_) => Ok(()),
+            Durability::Sync if wait_synced => inner.wait_synced(version),
+            _ => Ok(()),
         }
     }
 }

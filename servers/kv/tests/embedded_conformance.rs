@@ -422,3 +422,30 @@ mod model {
         }
     }
 }
+
+#[test]
+fn an_unsynced_commit_is_visible_at_once_and_durable_with_the_next_fsync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path(), Durability::Sync);
+    let fsyncs_before = engine.stats().fsyncs;
+    let mut txn = engine.begin_unsynced();
+    txn.set(b"lazy", b"1").expect("set");
+    txn.commit().expect("commit");
+    let lazy = engine.committed_version();
+    assert_eq!(engine.stats().fsyncs, fsyncs_before, "no fsync waited for");
+    assert!(engine.synced_version() < lazy, "not durable yet");
+    let mut txn = engine.begin().expect("begin");
+    assert_eq!(txn.get(b"lazy").expect("get").as_deref(), Some(&b"1"[..]));
+    // A waiting commit's group fsync covers the unsynced one before it.
+    txn.set(b"sync", b"2").expect("set");
+    txn.commit().expect("commit");
+    assert!(engine.synced_version() >= lazy);
+
+    let mut txn = engine.begin_unsynced();
+    txn.set(b"lazy", b"3").expect("set");
+    txn.commit().expect("commit");
+    let lazy = engine.committed_version();
+    assert!(engine.synced_version() < lazy);
+    engine.sync().expect("sync");
+    assert!(engine.synced_version() >= lazy);
+}
