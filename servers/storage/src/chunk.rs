@@ -29,7 +29,11 @@
 //! reference them. That commit is the single durability and atomicity point:
 //! after a crash the record names either the old committed blocks plus the
 //! pending ones, or the new committed blocks; all of them were synced before
-//! the record was. `commit` changes only metadata. The last member of a
+//! the record was. `commit` changes only metadata; `commit_unsynced` (for
+//! chain members whose successor already committed the version durably)
+//! does not wait for its fsync, and the slots it frees are reused only once
+//! a later fsync covered it, so a crash that takes the switch back finds
+//! every block the old record names intact. The last member of a
 //! chain stages and commits a version in that one commit
 //! ([`ChunkEngine::apply_committed`]): after a crash it holds the old
 //! committed version or the new one, never the new one pending. A slot is
@@ -74,7 +78,7 @@
 //! (another process filled the disk) arrives as `Kv` unless its message
 //! names OS error 28.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::fmt;
 use std::fs::{self, File};
 use std::io;
@@ -605,11 +609,23 @@ fn sync_dir(id: Option<ChunkId>, dir: &Path) -> ChunkResult<()> {
         .map_err(|e| io_error(id, dir, e))
 }
 
+/// Whether a metadata commit waits for its fsync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CommitSync {
+    Wait,
+    /// See [`ChunkEngine::commit_unsynced`].
+    Later,
+}
+
 /// Free slots of the data file.
 struct Slots {
     free: BTreeSet<u64>,
     /// Slots at and after this one are past the end of the data file.
     end: u64,
+    /// Slots an unsynced commit stopped naming, with the metadata version
+    /// that must be durable before they are reused (oldest first): until
+    /// then a crash could bring back the record that names them.
+    unsynced: VecDeque<(u64, Vec<u64>)>,
 }
 
 /// The store of one storage target. See the module docs.
@@ -679,6 +695,7 @@ impl ChunkEngine {
             slots: Mutex::new(Slots {
                 free: BTreeSet::new(),
                 end: 0,
+                unsynced: VecDeque::new(),
             }),
             kv_in_doubt: AtomicBool::new(false),
         };
@@ -714,16 +731,21 @@ impl ChunkEngine {
         if !free.is_empty() {
             tracing::info!(free = free.len(), end, "chunk data slots free after open");
         }
-        *self.slots.lock() = Slots { free, end };
+        *self.slots.lock() = Slots {
+            free,
+            end,
+            unsynced: VecDeque::new(),
+        };
         Ok(())
     }
 
     /// Slot counts of the data file.
     pub fn slot_stats(&self) -> SlotStats {
         let slots = self.slots.lock();
+        let unsynced: usize = slots.unsynced.iter().map(|(_, s)| s.len()).sum();
         SlotStats {
             total: slots.end,
-            free: slots.free.len() as u64,
+            free: (slots.free.len() + unsynced) as u64,
         }
     }
 
@@ -782,7 +804,11 @@ impl ChunkEngine {
     /// sets `kv_in_doubt` (before releasing the lock), and from then on
     /// loads commit their read and so wait for (or fail with) the fsync, as
     /// before. So no load returns a record a crash could take back, and
-    /// nothing read from it reaches a client or a successor undurably.
+    /// nothing read from it reaches a client or a successor undurably —
+    /// except the switch of a [`ChunkEngine::commit_unsynced`], which is
+    /// visible at once: its version is durable on every later chain member
+    /// already, its blocks are durable here, and any later durable commit
+    /// of this target (the next stage of the chunk among them) covers it.
     fn load(&self, id: ChunkId) -> ChunkResult<Option<Record>> {
         if self.kv_in_doubt.load(Ordering::Acquire) {
             return self.load_durable(id);
@@ -835,6 +861,37 @@ impl ChunkEngine {
         })
     }
 
+    /// [`ChunkEngine::store`] without waiting for the fsync; returns the
+    /// metadata version that must be durable for the store to be.
+    fn store_unsynced(&self, id: ChunkId, record: Option<&Record>) -> ChunkResult<u64> {
+        if let Some(record) = record {
+            record.check();
+        }
+        let key = chunk_key(id);
+        let value =
+            record
+                .map(postcard::to_allocvec)
+                .transpose()
+                .map_err(|e| ChunkError::BadMeta {
+                    id,
+                    reason: e.to_string(),
+                })?;
+        // Records are written only under their chunk's lock and read without
+        // conflict ranges, so this write never conflicts: one attempt.
+        let mut txn = self.kv.begin_unsynced();
+        let committed = match &value {
+            Some(v) => txn.set(&key, v),
+            None => txn.clear(&key),
+        }
+        .and_then(|()| txn.commit());
+        if let Err(e) = committed {
+            // See `load`: the batch may be visible without being durable.
+            self.kv_in_doubt.store(true, Ordering::Release);
+            return Err(with_id(id, &self.meta_dir, e.into()));
+        }
+        Ok(self.kv.committed_version())
+    }
+
     /// Visit the records in `[begin, end)` in key order, a batch per transaction.
     fn scan(
         &self,
@@ -869,7 +926,15 @@ impl ChunkEngine {
 
     /// `n` free slots, growing the data file when the free list runs out.
     fn alloc(&self, id: ChunkId, n: usize) -> ChunkResult<Vec<u64>> {
+        let synced = self.kv.synced_version();
         let mut slots = self.slots.lock();
+        while slots.unsynced.front().is_some_and(|(v, _)| *v <= synced) {
+            let (_, freed) = slots.unsynced.pop_front().expect("checked");
+            for slot in freed {
+                let fresh = slots.free.insert(slot);
+                assert!(fresh, "slot {slot} freed twice");
+            }
+        }
         let reused = n.min(slots.free.len());
         let grown = (n - reused) as u64;
         if grown > 0 {
@@ -885,6 +950,21 @@ impl ChunkEngine {
         }
         assert!(out.len() == n, "allocated {} of {n} slots", out.len());
         Ok(out)
+    }
+
+    /// Return slots that an unsynced commit stopped naming to the free list
+    /// once metadata version `durable_at` is durable.
+    fn release_after(&self, durable_at: u64, freed: Vec<u64>) {
+        let freed: Vec<u64> = freed.into_iter().filter(|&s| s != BLOCK_ZERO).collect();
+        if freed.is_empty() {
+            return;
+        }
+        let mut slots = self.slots.lock();
+        assert!(
+            slots.unsynced.back().is_none_or(|(v, _)| *v <= durable_at),
+            "unsynced frees are queued in version order"
+        );
+        slots.unsynced.push_back((durable_at, freed));
     }
 
     /// Return slots no record names any more to the free list.
@@ -1408,7 +1488,9 @@ impl ChunkEngine {
         update_ver: u64,
     ) -> ChunkResult<Option<ChunkMeta>> {
         let new = match staged {
-            Staged::Existing(record) => return self.commit_loaded(id, record, update_ver),
+            Staged::Existing(record) => {
+                return self.commit_loaded(id, record, update_ver, CommitSync::Wait)
+            }
             Staged::New(new) => new,
         };
         assert!(
@@ -1559,7 +1641,22 @@ impl ChunkEngine {
     pub fn commit(&self, id: ChunkId, update_ver: u64) -> ChunkResult<Option<ChunkMeta>> {
         let _guard = self.lock(id);
         let record = self.load(id)?.ok_or(ChunkError::NotFound { id })?;
-        self.commit_loaded(id, record, update_ver)
+        self.commit_loaded(id, record, update_ver, CommitSync::Wait)
+    }
+
+    /// [`ChunkEngine::commit`] without waiting for the metadata fsync: the
+    /// switch is visible at once and durable with the next durable metadata
+    /// commit of this target (any stage, a [`ChunkEngine::commit`], a
+    /// periodic sync). A crash of the machine before that leaves the version
+    /// pending again, with its blocks intact (they were synced when it was
+    /// staged): reads answer `NotCommitted` and the chain re-drives or
+    /// resyncs it. The slots the switch frees are reused only once it is
+    /// durable. For members that commit after their successor did (the
+    /// successor holds the version durably), never for the last member.
+    pub fn commit_unsynced(&self, id: ChunkId, update_ver: u64) -> ChunkResult<Option<ChunkMeta>> {
+        let _guard = self.lock(id);
+        let record = self.load(id)?.ok_or(ChunkError::NotFound { id })?;
+        self.commit_loaded(id, record, update_ver, CommitSync::Later)
     }
 
     /// [`ChunkEngine::commit`] of the just loaded `record`, under its lock.
@@ -1568,6 +1665,7 @@ impl ChunkEngine {
         id: ChunkId,
         record: Record,
         update_ver: u64,
+        sync: CommitSync,
     ) -> ChunkResult<Option<ChunkMeta>> {
         let meta = record.meta;
         if update_ver == meta.commit_ver {
@@ -1588,15 +1686,22 @@ impl ChunkEngine {
                 newest_ver: meta.update_ver,
             });
         }
-        if meta.pending_remove {
-            self.store(id, None)?;
-            self.release(record.slots().collect::<Vec<_>>());
-            return Ok(None);
+        let new = (!meta.pending_remove).then(|| record.promoted());
+        let freed = match &new {
+            None => record.slots().collect::<Vec<_>>(),
+            Some(new) => only_in(&record.committed, &new.committed),
+        };
+        match sync {
+            CommitSync::Wait => {
+                self.store(id, new.as_ref())?;
+                self.release(freed);
+            }
+            CommitSync::Later => {
+                let durable_at = self.store_unsynced(id, new.as_ref())?;
+                self.release_after(durable_at, freed);
+            }
         }
-        let new = record.promoted();
-        self.store(id, Some(&new))?;
-        self.release(only_in(&record.committed, &new.committed));
-        Ok(Some(new.meta))
+        Ok(new.map(|n| n.meta))
     }
 
     /// Drop the pending version of `id`, if any (a chain write failed). A

@@ -8,7 +8,12 @@
 //! pending version, forwards it to its successor as an [`UpdateOp`] and
 //! commits when the successor acknowledges; the tail commits first, so a
 //! version is committed at a node only once every node after it has
-//! committed it. Every hop checks the chain version against its routing info
+//! committed it. The tail stages and commits in one durable metadata commit;
+//! the members before it commit without waiting for their metadata fsync
+//! (`ChunkEngine::commit_unsynced`): the successor holds the version
+//! durably, and a commit a machine crash takes back leaves the version
+//! pending here, which the chain re-drives, or which resync replaces (a
+//! restarted target always goes through SYNCING, see `node`). Every hop checks the chain version against its routing info
 //! and the CRC32C of the data. Truncates and zeroing never make a chunk
 //! longer or create one: the head turns them into no-ops on a chunk already
 //! short enough or missing.
@@ -659,7 +664,15 @@ impl StorageService {
                 self.stage_and_forward(routing, chain.id, me, next, &req, data)
                     .await?;
                 let op = req.op;
-                blocking(move || match engine.commit(id, update_ver) {
+                // The successor committed the version durably, so this
+                // member's switch need not wait for its own fsync (see
+                // `ChunkEngine::commit_unsynced`); a removal stays durable,
+                // as a removed chunk leaves no version to re-drive.
+                let commit = move || match op {
+                    UpdateOp::Remove => engine.commit(id, update_ver),
+                    _ => engine.commit_unsynced(id, update_ver),
+                };
+                blocking(move || match commit() {
                     Ok(meta) => Ok(meta),
                     Err(ChunkError::NotFound { .. }) if removes_or_keeps_absent(op) => Ok(None),
                     Err(e) => Err(e),

@@ -1818,3 +1818,54 @@ fn a_target_of_another_format_is_refused_with_a_clear_error() {
     };
     assert!(err.to_string().contains("no FORMAT file"), "{err}");
 }
+
+/// The slot holding byte 0 of version `ver` of `id`.
+fn slot_of(engine: &ChunkEngine, id: ChunkId, ver: u64) -> u64 {
+    let (_, pos) = engine
+        .block_location(id, ver, 0)
+        .expect("location")
+        .expect("a block on disk");
+    pos / u64::from(BLOCK_BYTES)
+}
+
+#[test]
+fn an_unsynced_commit_switches_at_once_and_frees_its_slots_only_once_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path());
+    let (a, b) = (cid(0), cid(1));
+    let block = vec![1u8; BLOCK_BYTES as usize];
+    engine
+        .write_pending(a, 1, 1, 0, &block, CHUNK_SIZE)
+        .expect("stage a1");
+    engine.commit(a, 1).expect("commit a1");
+    let old = slot_of(&engine, a, 1);
+    let newer = vec![2u8; BLOCK_BYTES as usize];
+    engine
+        .write_pending(a, 2, 1, 0, &newer, CHUNK_SIZE)
+        .expect("stage a2");
+    let meta = engine
+        .commit_unsynced(a, 2)
+        .expect("commit a2")
+        .expect("chunk");
+    assert_eq!((meta.commit_ver, meta.is_dirty()), (2, false));
+    assert_eq!(engine.read(a, 0, 4).expect("read").0, vec![2u8; 4]);
+    // The old block no record names counts as free but is not reused while
+    // a crash could still bring back the record naming it.
+    assert_eq!(engine.slot_stats(), SlotStats { total: 2, free: 1 });
+    engine
+        .write_pending(b, 1, 1, 0, &block, CHUNK_SIZE)
+        .expect("stage b1");
+    assert_ne!(slot_of(&engine, b, 1), old, "reused before durable");
+    // That stage's durable commit covered the switch: now it is reused.
+    engine.commit(b, 1).expect("commit b1");
+    engine
+        .write_pending(b, 2, 1, 0, &newer, CHUNK_SIZE)
+        .expect("stage b2");
+    assert_eq!(slot_of(&engine, b, 2), old);
+    engine.commit_unsynced(b, 2).expect("commit b2");
+    drop(engine);
+    let engine = open(dir.path());
+    assert_eq!(engine.read(a, 0, 4).expect("read a").0, vec![2u8; 4]);
+    assert_eq!(engine.read(b, 0, 4).expect("read b").0, vec![2u8; 4]);
+    assert_eq!(engine.slot_stats(), SlotStats { total: 3, free: 1 });
+}
