@@ -6,7 +6,7 @@
 //! Both sides measure the device, never the page cache:
 //! - the direct side uses `O_DIRECT` writes (then one `fdatasync`) and
 //!   `O_DIRECT` reads, at the same depth as the chain side (threads);
-//! - the chain side's chunk engines write through the page cache and
+//! - the chain side's chunk engines write their blocks with `O_DIRECT` and
 //!   `fdatasync` every version (that is their durability), and before every
 //!   read phase the bench syncs and evicts every file of the three targets
 //!   (`posix_fadvise(DONTNEED)`), so the reads start cold.
@@ -21,6 +21,12 @@
 //! are medians: the ratio is the median of the per-pair ratios. The blocks
 //! written are built once, before any timing, so the bench's own buffer
 //! filling counts against neither side.
+//!
+//! The client and the three servers share this process, so its CPU time
+//! during a chain phase is the chain's CPU cost: the bench prints it per
+//! MiB and as a share of the machine's CPUs. A share near 100% means the
+//! chain is bound by CPU (checksums, copies, loopback TCP for three hops,
+//! syscalls), not by the disk the limit describes.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -82,14 +88,58 @@ struct Pairs {
     chain: Vec<f64>,
     /// chain / limit of each pair.
     ratios: Vec<f64>,
+    /// The chain phases' CPU use.
+    cpu: Vec<ChainCpu>,
 }
 
 impl Pairs {
-    fn push(&mut self, direct: f64, chain: f64, limit: f64) {
+    fn push(&mut self, direct: f64, chain: Measured, limit: f64) {
         self.direct.push(direct);
-        self.chain.push(chain);
-        self.ratios.push(chain / limit);
+        self.chain.push(chain.mib_per_sec);
+        self.ratios.push(chain.mib_per_sec / limit);
+        self.cpu.push(chain.cpu);
     }
+
+    fn cpu_ms_per_mib(&self) -> f64 {
+        median(&self.cpu.iter().map(|c| c.ms_per_mib).collect::<Vec<_>>())
+    }
+
+    fn cpu_busy(&self) -> f64 {
+        median(&self.cpu.iter().map(|c| c.busy).collect::<Vec<_>>())
+    }
+}
+
+/// A chain phase: its rate and the CPU this process used meanwhile.
+struct Measured {
+    mib_per_sec: f64,
+    cpu: ChainCpu,
+}
+
+#[derive(Clone, Copy)]
+struct ChainCpu {
+    /// CPU time (user + system, all threads) per MiB moved.
+    ms_per_mib: f64,
+    /// CPU time over wall time × the machine's CPUs.
+    busy: f64,
+}
+
+/// User + system CPU time of this process so far.
+fn process_cpu() -> std::time::Duration {
+    // SAFETY: getrusage only fills the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let time = |t: libc::timeval| {
+        std::time::Duration::from_secs(t.tv_sec as u64)
+            + std::time::Duration::from_micros(t.tv_usec as u64)
+    };
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+fn cpus() -> f64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -257,14 +307,14 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
         ("seq read MiB/s, depth 1".to_string(), &read1, 1.0),
         (format!("seq read MiB/s, depth {d}"), &read, 1.0),
     ];
-    for (name, pairs, copies) in rows {
+    for (name, pairs, copies) in &rows {
         let lo = pairs.ratios.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = pairs.ratios.iter().copied().fold(0.0, f64::max);
         table.row(vec![
-            name,
+            name.clone(),
             format!("{:.0}", median(&pairs.direct)),
             format!("{:.0}", median(&pairs.chain)),
-            format!("{:.0}", median(&pairs.direct) / copies),
+            format!("{:.0}", median(&pairs.direct) / *copies),
             format!("{:.2}", median(&pairs.ratios)),
             format!("{lo:.2}..{hi:.2}"),
         ]);
@@ -290,6 +340,18 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
         "-".into(),
     ]);
     table.print();
+    println!(
+        "chain CPU (client + 3 servers in this process, {} CPUs): {}",
+        cpus(),
+        rows.iter()
+            .map(|(name, pairs, _)| format!(
+                "{name}: {:.2} ms/MiB, {:.0}% busy",
+                pairs.cpu_ms_per_mib(),
+                pairs.cpu_busy() * 100.0
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
     result(
         SUITE,
         "direct_write_depth1",
@@ -306,6 +368,9 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     result(SUITE, "chain_read", median(&read.chain), "MiB/s");
     result(SUITE, "chain_rand4k", chain_random.ops_per_sec(), "IOPS");
     result(SUITE, "chain_rand4k_p99", chain_random.p99_us(), "us");
+    result(SUITE, "chain_write_cpu", write.cpu_ms_per_mib(), "ms/MiB");
+    result(SUITE, "chain_write_cpu_busy", write.cpu_busy() * 100.0, "%");
+    result(SUITE, "chain_read_cpu", read.cpu_ms_per_mib(), "ms/MiB");
     ratio(SUITE, "write_depth1_vs_limit", median(&write1.ratios));
     ratio(SUITE, "write_vs_limit", median(&write.ratios));
     ratio(SUITE, "read_vs_limit", median(&read.ratios));
@@ -456,7 +521,8 @@ async fn chain_random_reads(
     })
 }
 
-/// MiB/s of `blocks` sequential 1 MiB writes (or reads) with `depth` in flight.
+/// MiB/s (and CPU use) of `blocks` sequential 1 MiB writes (or reads) with
+/// `depth` in flight.
 /// Writes send `data[i % PATTERNS]` (shared, not copied) as block `i`.
 async fn seq(
     c: &StorageClient,
@@ -464,9 +530,10 @@ async fn seq(
     blocks: u64,
     depth: usize,
     write: bool,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Measured> {
     use futures::stream::{self, StreamExt, TryStreamExt};
     let t = Instant::now();
+    let cpu = process_cpu();
     stream::iter(0..blocks)
         .map(|i| async move {
             if write {
@@ -484,5 +551,13 @@ async fn seq(
         .buffer_unordered(depth.max(1))
         .try_collect::<Vec<()>>()
         .await?;
-    Ok(blocks as f64 / t.elapsed().as_secs_f64())
+    let wall = t.elapsed().as_secs_f64();
+    let cpu = (process_cpu() - cpu).as_secs_f64();
+    Ok(Measured {
+        mib_per_sec: blocks as f64 / wall,
+        cpu: ChainCpu {
+            ms_per_mib: cpu * 1000.0 / blocks as f64,
+            busy: cpu / (wall * cpus()),
+        },
+    })
 }

@@ -11,18 +11,17 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use parking_lot::{Mutex, RwLock};
 use r3fs_wire::body;
-use r3fs_wire::frame::{Frame, FrameCodec, FrameKind, FrameLimits};
+use r3fs_wire::frame::{Frame, FrameKind, FrameLimits};
 use r3fs_wire::{ErrorBody, Method};
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
-use tokio_util::codec::FramedRead;
 
 use crate::error::RpcError;
+use crate::frame_reader::FrameReader;
 use crate::io::write_frames;
 use crate::transport::{TcpTransport, Transport};
 
@@ -469,21 +468,7 @@ impl Conn {
         let reader = {
             let shared = shared.clone();
             tokio::spawn(async move {
-                let mut frames = FramedRead::new(rd, FrameCodec::new(limits));
-                loop {
-                    match frames.next().await {
-                        Some(Ok(frame)) if frame.kind != FrameKind::Request => shared.answer(frame),
-                        Some(Ok(_)) => {
-                            tracing::warn!(addr = %shared.addr, "closing connection: server sent a request frame");
-                            break;
-                        }
-                        Some(Err(e)) => {
-                            tracing::warn!(addr = %shared.addr, error = %e, "closing connection: bad frame");
-                            break;
-                        }
-                        None => break,
-                    }
-                }
+                read_answers(rd, FrameReader::new(limits), &shared).await;
                 shared.close();
             })
         };
@@ -491,6 +476,42 @@ impl Conn {
             .tasks
             .set([reader.abort_handle(), writer.abort_handle()]);
         Arc::new(Conn { tx, shared })
+    }
+}
+
+/// Hands every answer frame read from `rd` to its waiting call, until the
+/// stream ends or breaks the protocol.
+async fn read_answers<R>(mut rd: R, mut reader: FrameReader, shared: &ConnShared)
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    loop {
+        loop {
+            match reader.try_frame() {
+                Ok(Some(frame)) if frame.kind != FrameKind::Request => shared.answer(frame),
+                Ok(Some(_)) => {
+                    tracing::warn!(addr = %shared.addr, "closing connection: server sent a request frame");
+                    return;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(addr = %shared.addr, error = %e, "closing connection: bad frame");
+                    return;
+                }
+            }
+        }
+        match reader.fill(&mut rd).await {
+            Ok(0) if reader.is_mid_frame() => {
+                tracing::warn!(addr = %shared.addr, buffered = reader.buffered(), "closing connection: stream ended inside a frame");
+                return;
+            }
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(addr = %shared.addr, error = %e, "rpc connection read failed");
+                return;
+            }
+        }
     }
 }
 

@@ -13,7 +13,8 @@
 //!   queue pairs; [`RpcServer::bind_with`] and [`RpcClient::with_transport`]
 //!   take any transport, so callers do not change.
 //! - Server: per connection one reader task (decodes frames, enforces read
-//!   timeouts), one spawned task per request (bounded by
+//!   timeouts; payloads of 64 KiB and more land in aligned, pooled buffers,
+//!   see [`payload`]), one spawned task per request (bounded by
 //!   `ServerConfig::in_flight_max`), and one writer task that batches all
 //!   queued responses into as few writes as possible.
 //! - Client: per address a pool of `ClientConfig::connections_per_addr`
@@ -32,7 +33,9 @@
 
 mod client;
 mod error;
+mod frame_reader;
 mod io;
+pub mod payload;
 mod server;
 pub mod transport;
 

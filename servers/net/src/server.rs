@@ -13,17 +13,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::FutureExt;
 use r3fs_wire::body;
-use r3fs_wire::frame::{Frame, FrameCodec, FrameKind, FrameLimits};
+use r3fs_wire::frame::{Frame, FrameKind, FrameLimits};
 use r3fs_wire::{ErrorBody, ErrorCode, Method};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_util::codec::Decoder;
 
+use crate::frame_reader::FrameReader;
 use crate::io::write_frames;
 use crate::transport::{Listener, TcpTransport, Transport};
 
@@ -39,10 +39,6 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default time [`RpcServer::shutdown`] waits for in-flight requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Read buffer reserved per connection read.
-const READ_BUFFER_BYTES: usize = 64 * 1024;
-/// Below this much free read buffer, more is reserved before reading.
-const READ_BUFFER_FREE_BYTES_MIN: usize = 4 * 1024;
 /// Pause after a failed accept (such as EMFILE) before accepting again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 /// Responses queued for the writer beyond the in-flight ones (error answers
@@ -331,10 +327,9 @@ impl Connection {
     async fn read_loop<R: AsyncRead + Unpin>(&mut self, mut rd: R) -> ReadEnd {
         let peer = self.peer;
         let config = &self.shared.config;
-        let mut codec = FrameCodec::new(config.frame_limits);
-        let mut buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
+        let mut reader = FrameReader::new(config.frame_limits);
         let mut last_read = Instant::now();
-        // When the first byte of the frame now in `buf` arrived.
+        // When the first byte of the frame now being read arrived.
         let mut frame_started = last_read;
         let sleep = tokio::time::sleep_until(last_read + config.idle_timeout);
         tokio::pin!(sleep);
@@ -344,7 +339,7 @@ impl Connection {
         loop {
             let mut decoded = false;
             loop {
-                match codec.decode(&mut buf) {
+                match reader.try_frame() {
                     Ok(Some(frame)) => {
                         decoded = true;
                         if let Err(end) = self.dispatch(frame).await {
@@ -361,22 +356,19 @@ impl Connection {
             if decoded {
                 frame_started = last_read;
             }
-            let deadline = if buf.is_empty() {
+            let was_empty = !reader.is_mid_frame();
+            let deadline = if was_empty {
                 last_read + config.idle_timeout
             } else {
                 frame_started + config.frame_read_timeout
             };
             sleep.as_mut().reset(deadline);
-            if buf.capacity() - buf.len() < READ_BUFFER_FREE_BYTES_MIN {
-                buf.reserve(READ_BUFFER_BYTES);
-            }
-            let was_empty = buf.is_empty();
             tokio::select! {
                 biased;
                 _ = self.stop.changed() => return ReadEnd::Graceful,
                 () = &mut sleep => {
                     if !was_empty {
-                        tracing::warn!(%peer, timeout = ?config.frame_read_timeout, buffered = buf.len(), "closing connection: frame read timed out");
+                        tracing::warn!(%peer, timeout = ?config.frame_read_timeout, buffered = reader.buffered(), "closing connection: frame read timed out");
                         return ReadEnd::Fatal;
                     }
                     if self.in_flight.available_permits() < config.in_flight_max {
@@ -386,10 +378,10 @@ impl Connection {
                     tracing::debug!(%peer, "closing idle connection");
                     return ReadEnd::Graceful;
                 }
-                read = rd.read_buf(&mut buf) => match read {
+                read = reader.fill(&mut rd) => match read {
                     Ok(0) if was_empty => return ReadEnd::Graceful,
                     Ok(0) => {
-                        tracing::warn!(%peer, buffered = buf.len(), "closing connection: stream ended inside a frame");
+                        tracing::warn!(%peer, buffered = reader.buffered(), "closing connection: stream ended inside a frame");
                         return ReadEnd::Fatal;
                     }
                     Ok(_) => {

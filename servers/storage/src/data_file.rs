@@ -1,8 +1,9 @@
 //! The data file of one target: block slots written around the page cache,
 //! read through it, and made durable by a shared `fdatasync`.
 //!
-//! Writes use `O_DIRECT` from a per-thread bounce buffer aligned to
-//! [`DIRECT_ALIGN`]: a chunk version's blocks go to fresh slots that nobody
+//! Writes use `O_DIRECT`, straight from the caller's memory where it is
+//! aligned to [`DIRECT_ALIGN`] (payloads land so, see `r3fs_net::payload`),
+//! else from a per-thread bounce buffer: a chunk version's blocks go to fresh slots that nobody
 //! reads until a commit names them, so caching them buys nothing, while
 //! copying them into the page cache and writing them back at `fdatasync`
 //! was a quarter of a storage node's CPU under sequential writes (measured
@@ -164,11 +165,26 @@ impl DataFile {
     }
 }
 
-/// `bytes` at `offset` through `O_DIRECT`, in bounce-buffer-sized pieces,
-/// the last one padded with zeros to the alignment.
+/// `bytes` at `offset` through `O_DIRECT`. Bytes already at an aligned
+/// address (payloads the network layer received into aligned buffers) go
+/// out as they are, up to the last whole alignment unit; the rest goes
+/// through the bounce buffer, in pieces, the last one padded with zeros.
 fn write_direct(file: &File, bytes: &[u8], offset: u64) -> io::Result<()> {
+    let in_place = if (bytes.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
+        bytes.len() / DIRECT_ALIGN * DIRECT_ALIGN
+    } else {
+        0
+    };
+    if in_place > 0 {
+        file.write_all_at(&bytes[..in_place], offset)?;
+    }
+    let rest = &bytes[in_place..];
+    if rest.is_empty() {
+        return Ok(());
+    }
+    let offset = offset + in_place as u64;
     BOUNCE.with_borrow_mut(|bounce| {
-        for (i, piece) in bytes.chunks(DIRECT_WRITE_BYTES_MAX).enumerate() {
+        for (i, piece) in rest.chunks(DIRECT_WRITE_BYTES_MAX).enumerate() {
             let padded = piece.len().next_multiple_of(DIRECT_ALIGN);
             bounce.clear();
             bounce.extend_from_slice(piece);
@@ -231,6 +247,28 @@ mod tests {
         file.read_exact_at(&mut back, 0).unwrap();
         assert_eq!(&back, b"after");
         assert_eq!(file.byte_len().unwrap(), 5);
+    }
+
+    #[test]
+    fn aligned_memory_is_written_in_place_and_any_tail_through_the_bounce_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = DataFile::open(&dir.path().join("blocks")).unwrap();
+        let mut aligned = Bounce::new(DIRECT_ALIGN);
+        let pattern: Vec<u8> = (0..3 * DIRECT_ALIGN + 100)
+            .map(|i| (i % 241) as u8)
+            .collect();
+        aligned.extend_from_slice(&pattern);
+        for (offset, bytes) in [
+            (0u64, &aligned[..]),                     // aligned, ragged tail
+            (65_536, &aligned[..2 * DIRECT_ALIGN]),   // aligned, whole units
+            (131_072, &aligned[1..DIRECT_ALIGN + 1]), // unaligned memory
+            (196_608, &aligned[..DIRECT_ALIGN - 1]),  // aligned, no whole unit
+        ] {
+            file.write_at(bytes, offset).unwrap();
+            let mut back = vec![0u8; bytes.len()];
+            file.read_exact_at(&mut back, offset).unwrap();
+            assert_eq!(back, bytes, "at {offset}");
+        }
     }
 
     #[test]

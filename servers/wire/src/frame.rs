@@ -287,6 +287,54 @@ fn payload_crc(payload: &[u8]) -> u32 {
     }
 }
 
+/// Payloads at least this large may be collected by the caller in a buffer
+/// of its own ([`FrameCodec::decode_head`]), so they land aligned for
+/// direct I/O instead of in the shared read buffer.
+pub const LARGE_PAYLOAD_BYTES_MIN: usize = 64 * 1024;
+
+/// The header and body of a frame whose payload the caller collects itself
+/// (see [`FrameCodec::decode_head`]).
+#[derive(Debug)]
+pub struct FrameHead {
+    header: Header,
+    body: Bytes,
+}
+
+impl FrameHead {
+    /// Bytes of payload still to come (all of it).
+    pub fn payload_len(&self) -> usize {
+        self.header.payload_len as usize
+    }
+
+    /// The frame, once the caller has all `payload_len()` payload bytes;
+    /// checks the payload CRC unless the frame leaves it to its handler.
+    pub fn finish(self, payload: Bytes) -> Result<Frame, FrameError> {
+        assert_eq!(
+            payload.len(),
+            self.payload_len(),
+            "a frame head is finished with its whole payload"
+        );
+        let header = self.header;
+        if !header.payload_crc_in_body {
+            let actual = payload_crc(&payload);
+            if actual != header.payload_crc {
+                return Err(FrameError::PayloadCrcMismatch {
+                    expected: header.payload_crc,
+                    actual,
+                });
+            }
+        }
+        Ok(Frame {
+            kind: header.kind,
+            msg_type: header.msg_type,
+            request_id: header.request_id,
+            body: self.body,
+            payload,
+            payload_crc_in_body: header.payload_crc_in_body,
+        })
+    }
+}
+
 /// Decodes and encodes [`Frame`]s under a [`FrameLimits`].
 #[derive(Debug, Clone, Default)]
 pub struct FrameCodec {
@@ -300,6 +348,39 @@ impl FrameCodec {
 
     pub fn limits(&self) -> &FrameLimits {
         &self.limits
+    }
+
+    /// For a frame at the front of `src` with a payload of at least
+    /// [`LARGE_PAYLOAD_BYTES_MIN`] bytes that has not fully arrived: once
+    /// its header and body are in `src`, removes them (body CRC checked,
+    /// limits enforced) and returns them; the payload's first bytes may
+    /// follow in `src`. `None` when the front frame is small, complete, or
+    /// its header or body is still incomplete: use [`Decoder::decode`].
+    pub fn decode_head(&mut self, src: &mut BytesMut) -> Result<Option<FrameHead>, FrameError> {
+        let Some(head) = src.get(..FRAME_HEADER_BYTES) else {
+            return Ok(None);
+        };
+        let Ok(head) = <&[u8; FRAME_HEADER_BYTES]>::try_from(head) else {
+            return Ok(None);
+        };
+        let header = Header::parse(head, &self.limits)?;
+        let head_len = FRAME_HEADER_BYTES + header.body_len as usize;
+        let large = header.payload_len as usize >= LARGE_PAYLOAD_BYTES_MIN;
+        let complete = src.len() >= head_len + header.payload_len as usize;
+        if !large || complete || src.len() < head_len {
+            return Ok(None);
+        }
+        let mut head = src.split_to(head_len).freeze();
+        head.advance(FRAME_HEADER_BYTES);
+        let body = head;
+        let body_crc = crc32c::crc32c(&body);
+        if body_crc != header.body_crc {
+            return Err(FrameError::BodyCrcMismatch {
+                expected: header.body_crc,
+                actual: body_crc,
+            });
+        }
+        Ok(Some(FrameHead { header, body }))
     }
 }
 
