@@ -109,7 +109,9 @@ pub struct WriteRequest {
     pub chain_ver: u64,
     pub offset: u32,
     pub chunk_size: u32,
-    /// CRC32C of the payload.
+    /// CRC32C of the payload. The only check of the payload in transit
+    /// (`Write` leaves the frame's payload CRC to it): the head refuses a
+    /// payload that does not match with `PayloadChecksum`.
     pub crc: u32,
     /// Identifies a client request, so a retried write is applied once.
     pub client: u64,
@@ -146,7 +148,8 @@ pub struct UpdateRequest {
     pub update_ver: u64,
     pub op: UpdateOp,
     pub chunk_size: u32,
-    /// CRC32C of the payload (empty for truncate, zero and remove).
+    /// CRC32C of the payload (empty for truncate, zero and remove). As for
+    /// `WriteRequest::crc`, every member checks the payload against it.
     pub crc: u32,
     /// The client request this version carries (0, 0 when unknown), so every
     /// chain member can answer a retry of it, whichever member is head then.
