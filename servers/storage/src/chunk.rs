@@ -577,6 +577,20 @@ fn decode_key(key: &[u8]) -> Option<ChunkId> {
     Some(ChunkId { inode, index })
 }
 
+/// The stored form of `record` (checked first); `None` deletes the record.
+fn encode_record(id: ChunkId, record: Option<&Record>) -> ChunkResult<Option<Vec<u8>>> {
+    let Some(record) = record else {
+        return Ok(None);
+    };
+    record.check();
+    postcard::to_allocvec(record)
+        .map(Some)
+        .map_err(|e| ChunkError::BadMeta {
+            id,
+            reason: e.to_string(),
+        })
+}
+
 fn decode_record(id: ChunkId, value: &[u8]) -> ChunkResult<Record> {
     let record: Record = postcard::from_bytes(value).map_err(|e| ChunkError::BadMeta {
         id,
@@ -835,18 +849,8 @@ impl ChunkEngine {
 
     /// Store (or with `None`, delete) the record of `id`: the atomic switch.
     fn store(&self, id: ChunkId, record: Option<&Record>) -> ChunkResult<()> {
-        if let Some(record) = record {
-            record.check();
-        }
         let key = chunk_key(id);
-        let value =
-            record
-                .map(postcard::to_allocvec)
-                .transpose()
-                .map_err(|e| ChunkError::BadMeta {
-                    id,
-                    reason: e.to_string(),
-                })?;
+        let value = encode_record(id, record)?;
         r3fs_kv::run(&self.kv, RetryPolicy::default(), |txn| {
             match &value {
                 Some(v) => txn.set(&key, v)?,
@@ -864,18 +868,8 @@ impl ChunkEngine {
     /// [`ChunkEngine::store`] without waiting for the fsync; returns the
     /// metadata version that must be durable for the store to be.
     fn store_unsynced(&self, id: ChunkId, record: Option<&Record>) -> ChunkResult<u64> {
-        if let Some(record) = record {
-            record.check();
-        }
         let key = chunk_key(id);
-        let value =
-            record
-                .map(postcard::to_allocvec)
-                .transpose()
-                .map_err(|e| ChunkError::BadMeta {
-                    id,
-                    reason: e.to_string(),
-                })?;
+        let value = encode_record(id, record)?;
         // Records are written only under their chunk's lock and read without
         // conflict ranges, so this write never conflicts: one attempt.
         let mut txn = self.kv.begin_unsynced();

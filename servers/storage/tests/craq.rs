@@ -568,6 +568,31 @@ impl Fixture {
             .await
     }
 
+    /// A forwarded update of chunk 0 as a predecessor would send it.
+    fn forwarded(
+        &self,
+        target: TargetId,
+        update_ver: u64,
+        op: UpdateOp,
+        crc: u32,
+    ) -> UpdateRequest {
+        UpdateRequest {
+            addr: ChunkAddr {
+                chain: CHAIN,
+                inode: 7,
+                index: 0,
+            },
+            chain_ver: self.chain_ver(),
+            target,
+            update_ver,
+            op,
+            chunk_size: CHUNK,
+            crc,
+            client: 0,
+            request: 0,
+        }
+    }
+
     fn chain_ver(&self) -> u64 {
         self.routing
             .borrow()
@@ -1034,21 +1059,7 @@ async fn listing_and_removing_chunks_page_by_index() {
 async fn a_forwarded_update_with_version_0_or_an_op_a_syncing_target_cannot_take_is_refused() {
     use PublicState::{Serving, Syncing};
     let f = Fixture::start().await;
-    let update = |target, update_ver, op| UpdateRequest {
-        addr: ChunkAddr {
-            chain: CHAIN,
-            inode: 7,
-            index: 0,
-        },
-        chain_ver: f.chain_ver(),
-        target,
-        update_ver,
-        op,
-        chunk_size: CHUNK,
-        crc: 0,
-        client: 0,
-        request: 0,
-    };
+    let update = |target, update_ver, op| f.forwarded(target, update_ver, op, 0);
     let send = |node: usize, req: UpdateRequest| {
         let rpc = f.rpc.clone();
         let addr = f.nodes[node].addr;
@@ -1078,21 +1089,8 @@ async fn a_forwarded_update_whose_payload_does_not_match_its_crc_is_refused_ever
     use PublicState::{Serving, Syncing};
     let f = Fixture::start().await;
     let payload = Bytes::from_static(b"bytes damaged on the way");
-    let update = |target, op| UpdateRequest {
-        addr: ChunkAddr {
-            chain: CHAIN,
-            inode: 7,
-            index: 0,
-        },
-        chain_ver: f.chain_ver(),
-        target,
-        update_ver: 1,
-        op,
-        chunk_size: CHUNK,
-        crc: crc32c::crc32c(b"the bytes the sender meant"),
-        client: 0,
-        request: 0,
-    };
+    let meant = crc32c::crc32c(b"the bytes the sender meant");
+    let update = |target, op| f.forwarded(target, 1, op, meant);
     let send = |node: usize, req: UpdateRequest| {
         let rpc = f.rpc.clone();
         let addr = f.nodes[node].addr;

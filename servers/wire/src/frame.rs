@@ -357,31 +357,43 @@ impl FrameCodec {
     /// follow in `src`. `None` when the front frame is small, complete, or
     /// its header or body is still incomplete: use [`Decoder::decode`].
     pub fn decode_head(&mut self, src: &mut BytesMut) -> Result<Option<FrameHead>, FrameError> {
-        let Some(head) = src.get(..FRAME_HEADER_BYTES) else {
+        let Some(header) = self.front_header(src)? else {
             return Ok(None);
         };
-        let Ok(head) = <&[u8; FRAME_HEADER_BYTES]>::try_from(head) else {
-            return Ok(None);
-        };
-        let header = Header::parse(head, &self.limits)?;
         let head_len = FRAME_HEADER_BYTES + header.body_len as usize;
         let large = header.payload_len as usize >= LARGE_PAYLOAD_BYTES_MIN;
         let complete = src.len() >= head_len + header.payload_len as usize;
         if !large || complete || src.len() < head_len {
             return Ok(None);
         }
-        let mut head = src.split_to(head_len).freeze();
-        head.advance(FRAME_HEADER_BYTES);
-        let body = head;
-        let body_crc = crc32c::crc32c(&body);
-        if body_crc != header.body_crc {
-            return Err(FrameError::BodyCrcMismatch {
-                expected: header.body_crc,
-                actual: body_crc,
-            });
-        }
+        let mut body = src.split_to(head_len).freeze();
+        body.advance(FRAME_HEADER_BYTES);
+        check_body(&header, &body)?;
         Ok(Some(FrameHead { header, body }))
     }
+
+    /// The parsed header at the front of `src`, once all of it arrived.
+    /// Validated before anything is reserved: a bad length never allocates.
+    fn front_header(&self, src: &BytesMut) -> Result<Option<Header>, FrameError> {
+        let Some(head) = src.get(..FRAME_HEADER_BYTES) else {
+            return Ok(None);
+        };
+        let Ok(head) = <&[u8; FRAME_HEADER_BYTES]>::try_from(head) else {
+            return Ok(None);
+        };
+        Header::parse(head, &self.limits).map(Some)
+    }
+}
+
+fn check_body(header: &Header, body: &[u8]) -> Result<(), FrameError> {
+    let actual = crc32c::crc32c(body);
+    if actual != header.body_crc {
+        return Err(FrameError::BodyCrcMismatch {
+            expected: header.body_crc,
+            actual,
+        });
+    }
+    Ok(())
 }
 
 impl Decoder for FrameCodec {
@@ -389,14 +401,9 @@ impl Decoder for FrameCodec {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
-        let Some(head) = src.get(..FRAME_HEADER_BYTES) else {
+        let Some(header) = self.front_header(src)? else {
             return Ok(None);
         };
-        let Ok(head) = <&[u8; FRAME_HEADER_BYTES]>::try_from(head) else {
-            return Ok(None);
-        };
-        // Validated before any reservation: a bad length never allocates.
-        let header = Header::parse(head, &self.limits)?;
         let total = FRAME_HEADER_BYTES + header.rest_len();
         if src.len() < total {
             src.reserve(total - src.len());
@@ -406,30 +413,8 @@ impl Decoder for FrameCodec {
         rest.advance(FRAME_HEADER_BYTES);
         let body = rest.split_to(header.body_len as usize);
         let payload = rest;
-        let body_crc = crc32c::crc32c(&body);
-        if body_crc != header.body_crc {
-            return Err(FrameError::BodyCrcMismatch {
-                expected: header.body_crc,
-                actual: body_crc,
-            });
-        }
-        if !header.payload_crc_in_body {
-            let payload_crc = payload_crc(&payload);
-            if payload_crc != header.payload_crc {
-                return Err(FrameError::PayloadCrcMismatch {
-                    expected: header.payload_crc,
-                    actual: payload_crc,
-                });
-            }
-        }
-        Ok(Some(Frame {
-            kind: header.kind,
-            msg_type: header.msg_type,
-            request_id: header.request_id,
-            body,
-            payload,
-            payload_crc_in_body: header.payload_crc_in_body,
-        }))
+        check_body(&header, &body)?;
+        FrameHead { header, body }.finish(payload).map(Some)
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
