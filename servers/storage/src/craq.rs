@@ -870,8 +870,13 @@ impl StorageService {
     }
 
     /// A client read, at any SERVING replica.
+    ///
+    /// The head answers a read of a chunk with a pending version nobody is
+    /// updating (the chunk lock is free: a forward failed, or a crash took
+    /// back an unsynced commit) by re-driving that version first: after a
+    /// chain lost its other targets, no other replica could answer.
     pub async fn read(&self, req: ReadRequest) -> StorageResult<(ReadResponse, Bytes)> {
-        let (_routing, chain, pos) = self.locate(req.addr.chain)?;
+        let (routing, chain, pos) = self.locate(req.addr.chain)?;
         let me = chain.targets[pos];
         if me.state != PublicState::Serving {
             return Err(StorageError::NotServing { chain: chain.id });
@@ -879,9 +884,23 @@ impl StorageService {
         let engine = self.engine(me.target).clone();
         let id = chunk_id(req.addr);
         let (offset, length) = (req.offset, req.length);
-        let (data, meta, crc) = blocking(move || engine.read_with_crc(id, offset, length))
-            .await
-            .map_err(|e| storage_error(e, req.addr, me.target))?;
+        let read = || {
+            let engine = engine.clone();
+            blocking(move || engine.read_with_crc(id, offset, length))
+        };
+        let mut answer = read().await;
+        if let (Err(ChunkError::NotCommitted { .. }), 0) = (&answer, pos) {
+            if let Ok(_guard) = self.lock_for(req.addr).try_lock() {
+                if self
+                    .recover_pending(&routing, &chain, pos, req.addr)
+                    .await
+                    .is_ok()
+                {
+                    answer = read().await;
+                }
+            }
+        }
+        let (data, meta, crc) = answer.map_err(|e| storage_error(e, req.addr, me.target))?;
         debug_assert!(crc == crc32c::crc32c(&data));
         let resp = ReadResponse {
             commit_ver: meta.commit_ver,

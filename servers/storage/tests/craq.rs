@@ -1135,3 +1135,27 @@ fn flip_bit(path: &std::path::Path, pos: u64) {
     byte[0] ^= 0x40;
     file.write_all_at(&byte, pos).unwrap();
 }
+
+/// A pending version nobody is updating (a failed forward, or an unsynced
+/// commit a crash took back) is re-driven by the head when a read meets it,
+/// so a chain that lost its other targets still serves the chunk; a middle
+/// member keeps answering `NotCommitted` (the client reads elsewhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_at_the_head_re_drives_a_leftover_pending_version() {
+    use PublicState::{Offline, Serving};
+    let f = Fixture::start().await;
+    f.set_states(2, &[Serving, Serving, Serving]);
+    for node in &f.nodes[..2] {
+        node.engine
+            .write_pending(id(0), 1, 2, 0, b"left pending", CHUNK)
+            .unwrap();
+    }
+    assert!(matches!(
+        f.read_from(1, 0).await,
+        Err(StorageError::NotCommitted { .. })
+    ));
+    f.set_states(3, &[Serving, Offline, Offline]);
+    let (resp, data) = f.read_from(0, 0).await.unwrap();
+    assert_eq!((resp.commit_ver, &data[..]), (1, &b"left pending"[..]));
+    assert!(!f.nodes[0].engine.meta(id(0)).unwrap().unwrap().is_dirty());
+}
