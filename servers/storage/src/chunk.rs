@@ -920,15 +920,27 @@ impl ChunkEngine {
 
     /// `n` free slots, growing the data file when the free list runs out.
     fn alloc(&self, id: ChunkId, n: usize) -> ChunkResult<Vec<u64>> {
-        let synced = self.kv.synced_version();
-        let mut slots = self.slots.lock();
-        while slots.unsynced.front().is_some_and(|(v, _)| *v <= synced) {
-            let (_, freed) = slots.unsynced.pop_front().expect("checked");
-            for slot in freed {
-                let fresh = slots.free.insert(slot);
-                assert!(fresh, "slot {slot} freed twice");
+        let mut synced = self.kv.synced_version();
+        let mut slots = loop {
+            let mut slots = self.slots.lock();
+            while slots.unsynced.front().is_some_and(|(v, _)| *v <= synced) {
+                let (_, freed) = slots.unsynced.pop_front().expect("checked");
+                for slot in freed {
+                    let fresh = slots.free.insert(slot);
+                    assert!(fresh, "slot {slot} freed twice");
+                }
             }
-        }
+            if slots.free.len() >= n || slots.unsynced.is_empty() {
+                break slots;
+            }
+            // Rather than grow the file (or refuse on a full disk) while
+            // freed slots wait for durability: make them durable now.
+            drop(slots);
+            self.kv
+                .sync()
+                .map_err(|e| with_id(id, &self.meta_dir, e.into()))?;
+            synced = self.kv.synced_version();
+        };
         let reused = n.min(slots.free.len());
         let grown = (n - reused) as u64;
         if grown > 0 {
@@ -954,10 +966,13 @@ impl ChunkEngine {
             return;
         }
         let mut slots = self.slots.lock();
-        assert!(
-            slots.unsynced.back().is_none_or(|(v, _)| *v <= durable_at),
-            "unsynced frees are queued in version order"
-        );
+        // Commits of other chunks may have queued a later version already
+        // (versions are read outside this lock): waiting for the later one
+        // is safe and keeps the queue in order.
+        let durable_at = slots
+            .unsynced
+            .back()
+            .map_or(durable_at, |(v, _)| durable_at.max(*v));
         slots.unsynced.push_back((durable_at, freed));
     }
 
@@ -1640,8 +1655,7 @@ impl ChunkEngine {
 
     /// [`ChunkEngine::commit`] without waiting for the metadata fsync: the
     /// switch is visible at once and durable with the next durable metadata
-    /// commit of this target (any stage, a [`ChunkEngine::commit`], a
-    /// periodic sync). A crash of the machine before that leaves the version
+    /// commit of this target (any stage or [`ChunkEngine::commit`]). A crash of the machine before that leaves the version
     /// pending again, with its blocks intact (they were synced when it was
     /// staged): reads answer `NotCommitted` and the chain re-drives or
     /// resyncs it. The slots the switch frees are reused only once it is
@@ -2000,6 +2014,27 @@ fn clip(length: usize, offset: u32, len: u32) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unsynced_frees_queued_out_of_version_order_wait_for_the_later_version() {
+        // Two commits read their versions outside the slots lock, so the
+        // later one may queue first.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = ChunkEngine::open(dir.path(), BLOCK_BYTES).expect("open");
+        engine.slots.lock().end = 4;
+        let base = engine.kv.committed_version();
+        engine.release_after(base + 2, vec![0, 1]);
+        engine.release_after(base + 1, vec![2]);
+        let queued: Vec<u64> = engine
+            .slots
+            .lock()
+            .unsynced
+            .iter()
+            .map(|(v, _)| *v)
+            .collect();
+        assert_eq!(queued, [base + 2, base + 2]);
+        assert_eq!(engine.slot_stats(), SlotStats { total: 4, free: 3 });
+    }
 
     #[test]
     fn keys_round_trip_and_sort_by_inode_then_index() {

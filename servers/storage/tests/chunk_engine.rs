@@ -1834,12 +1834,23 @@ fn an_unsynced_commit_switches_at_once_and_frees_its_slots_only_once_durable() {
     let engine = open(dir.path());
     let (a, b) = (cid(0), cid(1));
     let block = vec![1u8; BLOCK_BYTES as usize];
+    let newer = vec![2u8; BLOCK_BYTES as usize];
     engine
         .write_pending(a, 1, 1, 0, &block, CHUNK_SIZE)
         .expect("stage a1");
     engine.commit(a, 1).expect("commit a1");
     let old = slot_of(&engine, a, 1);
-    let newer = vec![2u8; BLOCK_BYTES as usize];
+    // Two slots free for good (aborted stages).
+    let mut aborted = Vec::new();
+    for c in [cid(2), cid(3)] {
+        engine
+            .write_pending(c, 1, 1, 0, &block, CHUNK_SIZE)
+            .expect("stage");
+        aborted.push(slot_of(&engine, c, 1));
+    }
+    for c in [cid(2), cid(3)] {
+        engine.abort_pending(c).expect("abort");
+    }
     engine
         .write_pending(a, 2, 1, 0, &newer, CHUNK_SIZE)
         .expect("stage a2");
@@ -1851,11 +1862,13 @@ fn an_unsynced_commit_switches_at_once_and_frees_its_slots_only_once_durable() {
     assert_eq!(engine.read(a, 0, 4).expect("read").0, vec![2u8; 4]);
     // The old block no record names counts as free but is not reused while
     // a crash could still bring back the record naming it.
-    assert_eq!(engine.slot_stats(), SlotStats { total: 2, free: 1 });
+    assert_eq!(engine.slot_stats(), SlotStats { total: 3, free: 2 });
     engine
         .write_pending(b, 1, 1, 0, &block, CHUNK_SIZE)
         .expect("stage b1");
-    assert_ne!(slot_of(&engine, b, 1), old, "reused before durable");
+    let b1 = slot_of(&engine, b, 1);
+    assert_ne!(b1, old, "reused before durable");
+    assert!(aborted.contains(&b1));
     // That stage's durable commit covered the switch: now it is reused.
     engine.commit(b, 1).expect("commit b1");
     engine
@@ -1863,9 +1876,50 @@ fn an_unsynced_commit_switches_at_once_and_frees_its_slots_only_once_durable() {
         .expect("stage b2");
     assert_eq!(slot_of(&engine, b, 2), old);
     engine.commit_unsynced(b, 2).expect("commit b2");
+    // Short of free slots, a stage makes the queued frees durable rather
+    // than grow the file: b1's slot is reused, the file keeps three slots.
+    engine
+        .write_pending(a, 3, 1, 0, &block, CHUNK_SIZE)
+        .expect("stage a3");
+    assert_eq!(slot_of(&engine, a, 3), b1);
+    assert_eq!(engine.slot_stats().total, 3);
+    engine.commit(a, 3).expect("commit a3");
     drop(engine);
     let engine = open(dir.path());
-    assert_eq!(engine.read(a, 0, 4).expect("read a").0, vec![2u8; 4]);
+    assert_eq!(engine.read(a, 0, 4).expect("read a").0, vec![1u8; 4]);
     assert_eq!(engine.read(b, 0, 4).expect("read b").0, vec![2u8; 4]);
     assert_eq!(engine.slot_stats(), SlotStats { total: 3, free: 1 });
+}
+
+#[test]
+fn unsynced_commits_of_many_chunks_at_once_keep_every_slot_accounted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path());
+    const THREADS: u64 = 8;
+    const VERSIONS: u64 = 40;
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let engine = &engine;
+            s.spawn(move || {
+                for v in 1..=VERSIONS {
+                    let data = vec![(t * 31 + v) as u8; BLOCK_BYTES as usize];
+                    engine
+                        .write_pending(cid(t), v, 1, 0, &data, CHUNK_SIZE)
+                        .expect("stage");
+                    engine.commit_unsynced(cid(t), v).expect("commit");
+                }
+            });
+        }
+    });
+    for t in 0..THREADS {
+        let (bytes, meta) = engine.read(cid(t), 0, 4).expect("read");
+        assert_eq!(meta.commit_ver, VERSIONS);
+        assert_eq!(bytes, vec![(t * 31 + VERSIONS) as u8; 4]);
+    }
+    let stats = engine.slot_stats();
+    assert_eq!(
+        stats.total - stats.free,
+        THREADS,
+        "one block per chunk in use"
+    );
 }
