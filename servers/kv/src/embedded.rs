@@ -197,7 +197,7 @@ fn engine_error(context: &str, err: impl std::fmt::Display) -> KvError {
 
 impl EmbeddedEngine {
     /// Open (or create) the database under `config.path`, recovering every
-    /// commit that reached the journal.
+    /// commit that reached the journal, and fsync what was recovered.
     pub fn open(config: EmbeddedConfig) -> Result<Self, KvError> {
         let db = Database::builder(&config.path)
             .cache_size(config.cache_bytes)
@@ -206,8 +206,13 @@ impl EmbeddedEngine {
         let keyspace = db
             .keyspace(KEYSPACE_NAME, KeyspaceCreateOptions::default)
             .map_err(|e| engine_error("open keyspace", e))?;
-        // Versions are in-memory only: after recovery everything is committed
-        // and synced as far as this process is concerned.
+        // What recovery found may have come from the OS's cache of a journal
+        // a killed process never fsynced: make it durable before anything
+        // (a caller's reuse of space the recovered state freed, say) builds
+        // on it. Versions are in-memory only: after this, everything is
+        // committed and synced as far as this process is concerned.
+        db.persist(PersistMode::SyncAll)
+            .map_err(|e| engine_error("sync the recovered journal", e))?;
         let version = 0;
         let durability = match config.durability {
             Durability::Periodic(interval) => {
