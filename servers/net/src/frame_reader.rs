@@ -58,12 +58,18 @@ impl FrameReader {
         if let Some(head) = self.codec.decode_head(&mut self.buf)? {
             let len = head.payload_len();
             let mut payload = PayloadBuf::with_len(len);
-            let arrived = self.buf.len().min(len);
-            payload.as_mut_slice()[..arrived].copy_from_slice(&self.buf.split_to(arrived));
+            let arrived = self.buf.split_to(self.buf.len().min(len));
+            let mut filled = 0;
+            while filled < arrived.len() {
+                let spare = payload.spare(filled);
+                let n = spare.len().min(arrived.len() - filled);
+                spare[..n].copy_from_slice(&arrived[filled..filled + n]);
+                filled += n;
+            }
             self.large = Some(LargePayload {
                 head,
                 payload,
-                filled: arrived,
+                filled,
             });
             return self.try_frame();
         }
@@ -87,7 +93,7 @@ impl FrameReader {
     ) -> std::io::Result<usize> {
         if let Some(large) = &mut self.large {
             let filled = large.filled;
-            let n = rd.read(&mut large.payload.as_mut_slice()[filled..]).await?;
+            let n = rd.read(large.payload.spare(filled)).await?;
             large.filled += n;
             return Ok(n);
         }

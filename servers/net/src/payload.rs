@@ -10,7 +10,10 @@
 //!
 //! # Limits
 //! The pool keeps at most [`POOL_BYTES_MAX`] bytes of idle buffers; a
-//! buffer returned beyond that is freed.
+//! buffer returned beyond that is freed. A buffer's memory is reserved for
+//! the announced length but touched (zeroed) only [`GROW_BYTES`] ahead of
+//! what has arrived, so a peer that announces a large payload and stalls
+//! pins little memory until the frame read timeout closes it.
 //!
 //! [`LARGE_PAYLOAD_BYTES_MIN`]: r3fs_wire::frame::LARGE_PAYLOAD_BYTES_MIN
 
@@ -22,11 +25,14 @@ use parking_lot::Mutex;
 pub const PAYLOAD_ALIGN: usize = 4096;
 /// Idle buffer bytes the pool keeps.
 pub const POOL_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// How far ahead of the bytes read a buffer is initialised.
+pub const GROW_BYTES: usize = 256 * 1024;
 
 type Aligned = AVec<u8, ConstAlign<PAYLOAD_ALIGN>>;
 
-/// Idle buffers; every one is zero-initialised to its full capacity once,
-/// when first allocated, so reusing one needs no `unsafe` and no memset.
+/// Idle buffers. A buffer's initialised part (its `len`) only grows, and is
+/// zeroed once, when first initialised; reading into it needs no `unsafe`
+/// and reusing it no memset. Accounted by capacity.
 static POOL: Mutex<Pool> = Mutex::new(Pool {
     idle: Vec::new(),
     bytes: 0,
@@ -45,38 +51,47 @@ pub struct PayloadBuf {
 }
 
 impl PayloadBuf {
-    /// A buffer of `len` bytes (contents unspecified) from the pool, or a
-    /// new one.
+    /// A buffer for a payload of `len` bytes: the smallest idle one that
+    /// fits, or a new one.
     pub fn with_len(len: usize) -> PayloadBuf {
         let reused = {
             let mut pool = POOL.lock();
-            let found = pool.idle.iter().position(|b| b.len() >= len);
+            let found = (pool.idle.iter().enumerate())
+                .filter(|(_, b)| b.capacity() >= len)
+                .min_by_key(|(_, b)| b.capacity())
+                .map(|(i, _)| i);
             found.map(|i| {
                 let buf = pool.idle.swap_remove(i);
-                pool.bytes -= buf.len();
+                pool.bytes -= buf.capacity();
                 buf
             })
         };
         let buf = reused.unwrap_or_else(|| {
-            let mut buf = Aligned::new(PAYLOAD_ALIGN);
-            buf.resize(len.next_multiple_of(PAYLOAD_ALIGN), 0);
-            buf
+            Aligned::with_capacity(PAYLOAD_ALIGN, len.next_multiple_of(PAYLOAD_ALIGN))
         });
+        assert!(buf.capacity() >= len, "a payload buffer holds its payload");
         PayloadBuf {
             buf: Some(buf),
             len,
         }
     }
 
-    /// The payload's bytes, to read into.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        let len = self.len;
-        &mut self.buf.as_mut().expect("live buffer")[..len]
+    /// Where the payload's bytes from `filled` on are read to: a non-empty
+    /// slice (at most [`GROW_BYTES`]) unless `filled` is the whole payload.
+    pub fn spare(&mut self, filled: usize) -> &mut [u8] {
+        let want = filled.saturating_add(GROW_BYTES).min(self.len);
+        let buf = self.buf.as_mut().expect("live buffer");
+        if buf.len() < want {
+            // Within the capacity reserved at creation: no reallocation.
+            buf.resize(want, 0);
+        }
+        &mut buf[filled.min(want)..want]
     }
 
-    /// Zero-copy `Bytes` over the payload; the buffer returns to the pool
-    /// when the last clone is dropped.
-    pub fn freeze(self) -> Bytes {
+    /// Zero-copy `Bytes` over the payload, once all of it was read; the
+    /// buffer returns to the pool when the last clone is dropped.
+    pub fn freeze(mut self) -> Bytes {
+        let _ = self.spare(self.len);
         Bytes::from_owner(self)
     }
 }
@@ -91,8 +106,8 @@ impl Drop for PayloadBuf {
     fn drop(&mut self) {
         let Some(buf) = self.buf.take() else { return };
         let mut pool = POOL.lock();
-        if pool.bytes + buf.len() <= POOL_BYTES_MAX {
-            pool.bytes += buf.len();
+        if pool.bytes + buf.capacity() <= POOL_BYTES_MAX {
+            pool.bytes += buf.capacity();
             pool.idle.push(buf);
         }
     }
@@ -105,7 +120,7 @@ mod tests {
     #[test]
     fn payloads_are_aligned_and_their_buffers_reused() {
         let mut first = PayloadBuf::with_len(100_000);
-        first.as_mut_slice().fill(7);
+        first.spare(0).fill(7);
         let ptr = first.as_ref().as_ptr();
         assert_eq!(ptr as usize % PAYLOAD_ALIGN, 0);
         let bytes = first.freeze();
@@ -130,5 +145,26 @@ mod tests {
             }
         }
         assert!(found, "a returned buffer is reused");
+    }
+
+    #[test]
+    fn memory_is_initialised_only_as_far_as_bytes_arrive() {
+        let len = 8 * GROW_BYTES + 5;
+        let mut buf = PayloadBuf::with_len(len);
+        let initialised = |b: &PayloadBuf| b.buf.as_ref().unwrap().len();
+        assert!(initialised(&buf) < len || initialised(&buf) == 0);
+        let mut filled = 0;
+        while filled < len {
+            let spare = buf.spare(filled);
+            assert!(!spare.is_empty() && spare.len() <= GROW_BYTES);
+            let n = spare.len().min(1000);
+            spare[..n].fill(3);
+            filled += n;
+            assert!(initialised(&buf) <= filled + GROW_BYTES);
+        }
+        assert!(buf.spare(len).is_empty());
+        let bytes = buf.freeze();
+        assert_eq!(bytes.len(), len);
+        assert!(bytes.iter().all(|&b| b == 3));
     }
 }
