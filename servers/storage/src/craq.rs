@@ -12,8 +12,11 @@
 //! the members before it commit without waiting for their metadata fsync
 //! (`ChunkEngine::commit_unsynced`): the successor holds the version
 //! durably, and a commit a machine crash takes back leaves the version
-//! pending here, which the chain re-drives, or which resync replaces (a
-//! restarted target always goes through SYNCING, see `node`). Every hop checks the chain version against its routing info
+//! pending here: a restarted target goes through SYNCING (see `node`) and
+//! resync replaces its copy, except the LASTSRV target of a chain that lost
+//! every target, which serves at once; it is the head then, and the head
+//! re-drives a leftover pending version before it writes, reads or resyncs
+//! the chunk, so an acknowledged version is never rolled back. Every hop checks the chain version against its routing info
 //! and the CRC32C of the data. Truncates and zeroing never make a chunk
 //! longer or create one: the head turns them into no-ops on a chunk already
 //! short enough or missing.
@@ -1120,6 +1123,13 @@ impl StorageService {
                 index: id.index,
             };
             let _guard = self.lock_for(addr).lock().await;
+            if pos == 0 {
+                // The head's leftover pending version (a failed forward, or
+                // an unsynced commit a crash took back — the LASTSRV case)
+                // may have been acknowledged: drive it down first, so the
+                // copy never rolls the SYNCING target back behind it.
+                self.recover_pending(&routing, &chain, pos, addr).await?;
+            }
             let engine = engine.clone();
             let current = blocking(move || committed(&engine, id))
                 .await

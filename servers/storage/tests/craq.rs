@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use r3fs_net::{CallOptions, RetryPolicy, Router, RpcClient, RpcServer, ServerConfig};
-use r3fs_storage::chunk::{ChunkEngine, ChunkId};
+use r3fs_storage::chunk::{ChunkEngine, ChunkId, ChunkUpdate};
 use r3fs_storage::craq::StorageService;
 use r3fs_wire::mgmt::*;
 use r3fs_wire::storage::*;
@@ -1158,4 +1158,59 @@ async fn a_read_at_the_head_re_drives_a_leftover_pending_version() {
     let (resp, data) = f.read_from(0, 0).await.unwrap();
     assert_eq!((resp.commit_ver, &data[..]), (1, &b"left pending"[..]));
     assert!(!f.nodes[0].engine.meta(id(0)).unwrap().unwrap().is_dirty());
+}
+
+/// After every target of a chain went down, the LASTSRV target serves at
+/// once without a resync. If a crash took back its unsynced commits, it
+/// holds acknowledged versions only as pending ones (the tail committed
+/// them durably): resync must drive them down, never roll the returning
+/// targets back to the older committed copy or remove the chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_from_a_returning_lastsrv_keeps_versions_it_holds_only_as_pending() {
+    use PublicState::{Offline, Serving, Syncing};
+    let f = Fixture::start().await;
+    // Chunk 0: v1 acknowledged, its commit lost at head and middle.
+    // Chunk 1: v1 committed everywhere, then v2 acknowledged the same way.
+    let v1 = b"first version".as_slice();
+    let v2 = b"second version, longer".as_slice();
+    let write = |data: &'static [u8]| ChunkUpdate::Write {
+        offset: 0,
+        data,
+        chunk_size: CHUNK,
+        crc: crc32c::crc32c(data),
+    };
+    for node in &f.nodes {
+        node.engine.apply_committed(id(1), 1, 1, write(v1)).unwrap();
+    }
+    for node in &f.nodes[..2] {
+        node.engine
+            .write_pending(id(0), 1, 1, 0, v1, CHUNK)
+            .unwrap();
+        node.engine
+            .write_pending(id(1), 2, 1, 0, v2, CHUNK)
+            .unwrap();
+    }
+    f.nodes[2]
+        .engine
+        .apply_committed(id(0), 1, 1, write(v1))
+        .unwrap();
+    f.nodes[2]
+        .engine
+        .apply_committed(id(1), 2, 1, write(v2))
+        .unwrap();
+
+    // The head returned as LASTSRV and serves; the middle returns SYNCING.
+    f.set_states(3, &[Serving, Syncing, Offline]);
+    f.nodes[0].service.resync(CHAIN).await.unwrap();
+    f.set_states(4, &[Serving, Serving, Syncing]);
+    f.nodes[1].service.resync(CHAIN).await.unwrap();
+    f.set_states(5, &[Serving, Serving, Serving]);
+    // The returning targets first: a read at the head would re-drive.
+    for (index, expect) in [(0, v1), (1, v2)] {
+        for node in [2, 1, 0] {
+            let (resp, data) = f.read_from(node, index).await.unwrap();
+            assert_eq!(&data[..], expect, "chunk {index} at node {node}");
+            assert_eq!(resp.commit_ver, index + 1);
+        }
+    }
 }
