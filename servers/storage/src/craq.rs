@@ -25,9 +25,11 @@
 //! have committed it); the next update of the chunk first re-drives it down
 //! the current chain as the exact bytes of that version (`Replace`, which
 //! also shrinks a successor's longer copy) or as a removal. The one exception
-//! is a successor's `NoSpace` refusal: it and everything after it did not
-//! commit the version, so each member drops its pending copy on the way back
-//! and the client gets `NoSpace` (ENOSPC), not an in-doubt write.
+//! is a successor's `NoSpace` refusal of a version's first forward: it and
+//! everything after it did not commit the version, so each member drops its
+//! pending copy on the way back and the client gets `NoSpace` (ENOSPC), not
+//! an in-doubt write. The head never drops a version it re-drives (targets
+//! that left the chain may have committed it).
 //!
 //! Every member remembers the outcome of the client request
 //! `(client, request, chunk index)` behind each version it applied, so a
@@ -55,8 +57,9 @@
 //! Must not decide chain states (mgmtd does) or touch the namespace.
 //!
 //! # Limits
-//! Updates of one chunk are serialized by one of [`CHUNK_LOCK_STRIPES`]
-//! locks; each member remembers the outcome of the last
+//! Updates of one chunk are serialized by that chunk's own lock
+//! ([`ChunkLocks`]: never shared with another chunk, so no two forwards can
+//! wait for each other across nodes); each member remembers the outcome of the last
 //! [`DEDUP_ENTRIES_MAX`] client requests per chunk so a retry is applied
 //! once. A `RemoveChunks` call removes at most `REMOVE_CHUNKS_MAX` chunks and
 //! a `ListChunks` answer holds at most `LIST_CHUNKS_MAX`; both answer with a
@@ -70,7 +73,6 @@
 //! same holds for `RemoveInode`.)
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -85,9 +87,8 @@ use r3fs_wire::Method;
 use tokio::sync::watch;
 
 use crate::chunk::{ChunkEngine, ChunkError, ChunkId, ChunkMeta, ChunkUpdate};
+use crate::chunk_locks::{ChunkGuard, ChunkLocks};
 
-/// Locks serializing writes per chunk (a chunk maps to one by hash).
-pub const CHUNK_LOCK_STRIPES: usize = 1024;
 /// Client writes whose outcome the head remembers for retries.
 pub const DEDUP_ENTRIES_MAX: usize = 65_536;
 /// Deadline of one forwarded update or sync call.
@@ -104,7 +105,7 @@ struct Inner {
     targets: HashMap<TargetId, Arc<ChunkEngine>>,
     routing: watch::Receiver<Option<Arc<RoutingInfo>>>,
     rpc: RpcClient,
-    locks: Vec<tokio::sync::Mutex<()>>,
+    locks: ChunkLocks,
     dedup: Mutex<Dedup>,
     /// The client request behind each pending version on this node, so the
     /// request is remembered as done when the version is re-driven.
@@ -161,9 +162,7 @@ impl StorageService {
                 targets,
                 routing,
                 rpc: RpcClient::new(r3fs_net::ClientConfig::default()),
-                locks: (0..CHUNK_LOCK_STRIPES)
-                    .map(|_| tokio::sync::Mutex::new(()))
-                    .collect(),
+                locks: ChunkLocks::default(),
                 dedup: Mutex::new(Dedup::default()),
                 origins: Mutex::new(HashMap::new()),
                 synced: Mutex::new(HashMap::new()),
@@ -285,10 +284,9 @@ impl StorageService {
         &self.inner.targets[&target]
     }
 
-    fn lock_for(&self, addr: ChunkAddr) -> &tokio::sync::Mutex<()> {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        addr.hash(&mut h);
-        &self.inner.locks[(h.finish() as usize) % CHUNK_LOCK_STRIPES]
+    /// Waits for and takes `addr`'s chunk lock.
+    async fn lock_chunk(&self, addr: ChunkAddr) -> ChunkGuard<'_> {
+        self.inner.locks.lock(addr).await
     }
 
     /// A client write, at the head.
@@ -429,7 +427,7 @@ impl StorageService {
             });
         }
         check_chain_version(&chain, chain_ver)?;
-        let _guard = self.lock_for(addr).lock().await;
+        let _guard = self.lock_chunk(addr).await;
         // A pending version left by an update whose forward failed is never
         // dropped: a successor may have committed it and serve it. Drive it
         // down the current chain first, then check again whether this very
@@ -454,7 +452,7 @@ impl StorageService {
             client: origin.client,
             request: origin.request,
         };
-        self.apply_and_forward(&routing, &chain, pos, update, planned.data)
+        self.apply_and_forward(&routing, &chain, pos, update, planned.data, false)
             .await
     }
 
@@ -528,7 +526,7 @@ impl StorageService {
             client: origin.client,
             request: origin.request,
         };
-        self.apply_and_forward(routing, chain, pos, redo, data)
+        self.apply_and_forward(routing, chain, pos, redo, data, true)
             .await?;
         let meta = blocking(move || engine.meta(id))
             .await
@@ -538,6 +536,53 @@ impl StorageService {
             "a re-driven version is committed or removed"
         );
         Ok(meta)
+    }
+
+    /// If this target is the head and no other target of the chain serves,
+    /// and nobody is updating `addr`, re-drives a pending version of it (a
+    /// failed forward, or an unsynced commit a machine crash took back,
+    /// which may have been acknowledged). Whether that left it settled.
+    async fn settle_if_alone(
+        &self,
+        routing: &RoutingInfo,
+        chain: &Chain,
+        pos: usize,
+        addr: ChunkAddr,
+    ) -> bool {
+        if !head_alone(chain, pos) {
+            return false;
+        }
+        let Some(_guard) = self.inner.locks.try_lock(addr) else {
+            return false;
+        };
+        match self.recover_pending(routing, chain, pos, addr).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(?addr, error = %e, "cannot settle a leftover pending version");
+                false
+            }
+        }
+    }
+
+    /// [`StorageService::settle_if_alone`] for every dirty chunk in `chunks`
+    /// (listed on this target); whether any was settled.
+    async fn settle_dirty_if_alone(
+        &self,
+        routing: &RoutingInfo,
+        chain: &Chain,
+        pos: usize,
+        chunks: &[(ChunkId, ChunkMeta)],
+    ) -> bool {
+        let mut settled = false;
+        for (id, _) in chunks.iter().filter(|(_, m)| m.is_dirty()) {
+            let addr = ChunkAddr {
+                chain: chain.id,
+                inode: id.inode,
+                index: id.index,
+            };
+            settled |= self.settle_if_alone(routing, chain, pos, addr).await;
+        }
+        settled
     }
 
     /// The answer remembered for a client request on one chunk.
@@ -583,10 +628,10 @@ impl StorageService {
                 reason: format!("update of {:?} with version 0", req.addr),
             });
         }
-        let _guard = self.lock_for(req.addr).lock().await;
+        let _guard = self.lock_chunk(req.addr).await;
         match (me.state, req.op) {
             (PublicState::Serving, _) => {
-                self.apply_and_forward(&routing, &chain, pos, req, data)
+                self.apply_and_forward(&routing, &chain, pos, req, data, false)
                     .await
             }
             (PublicState::Syncing, UpdateOp::Replace) => {
@@ -637,9 +682,12 @@ impl StorageService {
 
     /// Stores the pending version on this node's target, then forwards it
     /// down the chain, and commits it once the successor acknowledged (the
-    /// successor has then committed). A successor that ran out of space has not committed it
-    /// (nor has anything after it), so the pending version is dropped again
-    /// and the caller gets `NoSpace`.
+    /// successor has then committed). A successor that ran out of space has
+    /// not committed a version's first forward (nor has anything after it),
+    /// so the pending version is dropped again and the caller gets
+    /// `NoSpace`. A re-driven version (`redrive`) stays pending even then:
+    /// targets that have left the chain may have committed it, and it may
+    /// have been acknowledged.
     async fn apply_and_forward(
         &self,
         routing: &RoutingInfo,
@@ -647,6 +695,7 @@ impl StorageService {
         pos: usize,
         req: UpdateRequest,
         data: Bytes,
+        redrive: bool,
     ) -> StorageResult<ChunkVersion> {
         let me = chain.targets[pos].target;
         let engine = self.engine(me).clone();
@@ -664,8 +713,10 @@ impl StorageService {
             // it is staged and committed in one metadata commit.
             None => self.stage_committed_here(me, &req, data).await?,
             Some(next) => {
-                self.stage_and_forward(routing, chain.id, me, next, &req, data)
+                let sent = self
+                    .stage_and_forward(routing, chain.id, me, next, &req, data)
                     .await?;
+                self.after_forward(me, addr, sent, redrive).await?;
                 let op = req.op;
                 // The successor committed the version durably, so this
                 // member's switch need not wait for its own fsync (see
@@ -698,7 +749,8 @@ impl StorageService {
     }
 
     /// Stages `req` here and forwards it to the successor `next`, in the way
-    /// its state and the update allow (see `apply_and_forward`).
+    /// its state and the update allow (see `apply_and_forward`). The outer
+    /// error is this target's own; the inner result is the forward's.
     async fn stage_and_forward(
         &self,
         routing: &RoutingInfo,
@@ -707,7 +759,7 @@ impl StorageService {
         next: ChainTarget,
         req: &UpdateRequest,
         data: Bytes,
-    ) -> StorageResult<()> {
+    ) -> StorageResult<StorageResult<()>> {
         // A SYNCING successor gets the whole new version: it may lack the
         // base the update builds on, so it is read after staging.
         if next.state == PublicState::Syncing {
@@ -723,7 +775,7 @@ impl StorageService {
         let sent = self
             .call::<Update, _>(routing, chain_id, next.target, &forwarded, data)
             .await;
-        self.after_forward(me, req.addr, sent.map(drop)).await
+        Ok(sent.map(drop))
     }
 
     /// Stages `req` on this node's target as committed at once (the last
@@ -761,7 +813,8 @@ impl StorageService {
     }
 
     /// Stages `req` here, then sends the SYNCING successor `next` the whole
-    /// new version (or a removal when the chunk is gone).
+    /// new version (or a removal when the chunk is gone). Errors as for
+    /// `stage_and_forward`.
     async fn stage_then_forward_whole(
         &self,
         routing: &RoutingInfo,
@@ -770,7 +823,7 @@ impl StorageService {
         next: TargetId,
         req: &UpdateRequest,
         data: Bytes,
-    ) -> StorageResult<()> {
+    ) -> StorageResult<StorageResult<()>> {
         let engine = self.engine(me).clone();
         let (addr, update_ver) = (req.addr, req.update_ver);
         let staged = req.clone();
@@ -794,20 +847,21 @@ impl StorageService {
         let sent = self
             .call::<Update, _>(routing, chain_id, next, &forwarded, payload)
             .await;
-        self.after_forward(me, addr, sent.map(drop)).await
+        Ok(sent.map(drop))
     }
 
     /// Passes a forward's outcome on, first dropping the pending version
-    /// here if the successor had no space for it. Any other failure keeps
-    /// it pending: a successor may already have committed it, and the next
-    /// update re-drives it.
+    /// here if the successor had no space for its first forward. Any other
+    /// failure, and any failure of a re-drive, keeps it pending: a successor
+    /// may already have committed it, and the next update re-drives it.
     async fn after_forward(
         &self,
         me: TargetId,
         addr: ChunkAddr,
         sent: StorageResult<()>,
+        redrive: bool,
     ) -> StorageResult<()> {
-        if let Err(StorageError::NoSpace { .. }) = &sent {
+        if let (Err(StorageError::NoSpace { .. }), false) = (&sent, redrive) {
             self.abort_after_no_space(me, addr).await;
         }
         sent
@@ -874,10 +928,11 @@ impl StorageService {
 
     /// A client read, at any SERVING replica.
     ///
-    /// The head answers a read of a chunk with a pending version nobody is
-    /// updating (the chunk lock is free: a forward failed, or a crash took
-    /// back an unsynced commit) by re-driving that version first: after a
-    /// chain lost its other targets, no other replica could answer.
+    /// A head with no other SERVING target (the LASTSRV back after the whole
+    /// chain went down) answers a read of a chunk with a leftover pending
+    /// version by re-driving that version first: no other replica could
+    /// answer, and the version may have been acknowledged. Elsewhere a
+    /// pending version gets `NotCommitted` and the client reads elsewhere.
     pub async fn read(&self, req: ReadRequest) -> StorageResult<(ReadResponse, Bytes)> {
         let (routing, chain, pos) = self.locate(req.addr.chain)?;
         let me = chain.targets[pos];
@@ -892,15 +947,9 @@ impl StorageService {
             blocking(move || engine.read_with_crc(id, offset, length))
         };
         let mut answer = read().await;
-        if let (Err(ChunkError::NotCommitted { .. }), 0) = (&answer, pos) {
-            if let Ok(_guard) = self.lock_for(req.addr).try_lock() {
-                if self
-                    .recover_pending(&routing, &chain, pos, req.addr)
-                    .await
-                    .is_ok()
-                {
-                    answer = read().await;
-                }
+        if let Err(ChunkError::NotCommitted { .. }) = &answer {
+            if self.settle_if_alone(&routing, &chain, pos, req.addr).await {
+                answer = read().await;
             }
         }
         let (data, meta, crc) = answer.map_err(|e| storage_error(e, req.addr, me.target))?;
@@ -917,13 +966,23 @@ impl StorageService {
     /// A chunk whose newest version is still pending reports its committed
     /// length: the in-flight write settles later.
     pub async fn last_chunk(&self, req: LastChunkRequest) -> StorageResult<Option<LastChunk>> {
-        let (_routing, chain, pos) = self.locate(req.chain)?;
+        let (routing, chain, pos) = self.locate(req.chain)?;
         let me = chain.targets[pos];
         if me.state != PublicState::Serving {
             return Err(StorageError::NotServing { chain: chain.id });
         }
         let engine = self.engine(me.target).clone();
         let inode = req.inode;
+        if head_alone(&chain, pos) {
+            // A LASTSRV head may hold acknowledged versions only as pending
+            // ones (see `settle_if_alone`): settle them before answering.
+            let engine = engine.clone();
+            let chunks = blocking(move || engine.list_inode(inode))
+                .await
+                .map_err(|e| io_error(e, me.target))?;
+            self.settle_dirty_if_alone(&routing, &chain, pos, &chunks)
+                .await;
+        }
         let last = blocking(move || {
             // The highest chunk, unless its first version is still in flight:
             // then the highest one with something committed.
@@ -950,7 +1009,7 @@ impl StorageService {
     /// still in flight is left out; one with a newer version in flight shows
     /// its committed length.
     pub async fn list_chunks(&self, req: ListChunksRequest) -> StorageResult<ChunkList> {
-        let (_routing, chain, pos) = self.locate(req.chain)?;
+        let (routing, chain, pos) = self.locate(req.chain)?;
         let me = chain.targets[pos];
         if me.state != PublicState::Serving {
             return Err(StorageError::NotServing { chain: chain.id });
@@ -958,9 +1017,18 @@ impl StorageService {
         let engine = self.engine(me.target).clone();
         let limit = req.limit.clamp(1, LIST_CHUNKS_MAX) as usize;
         let (inode, from) = (req.inode, req.from_index);
-        let (chunks, more) = blocking(move || engine.list_inode_from(inode, from, limit))
+        let list = || {
+            let engine = engine.clone();
+            blocking(move || engine.list_inode_from(inode, from, limit))
+        };
+        let mut listed = list().await.map_err(|e| io_error(e, me.target))?;
+        if self
+            .settle_dirty_if_alone(&routing, &chain, pos, &listed.0)
             .await
-            .map_err(|e| io_error(e, me.target))?;
+        {
+            listed = list().await.map_err(|e| io_error(e, me.target))?;
+        }
+        let (chunks, more) = listed;
         let next_index = chunks
             .last()
             .filter(|_| more)
@@ -1046,7 +1114,7 @@ impl StorageService {
 
     async fn sync_install(&self, req: SyncInstallRequest, data: Bytes) -> StorageResult<()> {
         let engine = self.syncing_target(req.addr.chain, req.target, req.chain_ver)?;
-        let _guard = self.lock_for(req.addr).lock().await;
+        let _guard = self.lock_chunk(req.addr).await;
         let meta = installed_meta(req.chunk.commit_ver, req.chain_ver, &data);
         if meta.crc != req.chunk.crc || meta.length != req.chunk.length {
             return Err(StorageError::PayloadChecksum {
@@ -1062,7 +1130,7 @@ impl StorageService {
 
     async fn sync_remove(&self, req: SyncRemoveRequest) -> StorageResult<()> {
         let engine = self.syncing_target(req.addr.chain, req.target, req.chain_ver)?;
-        let _guard = self.lock_for(req.addr).lock().await;
+        let _guard = self.lock_chunk(req.addr).await;
         let id = chunk_id(req.addr);
         let chain_ver = req.chain_ver;
         blocking(move || drop_chunk(&engine, id, chain_ver))
@@ -1122,7 +1190,7 @@ impl StorageService {
                 inode: id.inode,
                 index: id.index,
             };
-            let _guard = self.lock_for(addr).lock().await;
+            let _guard = self.lock_chunk(addr).await;
             if pos == 0 {
                 // The head's leftover pending version (a failed forward, or
                 // an unsynced commit a crash took back — the LASTSRV case)
@@ -1165,7 +1233,7 @@ impl StorageService {
                 inode: *inode,
                 index: *index,
             };
-            let _guard = self.lock_for(addr).lock().await;
+            let _guard = self.lock_chunk(addr).await;
             stats.removed += 1;
             let remove = SyncRemoveRequest {
                 target: next.target,
@@ -1185,6 +1253,15 @@ impl StorageService {
         tracing::info!(chain = chain_id, to = next.target, ?stats, "resync sent");
         Ok(Some(stats))
     }
+}
+
+/// Whether the target at `pos` is the chain's head and no other target of
+/// it serves (the LASTSRV case, or a chain shrunk to one).
+fn head_alone(chain: &Chain, pos: usize) -> bool {
+    pos == 0
+        && chain.targets[1..]
+            .iter()
+            .all(|t| t.state != PublicState::Serving)
 }
 
 fn chunk_id(addr: ChunkAddr) -> ChunkId {

@@ -6,6 +6,7 @@
 //! Never opens the namespace or edits chains; routing comes from mgmtd.
 
 pub mod chunk;
+pub mod chunk_locks;
 pub mod craq;
 pub mod crc;
 pub mod data_file;

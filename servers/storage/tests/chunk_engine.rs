@@ -1,5 +1,7 @@
 //! Behaviour of the local chunk engine: versions, CRCs, crashes, full disks.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write as _};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -1315,37 +1317,12 @@ fn crash_child_and_check(child_test: &str, leaves: CrashLeaves) {
     }
 }
 
-/// Unmounts the tmpfs on drop, even when the test panics.
-struct TmpfsGuard {
-    dir: tempfile::TempDir,
-}
-
-impl Drop for TmpfsGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
-}
-
-fn mount_tmpfs(size: &str) -> Result<TmpfsGuard, String> {
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let status = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(dir.path())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(|e| e.to_string())?;
-    if !status.success() {
-        return Err(format!("mount exited with {status}"));
-    }
-    Ok(TmpfsGuard { dir })
-}
-
 #[test]
 fn full_disk_is_no_space_and_loses_nothing_acknowledged() {
     const TMPFS_SIZE: &str = "8m";
     const WRITE_BYTES: usize = 256 * 1024;
     const WRITES_MAX: u64 = 200;
-    let guard = match mount_tmpfs(TMPFS_SIZE) {
+    let guard = match common::mount_tmpfs(TMPFS_SIZE) {
         Ok(guard) => guard,
         Err(reason) => {
             println!("skipped: cannot mount tmpfs ({reason})");
@@ -1395,7 +1372,7 @@ fn full_disk_is_no_space_and_loses_nothing_acknowledged() {
 
 #[test]
 fn writes_stop_at_the_space_reserve_while_commits_and_removals_go_on() {
-    let guard = match mount_tmpfs("16m") {
+    let guard = match common::mount_tmpfs("16m") {
         Ok(guard) => guard,
         Err(reason) => {
             println!("skipped: cannot mount tmpfs ({reason})");

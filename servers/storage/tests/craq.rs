@@ -1,6 +1,8 @@
 //! CRAQ over real RPC on loopback: three storage nodes, one chain of three,
 //! routing info given directly (mgmtd's part is tested in mgmtd's tests).
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,7 +23,7 @@ struct Node {
     service: StorageService,
     engine: Arc<ChunkEngine>,
     server: Option<RpcServer>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 struct Fixture {
@@ -80,11 +82,20 @@ fn routing(addrs: &[SocketAddr], version: u64, states: &[PublicState]) -> Routin
 
 impl Fixture {
     async fn start() -> Fixture {
+        Fixture::start_on([None, None, None]).await
+    }
+
+    /// Node `i`'s target lives in `dirs[i]`, or in a new temporary directory.
+    async fn start_on(dirs: [Option<&std::path::Path>; 3]) -> Fixture {
         let (tx, rx) = watch::channel(None);
         let mut nodes = Vec::new();
-        for i in 0..3 {
-            let dir = tempfile::tempdir().unwrap();
-            let engine = Arc::new(ChunkEngine::open(dir.path(), CHUNK).unwrap());
+        for (i, given) in dirs.into_iter().enumerate() {
+            let dir = match given {
+                Some(_) => None,
+                None => Some(tempfile::tempdir().unwrap()),
+            };
+            let path = given.unwrap_or_else(|| dir.as_ref().unwrap().path());
+            let engine = Arc::new(ChunkEngine::open(path, CHUNK).unwrap());
             let service = StorageService::new(
                 i as u32 + 1,
                 HashMap::from([(target_of(i), engine.clone())]),
@@ -1160,6 +1171,37 @@ async fn a_read_at_the_head_re_drives_a_leftover_pending_version() {
     assert!(!f.nodes[0].engine.meta(id(0)).unwrap().unwrap().is_dirty());
 }
 
+/// Listings and the last chunk (file lengths, SEEK_DATA) at a lone head
+/// settle leftover pending versions first, as reads do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_head_lists_chunks_it_held_only_as_pending() {
+    use PublicState::{Offline, Serving};
+    let f = Fixture::start().await;
+    f.nodes[0]
+        .engine
+        .write_pending(id(3), 1, 1, 0, b"pending only", CHUNK)
+        .unwrap();
+    f.set_states(2, &[Serving, Offline, Offline]);
+    let list = f.list(0, 0, 10).await.unwrap();
+    let listed: Vec<(u64, u32)> = list.chunks.iter().map(|c| (c.index, c.length)).collect();
+    assert_eq!(listed, [(3, 12)]);
+    f.nodes[0]
+        .engine
+        .write_pending(id(5), 1, 1, 0, b"also pending", CHUNK)
+        .unwrap();
+    let query = LastChunkRequest {
+        chain: CHAIN,
+        inode: 7,
+    };
+    let (last, _) = f
+        .rpc
+        .call_with_payload::<QueryLastChunk>(f.nodes[0].addr, &query, Bytes::new(), Fixture::opts())
+        .await
+        .unwrap();
+    let last = last.unwrap().expect("a last chunk");
+    assert_eq!((last.index, last.length), (5, 12));
+}
+
 /// After every target of a chain went down, the LASTSRV target serves at
 /// once without a resync. If a crash took back its unsynced commits, it
 /// holds acknowledged versions only as pending ones (the tail committed
@@ -1213,4 +1255,42 @@ async fn resync_from_a_returning_lastsrv_keeps_versions_it_holds_only_as_pending
             assert_eq!(resp.commit_ver, index + 1);
         }
     }
+}
+
+/// A version the head re-drives may have been acknowledged through targets
+/// that left the chain, so a successor's lack of space never makes the head
+/// drop it (a first forward's `NoSpace` does: nothing after it committed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_driven_version_a_successor_has_no_space_for_stays_pending() {
+    use PublicState::{Offline, Serving, Syncing};
+    let tmpfs = match common::mount_tmpfs("16m") {
+        Ok(guard) => guard,
+        Err(reason) => {
+            println!("skipped: cannot mount tmpfs ({reason})");
+            return;
+        }
+    };
+    let f = Fixture::start_on([None, Some(tmpfs.dir.path()), None]).await;
+    // The LASTSRV head holds v1 only as pending (the old tail, now
+    // offline, committed it); the middle returns SYNCING with a full disk.
+    let data = vec![5u8; CHUNK as usize];
+    f.nodes[0]
+        .engine
+        .write_pending(id(0), 1, 1, 0, &data, CHUNK)
+        .unwrap();
+    let filler = common::fill_leaving(tmpfs.dir.path(), 1024 * 1024);
+    f.set_states(3, &[Serving, Syncing, Offline]);
+    let read = f.read_from(0, 0).await;
+    assert!(
+        matches!(read, Err(StorageError::NotCommitted { .. })),
+        "{read:?}"
+    );
+    let meta = f.nodes[0].engine.meta(id(0)).unwrap().expect("kept");
+    assert!(meta.is_dirty() && meta.update_ver == 1, "{meta:?}");
+    // With space back, the next read settles it on both.
+    std::fs::remove_file(filler).unwrap();
+    let (resp, got) = f.read_from(0, 0).await.unwrap();
+    assert_eq!((resp.commit_ver, &got[..]), (1, &data[..]));
+    let synced = f.nodes[1].engine.read(id(0), 0, CHUNK).unwrap().0;
+    assert_eq!(synced, data);
 }

@@ -2,6 +2,8 @@
 //! chains of three (each node holds one target of each chain), routing info
 //! given directly through watch channels.
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -641,51 +643,13 @@ async fn chunk_listings_merge_chains_in_index_order_and_stop_at_a_limit() {
     assert_eq!(c.list_chunks(&layout, INODE).await.unwrap(), all);
 }
 
-/// Unmounts the tmpfs on drop, even when the test panics (lazily if a
-/// file on it is still open).
-struct TmpfsGuard {
-    dir: tempfile::TempDir,
-}
-
-impl Drop for TmpfsGuard {
-    fn drop(&mut self) {
-        let umount = |lazy: bool| {
-            let mut cmd = std::process::Command::new("umount");
-            if lazy {
-                cmd.arg("-l");
-            }
-            cmd.arg(self.dir.path())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !umount(false) && !umount(true) {
-            eprintln!("cannot unmount the tmpfs at {}", self.dir.path().display());
-        }
-    }
-}
-
-fn mount_tmpfs(size: &str) -> Result<TmpfsGuard, String> {
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let status = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(dir.path())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .map_err(|e| e.to_string())?;
-    if !status.success() {
-        return Err(format!("mount exited with {status}"));
-    }
-    Ok(TmpfsGuard { dir })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_on_a_middle_replica_is_enospc_and_loses_nothing_acknowledged() {
     const TMPFS_SIZE: &str = "16m";
     const WRITE_BYTES: usize = 512 * 1024;
     const WRITES_MAX: u64 = 64;
     // Declared first so it is dropped last, after every engine on it.
-    let guard = match mount_tmpfs(TMPFS_SIZE) {
+    let guard = match common::mount_tmpfs(TMPFS_SIZE) {
         Ok(guard) => guard,
         Err(reason) => {
             println!("skipped: cannot mount tmpfs ({reason})");
