@@ -921,6 +921,7 @@ impl ChunkEngine {
     /// `n` free slots, growing the data file when the free list runs out.
     fn alloc(&self, id: ChunkId, n: usize) -> ChunkResult<Vec<u64>> {
         let mut synced = self.kv.synced_version();
+        let mut synced_once = false;
         let mut slots = loop {
             let mut slots = self.slots.lock();
             while slots.unsynced.front().is_some_and(|(v, _)| *v <= synced) {
@@ -930,16 +931,20 @@ impl ChunkEngine {
                     assert!(fresh, "slot {slot} freed twice");
                 }
             }
-            if slots.free.len() >= n || slots.unsynced.is_empty() {
+            let waiting: usize = slots.unsynced.iter().map(|(_, s)| s.len()).sum();
+            let short = slots.free.len() < n;
+            if !short || synced_once || slots.free.len() + waiting < n {
                 break slots;
             }
-            // Rather than grow the file (or refuse on a full disk) while
-            // freed slots wait for durability: make them durable now.
+            // The slots waiting for durability would cover this version:
+            // make them durable (once) rather than grow the file, or refuse
+            // with NoSpace on a full disk.
             drop(slots);
             self.kv
                 .sync()
                 .map_err(|e| with_id(id, &self.meta_dir, e.into()))?;
             synced = self.kv.synced_version();
+            synced_once = true;
         };
         let reused = n.min(slots.free.len());
         let grown = (n - reused) as u64;
