@@ -931,9 +931,11 @@ impl ChunkEngine {
                     assert!(fresh, "slot {slot} freed twice");
                 }
             }
+            if slots.free.len() >= n || synced_once {
+                break slots;
+            }
             let waiting: usize = slots.unsynced.iter().map(|(_, s)| s.len()).sum();
-            let short = slots.free.len() < n;
-            if !short || synced_once || slots.free.len() + waiting < n {
+            if slots.free.len() + waiting < n {
                 break slots;
             }
             // The slots waiting for durability would cover this version:

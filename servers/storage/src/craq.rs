@@ -975,13 +975,16 @@ impl StorageService {
         let inode = req.inode;
         if head_alone(&chain, pos) {
             // A LASTSRV head may hold acknowledged versions only as pending
-            // ones (see `settle_if_alone`): settle them before answering.
+            // ones (see `settle_if_alone`): settle the highest chunk, the one
+            // the answer is about, before answering (one seek, one re-drive).
             let engine = engine.clone();
-            let chunks = blocking(move || engine.list_inode(inode))
+            let highest = blocking(move || engine.last_chunk(inode))
                 .await
                 .map_err(|e| io_error(e, me.target))?;
-            self.settle_dirty_if_alone(&routing, &chain, pos, &chunks)
-                .await;
+            if let Some(highest) = highest {
+                self.settle_dirty_if_alone(&routing, &chain, pos, &[highest])
+                    .await;
+            }
         }
         let last = blocking(move || {
             // The highest chunk, unless its first version is still in flight:
