@@ -246,6 +246,11 @@ async fn holes_and_bytes_past_a_chunk_end_read_as_zeros() {
     expect[10..14].copy_from_slice(b"head");
     expect[3 * chunk as usize..3 * chunk as usize + 4].copy_from_slice(b"tail");
     assert!(back == expect, "holes must be zeros");
+    // Within one chunk, past its end (the one-piece path).
+    let within = c.read(&layout, INODE, 8, 20).await.unwrap();
+    assert!(within[..] == expect[8..28], "{within:?}");
+    let whole = c.read(&layout, INODE, 10, 4).await.unwrap();
+    assert_eq!(&whole[..], b"head");
     // An inode never written at all.
     let none = c.read(&layout, INODE + 1, 5, 100).await.unwrap();
     assert!(none == vec![0u8; 100]);
