@@ -16,7 +16,7 @@
 //!   valid bytes only). Block number [`BLOCK_ZERO`] means "all zeros, no
 //!   disk block" (gaps and zeroed ranges).
 //! - `<dir>/data/blocks`: one file of [`BLOCK_BYTES`] slots, written around
-//!   the page cache and read through it ([`crate::data_file`]). Which slots are
+//!   and read around the page cache ([`crate::data_file`]). Which slots are
 //!   in use is not stored anywhere: it is exactly the set the records name,
 //!   rebuilt by `open`.
 //!
