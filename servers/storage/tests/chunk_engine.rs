@@ -932,20 +932,11 @@ fn flipped_byte_on_disk_is_reported_as_corrupt() {
 
 /// Flip one bit of byte `offset` of version `ver` of `id` on disk.
 fn flip_byte(engine: &ChunkEngine, id: ChunkId, ver: u64, offset: u32) {
-    use std::os::unix::fs::FileExt;
     let (path, pos) = engine
         .block_location(id, ver, offset)
         .unwrap()
         .expect("a block on disk");
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    let mut byte = [0u8];
-    file.read_exact_at(&mut byte, pos).unwrap();
-    byte[0] ^= 0x01;
-    file.write_all_at(&byte, pos).unwrap();
+    common::flip_bits(&path, pos, 0x01);
 }
 
 #[test]

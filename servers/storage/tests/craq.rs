@@ -391,7 +391,7 @@ async fn a_corrupted_replica_reports_a_checksum_error() {
         .block_location(id(0), 1, 3)
         .unwrap()
         .expect("committed block");
-    flip_bit(&path, pos);
+    common::flip_bits(&path, pos, 0x40);
     let err = f.read_from(1, 0).await.unwrap_err();
     assert!(
         matches!(err, StorageError::Checksum { target: 102, .. }),
@@ -1131,20 +1131,6 @@ async fn a_forwarded_update_whose_payload_does_not_match_its_crc_is_refused_ever
     for node in &f.nodes {
         assert!(node.engine.meta(id(0)).unwrap().is_none());
     }
-}
-
-/// Flip one bit of the byte at `pos` of the file at `path`.
-fn flip_bit(path: &std::path::Path, pos: u64) {
-    use std::os::unix::fs::FileExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut byte = [0u8];
-    file.read_exact_at(&mut byte, pos).unwrap();
-    byte[0] ^= 0x40;
-    file.write_all_at(&byte, pos).unwrap();
 }
 
 /// A pending version nobody is updating (a failed forward, or an unsynced

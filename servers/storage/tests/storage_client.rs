@@ -371,7 +371,7 @@ async fn a_corrupted_replica_is_skipped() {
             .block_location(id(0), 1, 3)
             .unwrap()
             .expect("committed block");
-        flip_bit(&path, pos);
+        common::flip_bits(&path, pos, 0x40);
     }
     for _ in 0..20 {
         let back = c.read(&layout, INODE, 0, 14).await.unwrap();
@@ -717,18 +717,4 @@ async fn a_full_disk_on_a_middle_replica_is_enospc_and_loses_nothing_acknowledge
         .unwrap();
     drop(c);
     drop(f);
-}
-
-/// Flip one bit of the byte at `pos` of the file at `path`.
-fn flip_bit(path: &std::path::Path, pos: u64) {
-    use std::os::unix::fs::FileExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut byte = [0u8];
-    file.read_exact_at(&mut byte, pos).unwrap();
-    byte[0] ^= 0x40;
-    file.write_all_at(&byte, pos).unwrap();
 }

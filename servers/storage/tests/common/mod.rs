@@ -1,4 +1,5 @@
-//! What the storage test binaries share: a small tmpfs to fill up.
+//! What the storage test binaries share: a small tmpfs to fill up, and a
+//! way to damage a byte on disk.
 
 #![allow(dead_code)]
 
@@ -55,4 +56,19 @@ pub fn fill_leaving(dir: &Path, left: u64) -> std::path::PathBuf {
     let len = free.saturating_sub(left) as i64;
     nix::fcntl::posix_fallocate(&file, 0, len).expect("fallocate filler");
     path
+}
+
+/// Flips the bits `mask` of the byte at `pos` of the file at `path` (a
+/// block damaged on disk).
+pub fn flip_bits(path: &Path, pos: u64, mask: u8) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, pos).unwrap();
+    byte[0] ^= mask;
+    file.write_all_at(&byte, pos).unwrap();
 }
