@@ -172,8 +172,9 @@ impl ChunkMeta {
     }
 }
 
-/// A versioned change as the last member of a chain applies it: staged and
-/// committed in one metadata commit by [`ChunkEngine::apply_committed`].
+/// A versioned change as a chain member applies it: staged as the pending
+/// version by [`ChunkEngine::apply_pending`], or (the last member) staged
+/// and committed in one metadata commit by [`ChunkEngine::apply_committed`].
 #[derive(Debug, Clone, Copy)]
 pub enum ChunkUpdate<'a> {
     /// As [`ChunkEngine::write_pending_checked`].
@@ -496,6 +497,27 @@ enum Staged {
     New(Record),
 }
 
+/// The callback of [`ChunkEngine::apply_pending`], called at most once.
+struct OnPrepared<'a> {
+    f: Option<&'a mut dyn FnMut()>,
+}
+
+impl<'a> OnPrepared<'a> {
+    fn new(f: &'a mut dyn FnMut()) -> Self {
+        OnPrepared { f: Some(f) }
+    }
+
+    fn none() -> Self {
+        OnPrepared { f: None }
+    }
+
+    fn call(&mut self) {
+        if let Some(f) = self.f.take() {
+            f();
+        }
+    }
+}
+
 /// A versioned change staged as the pending version.
 enum Change<'a> {
     Write {
@@ -656,6 +678,8 @@ pub struct ChunkEngine {
     /// A metadata commit failed: its batch may be visible to reads without
     /// being durable, so from then on `load` waits for durability.
     kv_in_doubt: AtomicBool,
+    /// See [`ChunkEngine::inject_write_faults`].
+    write_faults: AtomicBool,
 }
 
 impl fmt::Debug for ChunkEngine {
@@ -712,6 +736,7 @@ impl ChunkEngine {
                 unsynced: VecDeque::new(),
             }),
             kv_in_doubt: AtomicBool::new(false),
+            write_faults: AtomicBool::new(false),
         };
         engine.rebuild_slots()?;
         Ok(engine)
@@ -1018,6 +1043,10 @@ impl ChunkEngine {
     }
 
     fn write_slots(&self, id: ChunkId, first: u64, bytes: &[u8]) -> ChunkResult<()> {
+        if self.write_faults.load(Ordering::Relaxed) {
+            let injected = io::Error::other("injected block write fault");
+            return Err(io_error(Some(id), self.data.path(), injected));
+        }
         self.data
             .write_at(bytes, first * u64::from(BLOCK_BYTES))
             .map_err(|e| io_error(Some(id), self.data.path(), e))
@@ -1025,13 +1054,20 @@ impl ChunkEngine {
 
     /// Write the new blocks of `plan` to fresh slots and sync them; returns
     /// the version's block list. On failure no slot stays taken.
-    fn write_plan(&self, id: ChunkId, plan: Plan, payload: &[u8]) -> ChunkResult<Vec<BlockRef>> {
+    fn write_plan(
+        &self,
+        id: ChunkId,
+        plan: Plan,
+        payload: &[u8],
+        prepared: &mut OnPrepared<'_>,
+    ) -> ChunkResult<Vec<BlockRef>> {
         let fresh = plan
             .blocks
             .iter()
             .filter(|(c, _)| matches!(c, Content::Payload { .. } | Content::Owned(_)))
             .count();
         let slots = self.alloc(id, fresh)?;
+        prepared.call();
         let mut refs = Vec::with_capacity(plan.blocks.len());
         let written = self.write_blocks(id, plan, payload, &slots, &mut refs);
         let synced = written.and_then(|()| match fresh {
@@ -1326,7 +1362,15 @@ impl ChunkEngine {
         let _guard = self.lock(id);
         let record = self.load(id)?;
         let change = Change::Write { offset, data };
-        let staged = self.stage(id, record, update_ver, chain_ver, change, sent_crc)?;
+        let staged = self.stage(
+            id,
+            record,
+            update_ver,
+            chain_ver,
+            change,
+            sent_crc,
+            &mut OnPrepared::none(),
+        )?;
         self.store_pending(id, staged)
     }
 
@@ -1375,7 +1419,15 @@ impl ChunkEngine {
         let _guard = self.lock(id);
         let record = self.load(id)?;
         let change = Change::Truncate { length };
-        let staged = self.stage(id, record, update_ver, chain_ver, change, None)?;
+        let staged = self.stage(
+            id,
+            record,
+            update_ver,
+            chain_ver,
+            change,
+            None,
+            &mut OnPrepared::none(),
+        )?;
         self.store_pending(id, staged)
     }
 
@@ -1395,7 +1447,15 @@ impl ChunkEngine {
             return Ok(None);
         };
         let change = Change::Zero { offset, len };
-        let staged = self.stage(id, Some(record), update_ver, chain_ver, change, None)?;
+        let staged = self.stage(
+            id,
+            Some(record),
+            update_ver,
+            chain_ver,
+            change,
+            None,
+            &mut OnPrepared::none(),
+        )?;
         self.store_pending(id, staged).map(Some)
     }
 
@@ -1415,7 +1475,15 @@ impl ChunkEngine {
         let _guard = self.lock(id);
         let record = self.load(id)?;
         let change = Change::Replace { data };
-        let staged = self.stage(id, record, update_ver, chain_ver, change, Some(crc))?;
+        let staged = self.stage(
+            id,
+            record,
+            update_ver,
+            chain_ver,
+            change,
+            Some(crc),
+            &mut OnPrepared::none(),
+        )?;
         self.store_pending(id, staged)
     }
 
@@ -1432,7 +1500,15 @@ impl ChunkEngine {
             return Ok(None);
         };
         let change = Change::Remove;
-        let staged = self.stage(id, Some(record), update_ver, chain_ver, change, None)?;
+        let staged = self.stage(
+            id,
+            Some(record),
+            update_ver,
+            chain_ver,
+            change,
+            None,
+            &mut OnPrepared::none(),
+        )?;
         self.store_pending(id, staged).map(Some)
     }
 
@@ -1451,7 +1527,66 @@ impl ChunkEngine {
         chain_ver: u64,
         update: ChunkUpdate<'_>,
     ) -> ChunkResult<Option<ChunkMeta>> {
-        let (change, sent_crc) = match update {
+        let (change, sent_crc) = self.checked_change(id, update)?;
+        let keeps_absent = matches!(change, Change::Zero { .. } | Change::Remove);
+        let _guard = self.lock(id);
+        let record = self.load(id)?;
+        if record.is_none() && keeps_absent {
+            return Ok(None);
+        }
+        let prepared = &mut OnPrepared::none();
+        let staged = self.stage(
+            id, record, update_ver, chain_ver, change, sent_crc, prepared,
+        )?;
+        self.store_committed(id, staged, update_ver)
+    }
+
+    /// Stage `update` as pending version `update_ver`, with the checks,
+    /// retry rules and results of the `*_pending` calls (`Ok(None)`: the
+    /// chunk is absent and stays so). `prepared` is called once every check
+    /// has passed and the version's slots are taken, before anything is
+    /// written, and on every success: from that call on, the stage can fail
+    /// only as the disk does (a block write, an fsync, the metadata commit),
+    /// never as a refusal of the version. A chain member forwards the
+    /// version at that point, so its own disk work overlaps its successors'.
+    pub fn apply_pending(
+        &self,
+        id: ChunkId,
+        update_ver: u64,
+        chain_ver: u64,
+        update: ChunkUpdate<'_>,
+        prepared: &mut dyn FnMut(),
+    ) -> ChunkResult<Option<ChunkMeta>> {
+        let mut prepared = OnPrepared::new(prepared);
+        let (change, sent_crc) = self.checked_change(id, update)?;
+        let keeps_absent = matches!(change, Change::Zero { .. } | Change::Remove);
+        let _guard = self.lock(id);
+        let record = self.load(id)?;
+        if record.is_none() && keeps_absent {
+            prepared.call();
+            return Ok(None);
+        }
+        let staged = self.stage(
+            id,
+            record,
+            update_ver,
+            chain_ver,
+            change,
+            sent_crc,
+            &mut prepared,
+        )?;
+        prepared.call();
+        self.store_pending(id, staged).map(Some)
+    }
+
+    /// The change `update` makes, once its range fits this target, and the
+    /// payload CRC it was sent with.
+    fn checked_change<'a>(
+        &self,
+        id: ChunkId,
+        update: ChunkUpdate<'a>,
+    ) -> ChunkResult<(Change<'a>, Option<u32>)> {
+        Ok(match update {
             ChunkUpdate::Write {
                 offset,
                 data,
@@ -1471,15 +1606,14 @@ impl ChunkEngine {
                 (Change::Replace { data }, Some(crc))
             }
             ChunkUpdate::Remove => (Change::Remove, None),
-        };
-        let keeps_absent = matches!(change, Change::Zero { .. } | Change::Remove);
-        let _guard = self.lock(id);
-        let record = self.load(id)?;
-        if record.is_none() && keeps_absent {
-            return Ok(None);
-        }
-        let staged = self.stage(id, record, update_ver, chain_ver, change, sent_crc)?;
-        self.store_committed(id, staged, update_ver)
+        })
+    }
+
+    /// For fault tests: while `on`, every block write to the data file fails
+    /// with an I/O error, as on a failing disk (metadata and reads are
+    /// untouched).
+    pub fn inject_write_faults(&self, on: bool) {
+        self.write_faults.store(on, Ordering::Relaxed);
     }
 
     /// Store a staged version as pending.
@@ -1529,6 +1663,7 @@ impl ChunkEngine {
         Ok(Some(done.meta))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn stage(
         &self,
         id: ChunkId,
@@ -1537,6 +1672,7 @@ impl ChunkEngine {
         chain_ver: u64,
         change: Change<'_>,
         sent_crc: Option<u32>,
+        prepared: &mut OnPrepared<'_>,
     ) -> ChunkResult<Staged> {
         let meta = record.as_ref().map(|r| r.meta).unwrap_or_default();
         if chain_ver < meta.chain_ver {
@@ -1587,7 +1723,7 @@ impl ChunkEngine {
             _ => &[],
         };
         let pending = match plan {
-            Some(plan) => self.write_plan(id, plan, payload)?,
+            Some(plan) => self.write_plan(id, plan, payload, prepared)?,
             None => Vec::new(),
         };
         let committed = record.map(|r| r.committed).unwrap_or_default();
@@ -1783,7 +1919,7 @@ impl ChunkEngine {
         }
         let _guard = self.lock(id);
         let old = self.load(id)?;
-        let committed = self.write_plan(id, plan, bytes)?;
+        let committed = self.write_plan(id, plan, bytes, &mut OnPrepared::none())?;
         let new = Record {
             meta: ChunkMeta {
                 update_ver: meta.commit_ver,

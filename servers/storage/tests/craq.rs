@@ -1280,3 +1280,164 @@ async fn a_re_driven_version_a_successor_has_no_space_for_stays_pending() {
     let synced = f.nodes[1].engine.read(id(0), 0, CHUNK).unwrap().0;
     assert_eq!(synced, data);
 }
+
+/// A member passes a version on as soon as it is checked and its slots are
+/// taken, so its own disk work overlaps its successors'. When the head's
+/// disk then fails a block write, its successors have committed the
+/// version: the head leaves service (answering nothing, reporting OFFLINE)
+/// rather than keep a copy without it, and once mgmtd moves it out the
+/// middle heads the chain from that version on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_whose_disk_fails_after_forwarding_leaves_service() {
+    use PublicState::{Offline, Serving};
+    let f = Fixture::start().await;
+    f.write_to(0, 1, 0, 0, b"old").await.unwrap();
+    f.nodes[0].engine.inject_write_faults(true);
+    let err = f.write_to(0, 1, 0, 0, b"new").await.unwrap_err();
+    assert!(matches!(err, StorageError::Io { target: 101, .. }), "{err}");
+    let reason = f.nodes[0].service.failure(target_of(0)).expect("failed");
+    assert!(reason.contains("injected block write fault"), "{reason}");
+    for node in 1..3 {
+        let (resp, data) = f.read_from(node, 0).await.unwrap();
+        assert_eq!(
+            (resp.commit_ver, &data[..]),
+            (2, &b"new"[..]),
+            "node {node}"
+        );
+    }
+    // Out of service even once the disk writes again, for reads too: its
+    // copy lacks version 2.
+    f.nodes[0].engine.inject_write_faults(false);
+    let read = f.read_from(0, 0).await;
+    assert!(matches!(read, Err(StorageError::Io { .. })), "{read:?}");
+    let write = f.write_to(0, 1, 0, 0, b"again").await;
+    assert!(matches!(write, Err(StorageError::Io { .. })), "{write:?}");
+    assert_eq!(
+        f.nodes[0].engine.meta(id(0)).unwrap().unwrap().commit_ver,
+        1
+    );
+
+    f.set_states(2, &[Offline, Serving, Serving]);
+    let v = f.write_to(1, 2, 0, 3, b"+more").await.unwrap();
+    assert_eq!(v.commit_ver, 3);
+    for node in 1..3 {
+        assert_eq!(&f.read_from(node, 0).await.unwrap().1[..], b"new+more");
+    }
+}
+
+/// As above for the middle: the tail committed the version, the middle
+/// leaves service, and the head keeps the version pending (its forward
+/// failed) until the next write re-drives it down the new chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_middle_whose_disk_fails_after_forwarding_leaves_service() {
+    use PublicState::{Offline, Serving};
+    let f = Fixture::start().await;
+    f.write_to(0, 1, 0, 0, b"old").await.unwrap();
+    f.nodes[1].engine.inject_write_faults(true);
+    let err = f.write_to(0, 1, 0, 0, b"new").await.unwrap_err();
+    assert!(matches!(err, StorageError::Forward { .. }), "{err}");
+    assert!(f.nodes[1].service.failure(target_of(1)).is_some());
+    assert!(f.nodes[0].service.failure(target_of(0)).is_none());
+    let (resp, data) = f.read_from(2, 0).await.unwrap();
+    assert_eq!((resp.commit_ver, &data[..]), (2, &b"new"[..]));
+    let read = f.read_from(0, 0).await;
+    assert!(
+        matches!(read, Err(StorageError::NotCommitted { pending: 2, .. })),
+        "{read:?}"
+    );
+
+    f.set_states(2, &[Serving, Offline, Serving]);
+    let v = f.write_to(0, 2, 0, 3, b"+more").await.unwrap();
+    assert_eq!(v.commit_ver, 3);
+    for node in [0, 2] {
+        assert_eq!(&f.read_from(node, 0).await.unwrap().1[..], b"new+more");
+    }
+}
+
+/// Refusals come before a version goes on: a version a member refuses
+/// reaches nothing after it, and no member leaves service for it. Here the
+/// middle holds another version 2 pending (the tail, clean, would take it)
+/// and the payload checks are the other refusal class.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_a_member_refuses_goes_no_further() {
+    let f = Fixture::start().await;
+    f.write_to(0, 1, 0, 0, b"old").await.unwrap();
+    f.nodes[1]
+        .engine
+        .write_pending(id(0), 2, 1, 0, b"other", CHUNK)
+        .unwrap();
+    let send = |crc: u32| {
+        let req = f.forwarded(target_of(1), 2, UpdateOp::Write { offset: 0 }, crc);
+        let (rpc, addr) = (f.rpc.clone(), f.nodes[1].addr);
+        async move {
+            rpc.call_with_payload::<Update>(addr, &req, Bytes::from_static(b"new"), Fixture::opts())
+                .await
+                .unwrap()
+                .0
+        }
+    };
+    let got = send(crc32c::crc32c(b"new")).await;
+    assert!(matches!(got, Err(StorageError::Io { .. })), "{got:?}");
+    let text = got.unwrap_err().to_string();
+    assert!(
+        text.contains("already pending"),
+        "a version conflict: {text}"
+    );
+    let got = send(crc32c::crc32c(b"damaged")).await;
+    assert!(
+        matches!(got, Err(StorageError::PayloadChecksum { .. })),
+        "{got:?}"
+    );
+    let tail = f.nodes[2].engine.meta(id(0)).unwrap().unwrap();
+    assert_eq!(
+        (tail.commit_ver, tail.update_ver),
+        (1, 1),
+        "the tail never saw it"
+    );
+    for (i, node) in f.nodes.iter().enumerate() {
+        assert!(node.service.failure(target_of(i)).is_none(), "node {i}");
+    }
+}
+
+/// A target that fails is reported OFFLINE at once, not at the next
+/// heartbeat, so mgmtd moves it out of its chain before clients give up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_target_is_reported_offline_at_once() {
+    use r3fs_storage::node::{NodeConfig, Reporter};
+    use std::time::Duration;
+    type Beat = Vec<(TargetId, LocalState)>;
+    struct Beats(tokio::sync::mpsc::UnboundedSender<Beat>);
+    impl Reporter for Beats {
+        fn heartbeat(
+            &self,
+            _node: NodeId,
+            targets: Beat,
+        ) -> impl std::future::Future<Output = Result<u64, String>> + Send {
+            let sent = self.0.send(targets).map_err(|e| e.to_string());
+            async move { sent.map(|()| 1) }
+        }
+    }
+    let f = Fixture::start().await;
+    let (tx, mut beats) = tokio::sync::mpsc::unbounded_channel();
+    let hour = Duration::from_secs(3600);
+    let config = NodeConfig {
+        node_id: 1,
+        heartbeat_interval: hour,
+        resync_retry: hour,
+    };
+    let _tasks = r3fs_storage::node::spawn(
+        f.nodes[0].service.clone(),
+        Beats(tx),
+        f.routing.subscribe(),
+        config,
+    );
+    let first = beats.recv().await.unwrap();
+    assert_eq!(first, vec![(target_of(0), LocalState::Online)]);
+    f.nodes[0].engine.inject_write_faults(true);
+    f.write_to(0, 1, 0, 0, b"x").await.unwrap_err();
+    let next = tokio::time::timeout(Duration::from_secs(10), beats.recv())
+        .await
+        .expect("a beat at once, not after the interval")
+        .unwrap();
+    assert_eq!(next, vec![(target_of(0), LocalState::Offline)]);
+}
