@@ -103,9 +103,10 @@ fn may_have_run(err: &RpcError) -> bool {
             !matches!(code, ErrorCode::UnknownMethod | ErrorCode::BadRequest)
         }
         RpcError::RetriesExhausted { last, .. } => may_have_run(last),
-        RpcError::Timeout { .. } | RpcError::ConnectionLost { .. } | RpcError::Decode { .. } => {
-            true
-        }
+        RpcError::Timeout { .. }
+        | RpcError::ConnectionLost { .. }
+        | RpcError::Decode { .. }
+        | RpcError::UncheckedPayload { .. } => true,
     }
 }
 
@@ -118,7 +119,9 @@ fn is_transport(err: &RpcError) -> bool {
         }
         RpcError::Remote { code, .. } => code.is_retryable(),
         RpcError::RetriesExhausted { last, .. } => is_transport(last),
-        RpcError::Decode { .. } | RpcError::Frame { .. } => false,
+        RpcError::Decode { .. } | RpcError::Frame { .. } | RpcError::UncheckedPayload { .. } => {
+            false
+        }
     }
 }
 

@@ -384,6 +384,9 @@ fn decode_answer<M: Method>(
     frame: Frame,
 ) -> Result<(M::Response, Bytes), RpcError> {
     let method = M::NAME;
+    if frame.payload_crc_in_body && !M::RESPONSE_PAYLOAD_CRC_IN_BODY {
+        return Err(RpcError::UncheckedPayload { method, addr });
+    }
     match frame.kind {
         FrameKind::Response => match body::decode::<M::Response>(&frame.body) {
             Ok(resp) => Ok((resp, frame.payload)),

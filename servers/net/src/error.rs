@@ -37,6 +37,13 @@ pub enum RpcError {
         code: ErrorCode,
         message: String,
     },
+    /// The server left the response payload's CRC to the body, but the
+    /// method's callers do not check one: nothing would check the payload.
+    #[error("{method} from {addr}: response payload without a CRC to check it by")]
+    UncheckedPayload {
+        method: &'static str,
+        addr: SocketAddr,
+    },
     #[error("{method} from {addr}: undecodable response: {source}")]
     Decode {
         method: &'static str,

@@ -91,6 +91,9 @@ struct Route {
     handler: Handler,
     /// `Method::PAYLOAD_CRC_IN_BODY`: the handler checks its payload itself.
     payload_crc_in_body: bool,
+    /// `Method::RESPONSE_PAYLOAD_CRC_IN_BODY`: callers check the answer's
+    /// payload against its body.
+    response_crc_in_body: bool,
 }
 
 /// Handlers by method id.
@@ -148,6 +151,7 @@ impl Router {
             name: M::NAME,
             handler,
             payload_crc_in_body: M::PAYLOAD_CRC_IN_BODY,
+            response_crc_in_body: M::RESPONSE_PAYLOAD_CRC_IN_BODY,
         };
         let previous = self.routes.insert(M::ID, route);
         assert!(
@@ -439,6 +443,7 @@ impl Connection {
         };
         let handler = route.handler.clone();
         let name = route.name;
+        let response_crc_in_body = route.response_crc_in_body;
         let tx = self.tx.clone();
         let limits = self.shared.config.frame_limits;
         let Frame {
@@ -457,7 +462,13 @@ impl Connection {
             let reply = AssertUnwindSafe(async move { handler(body, ctx).await })
                 .catch_unwind()
                 .await;
-            let answer = answer_frame(msg_type, request_id, name, peer, limits, reply);
+            let answer = answer_frame(
+                (msg_type, request_id, name),
+                response_crc_in_body,
+                peer,
+                limits,
+                reply,
+            );
             let _ = tx.send(answer).await;
             drop(permit);
         });
@@ -465,10 +476,11 @@ impl Connection {
     }
 }
 
+/// The frame answering request `request_id` of method `name` (`msg_type`);
+/// `crc_in_body`: the method's answer carries its payload's CRC.
 fn answer_frame(
-    msg_type: u16,
-    request_id: u64,
-    name: &'static str,
+    (msg_type, request_id, name): (u16, u64, &'static str),
+    crc_in_body: bool,
     peer: SocketAddr,
     limits: FrameLimits,
     reply: std::thread::Result<Reply>,
@@ -481,8 +493,8 @@ fn answer_frame(
                     msg_type,
                     request_id,
                     body,
+                    payload_crc_in_body: crc_in_body && !payload.is_empty(),
                     payload,
-                    payload_crc_in_body: false,
                 }
             }
             Err(e) => {

@@ -254,3 +254,41 @@ async fn payload_crc_left_to_a_handler_that_does_not_check_it_is_refused() {
     check_error_answer(server.local_addr(), frame, ErrorCode::BadRequest).await;
     server.shutdown().await;
 }
+
+/// A method whose answer carries its payload's CRC gets an answer frame
+/// that leaves the payload unchecksummed (its caller checks it), and a
+/// caller whose method does not check one refuses such an answer.
+#[tokio::test]
+async fn a_response_payload_crc_in_the_body_is_only_for_callers_that_check_it() {
+    let (server, _) = server(short_timeouts()).await;
+    let addr = server.local_addr();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let sent = Bytes::from_static(b"bytes the caller checks");
+    let frame = Frame {
+        payload: sent.clone(),
+        ..request::<CheckedBlob>(7, body::encode(&()))
+    };
+    let answer = exchange(&mut stream, frame).await;
+    assert_eq!(answer.kind, FrameKind::Response);
+    assert!(answer.payload_crc_in_body);
+    assert_eq!(answer.payload, sent);
+    assert_eq!(
+        body::decode::<u32>(&answer.body).unwrap(),
+        crc32c::crc32c(&sent)
+    );
+
+    let rpc = r3fs_net::RpcClient::new(r3fs_net::ClientConfig::default());
+    let (crc, got) = rpc
+        .call_with_payload::<CheckedBlob>(addr, &(), sent.clone(), Default::default())
+        .await
+        .unwrap();
+    assert_eq!((crc, &got), (crc32c::crc32c(&sent), &sent));
+    let refused = rpc
+        .call_with_payload::<UncheckedBlob>(addr, &(), sent, Default::default())
+        .await;
+    assert!(
+        matches!(refused, Err(r3fs_net::RpcError::UncheckedPayload { .. })),
+        "{refused:?}"
+    );
+    server.shutdown().await;
+}

@@ -28,7 +28,10 @@
 //! checks the payload against the body's CRC in the pass that checksums
 //! what it stores. A 1 MiB write is then checksummed once per hop, not
 //! three times (sender, receiver, handler). The server refuses bit 2 for a
-//! method that does not check its payload itself.
+//! method that does not check its payload itself. A response may set bit 2
+//! too (`Method::RESPONSE_PAYLOAD_CRC_IN_BODY`, storage reads, whose answer
+//! carries the CRC its caller checks); the caller refuses it for any other
+//! method. An error response never sets it.
 //!
 //! # Limits
 //! A body is at most `FrameLimits::body_bytes_max` (default
@@ -88,12 +91,13 @@ impl FrameKind {
 }
 
 /// Splits flag bits into the frame's kind and whether its payload CRC is
-/// left to the body ([`FLAG_PAYLOAD_CRC_IN_BODY`], requests only).
+/// left to the body ([`FLAG_PAYLOAD_CRC_IN_BODY`], never on an error
+/// response).
 fn parse_flags(flags: u16) -> Result<(FrameKind, bool), FrameError> {
     let crc_in_body = flags & FLAG_PAYLOAD_CRC_IN_BODY != 0;
     let kind = FrameKind::from_flags(flags & !FLAG_PAYLOAD_CRC_IN_BODY)
         .map_err(|_| FrameError::UnknownFlags { flags })?;
-    if crc_in_body && kind != FrameKind::Request {
+    if crc_in_body && kind == FrameKind::ErrorResponse {
         return Err(FrameError::UnknownFlags { flags });
     }
     Ok((kind, crc_in_body))
@@ -515,14 +519,8 @@ mod tests {
 
     #[test]
     fn unknown_flags_rejected() {
-        let crc_in_body_on_responses = [
-            FLAG_RESPONSE | FLAG_PAYLOAD_CRC_IN_BODY,
-            FLAG_RESPONSE | FLAG_ERROR | FLAG_PAYLOAD_CRC_IN_BODY,
-        ];
-        for flags in [FLAG_ERROR, 1 << 3, 0x8001, 0xffff]
-            .into_iter()
-            .chain(crc_in_body_on_responses)
-        {
+        let crc_in_body_on_an_error = FLAG_RESPONSE | FLAG_ERROR | FLAG_PAYLOAD_CRC_IN_BODY;
+        for flags in [FLAG_ERROR, 1 << 3, 0x8001, 0xffff, crc_in_body_on_an_error] {
             let mut buf = encoded(&frame(b"x", b""));
             buf[4..6].copy_from_slice(&flags.to_le_bytes());
             check(&buf, FrameLimits::default(), "UnknownFlags");
@@ -543,6 +541,14 @@ mod tests {
         let got = FrameCodec::default().decode(&mut buf).unwrap().unwrap();
         assert!(got.payload_crc_in_body);
         assert_ne!(got.payload, f.payload);
+        // A response may leave its payload CRC to the body too.
+        let mut f = frame(b"x", b"payload bytes");
+        f.kind = FrameKind::Response;
+        f.payload_crc_in_body = true;
+        let mut buf = encoded(&f);
+        assert_eq!(&buf[28..32], &[0, 0, 0, 0], "no CRC computed");
+        let got = FrameCodec::default().decode(&mut buf).unwrap().unwrap();
+        assert!(got.payload_crc_in_body && got.kind == FrameKind::Response);
         // Without the flag the same damage is caught here.
         let mut buf = encoded(&frame(b"x", b"payload bytes"));
         let last = buf.len() - 1;

@@ -317,7 +317,9 @@ pub struct LastChunk {
 }
 
 macro_rules! methods {
-    ($($name:ident = $id:literal : $req:ty => $resp:ty $(, payload_crc_in_body = $crc:literal)?;)*) => {
+    ($($name:ident = $id:literal : $req:ty => $resp:ty
+        $(, payload_crc_in_body = $crc:literal)?
+        $(, response_payload_crc_in_body = $rcrc:literal)?;)*) => {
         $(
             #[doc = concat!("storage method `", stringify!($name), "`.")]
             pub struct $name;
@@ -327,6 +329,7 @@ macro_rules! methods {
                 type Request = $req;
                 type Response = $resp;
                 $(const PAYLOAD_CRC_IN_BODY: bool = $crc;)?
+                $(const RESPONSE_PAYLOAD_CRC_IN_BODY: bool = $rcrc;)?
             }
         )*
         /// Every storage method id.
@@ -337,7 +340,7 @@ macro_rules! methods {
 methods! {
     Write = 0x0301: WriteRequest => StorageResult<ChunkVersion>, payload_crc_in_body = true;
     Update = 0x0302: UpdateRequest => StorageResult<ChunkVersion>, payload_crc_in_body = true;
-    Read = 0x0303: ReadRequest => StorageResult<ReadResponse>;
+    Read = 0x0303: ReadRequest => StorageResult<ReadResponse>, response_payload_crc_in_body = true;
     SyncList = 0x0304: SyncListRequest => StorageResult<Vec<ChunkSummary>>;
     SyncInstall = 0x0305: SyncInstallRequest => StorageResult<()>;
     SyncRemove = 0x0306: SyncRemoveRequest => StorageResult<()>;

@@ -44,6 +44,26 @@ impl Method for Blob {
     type Response = u64;
 }
 
+/// Echoes the payload back and answers with its CRC32C, which the caller
+/// checks (so the frame layer leaves the answer's payload unchecksummed).
+pub struct CheckedBlob;
+impl Method for CheckedBlob {
+    const ID: u16 = 0x00F6;
+    const NAME: &'static str = "test.checked_blob";
+    type Request = ();
+    type Response = u32;
+    const RESPONSE_PAYLOAD_CRC_IN_BODY: bool = true;
+}
+
+/// A caller's idea of [`CheckedBlob`] that does not check the CRC.
+pub struct UncheckedBlob;
+impl Method for UncheckedBlob {
+    const ID: u16 = CheckedBlob::ID;
+    const NAME: &'static str = "test.unchecked_blob";
+    type Request = ();
+    type Response = u32;
+}
+
 /// Counts the call, then answers with the requested error code (if any).
 pub struct Fail;
 impl Method for Fail {
@@ -102,6 +122,9 @@ pub fn router(counter: &Counter) -> Router {
         .register_with_payload::<Blob, _, _>(|(), ctx| async move {
             let len = ctx.payload.len() as u64;
             Ok((len, ctx.payload))
+        })
+        .register_with_payload::<CheckedBlob, _, _>(|(), ctx| async move {
+            Ok((crc32c::crc32c(&ctx.payload), ctx.payload))
         });
     let count = counter.clone();
     router.register::<Fail, _, _>(move |code: Option<ErrorCode>, _ctx| {
