@@ -87,7 +87,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use crate::crc;
-use crate::data_file::DataFile;
+use crate::data_file::{Aligned, DataFile};
+use bytes::Bytes;
 use parking_lot::{Mutex, MutexGuard};
 use r3fs_kv::embedded::{EmbeddedConfig, EmbeddedEngine};
 use r3fs_kv::{AsKvError, KvEngine, KvError, RangeOptions, RetryPolicy};
@@ -1138,17 +1139,17 @@ impl ChunkEngine {
         length: u32,
         start: u32,
         end: u32,
-    ) -> ChunkResult<(Vec<u8>, u32)> {
+    ) -> ChunkResult<(Bytes, u32)> {
         let end = end.min(length);
         if start >= end {
-            return Ok((Vec::new(), 0));
+            return Ok((Bytes::new(), 0));
         }
         let first = (start / BLOCK_BYTES) as usize;
         let last = ((end - 1) / BLOCK_BYTES) as usize;
         let base = first as u64 * u64::from(BLOCK_BYTES);
         let span_end = (last as u64 + 1) * u64::from(BLOCK_BYTES);
         let span_end = span_end.min(length.into());
-        let mut buf = vec![0u8; (span_end - base) as usize];
+        let mut buf = Aligned::zeroed((span_end - base) as usize);
         let at = |i: usize| (i as u64 * u64::from(BLOCK_BYTES) - base) as usize;
         let mut i = first;
         while i <= last {
@@ -1192,23 +1193,24 @@ impl ChunkEngine {
             for (i, b) in blocks.iter().enumerate().take(last + 1).skip(first) {
                 crc = crc::combine(crc, b.crc, block_len(length, i) as usize);
             }
-            return Ok((buf, crc));
+            return Ok((buf.freeze(), crc));
         }
-        let out =
-            buf[(u64::from(start) - base) as usize..(u64::from(end) - base) as usize].to_vec();
+        let out = buf
+            .freeze()
+            .slice((u64::from(start) - base) as usize..(u64::from(end) - base) as usize);
         let crc = crc32c::crc32c(&out);
         Ok((out, crc))
     }
 
     /// The committed bytes of `record`, CRC verified; empty before the first commit.
-    fn committed_bytes(&self, id: ChunkId, record: &Record) -> ChunkResult<Vec<u8>> {
+    fn committed_bytes(&self, id: ChunkId, record: &Record) -> ChunkResult<Bytes> {
         let length = record.meta.length;
         self.read_range(id, &record.committed, length, 0, length)
             .map(|(bytes, _)| bytes)
     }
 
     /// The pending version's bytes of `record` (not a removal), CRC verified.
-    fn pending_bytes(&self, id: ChunkId, record: &Record) -> ChunkResult<Vec<u8>> {
+    fn pending_bytes(&self, id: ChunkId, record: &Record) -> ChunkResult<Bytes> {
         let length = record.meta.pending_length;
         self.read_range(id, &record.pending, length, 0, length)
             .map(|(bytes, _)| bytes)
@@ -1280,8 +1282,9 @@ impl ChunkEngine {
                 _ if !touched && old_valid == 0 => (Content::Zero, zero_crc(len)),
                 _ => {
                     let keep = old_valid.min(len);
-                    let (mut bytes, _) =
+                    let (kept, _) =
                         self.read_range(id, old, old_len, bs as u32, bs as u32 + keep)?;
+                    let mut bytes = kept.to_vec();
                     bytes.resize(len as usize, 0);
                     let piece = (os - bs) as usize..(oe - bs) as usize;
                     match overlay {
@@ -1962,18 +1965,19 @@ impl ChunkEngine {
     /// length. `NotCommitted` when a pending version exists.
     pub fn read(&self, id: ChunkId, offset: u32, len: u32) -> ChunkResult<(Vec<u8>, ChunkMeta)> {
         self.read_with_crc(id, offset, len)
-            .map(|(bytes, meta, _)| (bytes, meta))
+            .map(|(bytes, meta, _)| (bytes.to_vec(), meta))
     }
 
     /// [`ChunkEngine::read`], also returning the CRC32C of the bytes (from the
     /// block CRCs when the range is whole blocks, so the bytes are
-    /// checksummed once).
+    /// checksummed once), and the bytes as read from the disk (into aligned
+    /// memory, not copied since).
     pub fn read_with_crc(
         &self,
         id: ChunkId,
         offset: u32,
         len: u32,
-    ) -> ChunkResult<(Vec<u8>, ChunkMeta, u32)> {
+    ) -> ChunkResult<(Bytes, ChunkMeta, u32)> {
         let _guard = self.lock(id);
         let record = self.load(id)?.ok_or(ChunkError::NotFound { id })?;
         if record.meta.is_dirty() {
@@ -1993,7 +1997,7 @@ impl ChunkEngine {
         id: ChunkId,
         offset: u32,
         len: u32,
-    ) -> ChunkResult<(Vec<u8>, ChunkMeta)> {
+    ) -> ChunkResult<(Bytes, ChunkMeta)> {
         let _guard = self.lock(id);
         let record = self.load(id)?.ok_or(ChunkError::NotFound { id })?;
         self.read_committed(id, &record, offset, len)
@@ -2006,7 +2010,7 @@ impl ChunkEngine {
         record: &Record,
         offset: u32,
         len: u32,
-    ) -> ChunkResult<(Vec<u8>, ChunkMeta, u32)> {
+    ) -> ChunkResult<(Bytes, ChunkMeta, u32)> {
         if record.meta.commit_ver == 0 {
             return Err(ChunkError::NotFound { id });
         }
@@ -2020,7 +2024,7 @@ impl ChunkEngine {
     /// The whole pending version of `id` (CRC verified) with its metadata, or
     /// `None` when no pending version exists or it is a removal. The CRAQ head
     /// re-drives it down the chain after a failed forward.
-    pub fn read_pending(&self, id: ChunkId) -> ChunkResult<Option<(Vec<u8>, ChunkMeta)>> {
+    pub fn read_pending(&self, id: ChunkId) -> ChunkResult<Option<(Bytes, ChunkMeta)>> {
         let _guard = self.lock(id);
         let Some(record) = self.load(id)? else {
             return Ok(None);
@@ -2035,7 +2039,7 @@ impl ChunkEngine {
     /// The whole bytes of version `ver` of `id` (CRC verified), whether it is
     /// the committed or the pending one; `None` when the chunk has no such
     /// version or it is a removal.
-    pub fn read_version(&self, id: ChunkId, ver: u64) -> ChunkResult<Option<Vec<u8>>> {
+    pub fn read_version(&self, id: ChunkId, ver: u64) -> ChunkResult<Option<Bytes>> {
         let _guard = self.lock(id);
         let Some(record) = self.load(id)? else {
             return Ok(None);

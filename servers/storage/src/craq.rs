@@ -548,7 +548,7 @@ impl StorageService {
         };
         let (op, data) = match pending {
             None if meta.pending_remove => (UpdateOp::Remove, Bytes::new()),
-            Some(bytes) => (UpdateOp::Replace, Bytes::from(bytes)),
+            Some(bytes) => (UpdateOp::Replace, bytes),
             None => {
                 return Err(io_error(
                     ChunkError::NoPending {
@@ -912,7 +912,7 @@ impl StorageService {
         .await
         .map_err(|e| storage_error(e, addr, me))?;
         let (payload, op) = match whole {
-            Some(whole) => (Bytes::from(whole), UpdateOp::Replace),
+            Some(whole) => (whole, UpdateOp::Replace),
             None => (Bytes::new(), UpdateOp::Remove),
         };
         let forwarded = UpdateRequest {
@@ -1036,7 +1036,7 @@ impl StorageService {
             chunk_length: meta.length,
             crc,
         };
-        Ok((resp, Bytes::from(data)))
+        Ok((resp, data))
     }
 
     /// The last committed chunk of a file on this node's SERVING target.
@@ -1298,14 +1298,8 @@ impl StorageService {
                 chunk: ours,
                 addr,
             };
-            self.call::<SyncInstall, _>(
-                &routing,
-                chain_id,
-                next.target,
-                &install,
-                Bytes::from(bytes),
-            )
-            .await?;
+            self.call::<SyncInstall, _>(&routing, chain_id, next.target, &install, bytes)
+                .await?;
         }
         for (inode, index) in theirs.keys().filter(|k| !seen.contains(k)) {
             let addr = ChunkAddr {
@@ -1378,10 +1372,7 @@ fn installed_meta(version: u64, chain_ver: u64, data: &[u8]) -> ChunkMeta {
 }
 
 /// The committed version of a chunk and its bytes, `None` if nothing is committed.
-fn committed(
-    engine: &ChunkEngine,
-    id: ChunkId,
-) -> Result<Option<(ChunkMeta, Vec<u8>)>, ChunkError> {
+fn committed(engine: &ChunkEngine, id: ChunkId) -> Result<Option<(ChunkMeta, Bytes)>, ChunkError> {
     match engine.read_committed_even_if_dirty(id, 0, engine.chunk_size_max()) {
         Ok((bytes, meta)) => Ok(Some((meta, bytes))),
         Err(ChunkError::NotFound { .. }) => Ok(None),

@@ -43,6 +43,42 @@ const _: () = assert!(DIRECT_WRITE_BYTES_MAX.is_multiple_of(DIRECT_ALIGN));
 
 type Bounce = AVec<u8, ConstAlign<DIRECT_ALIGN>>;
 
+/// A zeroed buffer of `len` bytes at a [`DIRECT_ALIGN`] boundary, so direct
+/// reads land in it without a bounce copy; [`Aligned::freeze`] hands it on
+/// as `Bytes` without a copy either.
+pub struct Aligned(Bounce);
+
+impl Aligned {
+    pub fn zeroed(len: usize) -> Aligned {
+        let mut buf = Bounce::with_capacity(DIRECT_ALIGN, len);
+        buf.resize(len, 0);
+        Aligned(buf)
+    }
+
+    pub fn freeze(self) -> bytes::Bytes {
+        bytes::Bytes::from_owner(self)
+    }
+}
+
+impl AsRef<[u8]> for Aligned {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Aligned {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Aligned {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
 thread_local! {
     /// One bounce buffer per thread that writes (the blocking pool's threads).
     static BOUNCE: RefCell<Bounce> = RefCell::new(Bounce::new(DIRECT_ALIGN));
