@@ -83,7 +83,7 @@ use std::fmt;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::OnceLock;
 
 use crate::crc;
@@ -200,6 +200,9 @@ pub enum ChunkUpdate<'a> {
 pub enum ChunkError {
     #[error("chunk {id} not found")]
     NotFound { id: ChunkId },
+    /// The target left service after a disk failure (see [`ChunkEngine::fail`]).
+    #[error("target out of service until reopened: {reason}")]
+    Failed { reason: String },
     #[error("chunk {id} has pending version {update_ver} over committed version {committed_ver}")]
     NotCommitted {
         id: ChunkId,
@@ -501,18 +504,26 @@ enum Staged {
 /// The callback of [`ChunkEngine::apply_pending`], called at most once.
 struct OnPrepared<'a> {
     f: Option<&'a mut dyn FnMut()>,
+    called: bool,
 }
 
 impl<'a> OnPrepared<'a> {
     fn new(f: &'a mut dyn FnMut()) -> Self {
-        OnPrepared { f: Some(f) }
+        OnPrepared {
+            f: Some(f),
+            called: false,
+        }
     }
 
     fn none() -> Self {
-        OnPrepared { f: None }
+        OnPrepared {
+            f: None,
+            called: false,
+        }
     }
 
     fn call(&mut self) {
+        self.called = true;
         if let Some(f) = self.f.take() {
             f();
         }
@@ -679,8 +690,10 @@ pub struct ChunkEngine {
     /// A metadata commit failed: its batch may be visible to reads without
     /// being durable, so from then on `load` waits for durability.
     kv_in_doubt: AtomicBool,
-    /// See [`ChunkEngine::inject_write_faults`].
-    write_faults: AtomicBool,
+    /// See [`ChunkEngine::inject_write_faults`]: the errno, 0 for none.
+    write_faults: AtomicI32,
+    /// Why this target left service (see [`ChunkEngine::fail`]).
+    failed: OnceLock<String>,
 }
 
 impl fmt::Debug for ChunkEngine {
@@ -737,7 +750,8 @@ impl ChunkEngine {
                 unsynced: VecDeque::new(),
             }),
             kv_in_doubt: AtomicBool::new(false),
-            write_faults: AtomicBool::new(false),
+            write_faults: AtomicI32::new(0),
+            failed: OnceLock::new(),
         };
         engine.rebuild_slots()?;
         Ok(engine)
@@ -850,6 +864,7 @@ impl ChunkEngine {
     /// already, its blocks are durable here, and any later durable commit
     /// of this target (the next stage of the chunk among them) covers it.
     fn load(&self, id: ChunkId) -> ChunkResult<Option<Record>> {
+        self.check_in_service()?;
         if self.kv_in_doubt.load(Ordering::Acquire) {
             return self.load_durable(id);
         }
@@ -919,6 +934,7 @@ impl ChunkEngine {
         end: Vec<u8>,
         mut visit: impl FnMut(ChunkId, Record),
     ) -> ChunkResult<()> {
+        self.check_in_service()?;
         let opts = RangeOptions {
             limit: LIST_BATCH_CHUNKS,
             reverse: false,
@@ -977,7 +993,15 @@ impl ChunkEngine {
         let reused = n.min(slots.free.len());
         let grown = (n - reused) as u64;
         if grown > 0 {
-            self.check_space(id, grown * u64::from(BLOCK_BYTES))?;
+            let bytes = grown * u64::from(BLOCK_BYTES);
+            self.check_space(id, bytes)?;
+            // Taken on disk now, under the slots' lock: concurrent stages
+            // each see the others' growth in the free space, and the
+            // version's block writes (after `apply_pending` let it go on)
+            // do not run out of space.
+            self.data
+                .reserve(slots.end * u64::from(BLOCK_BYTES), bytes)
+                .map_err(|e| io_error(Some(id), self.data.path(), e))?;
         }
         let mut out = Vec::with_capacity(n);
         for _ in 0..reused {
@@ -1044,8 +1068,9 @@ impl ChunkEngine {
     }
 
     fn write_slots(&self, id: ChunkId, first: u64, bytes: &[u8]) -> ChunkResult<()> {
-        if self.write_faults.load(Ordering::Relaxed) {
-            let injected = io::Error::other("injected block write fault");
+        let errno = self.write_faults.load(Ordering::Relaxed);
+        if errno != 0 {
+            let injected = io::Error::from_raw_os_error(errno);
             return Err(io_error(Some(id), self.data.path(), injected));
         }
         self.data
@@ -1552,6 +1577,9 @@ impl ChunkEngine {
     /// only as the disk does (a block write, an fsync, the metadata commit),
     /// never as a refusal of the version. A chain member forwards the
     /// version at that point, so its own disk work overlaps its successors'.
+    /// A failure after that call takes the target out of service
+    /// ([`ChunkEngine::fail`]) before the chunk is unlocked: a successor may
+    /// commit the version this copy lacks.
     pub fn apply_pending(
         &self,
         id: ChunkId,
@@ -1569,17 +1597,30 @@ impl ChunkEngine {
             prepared.call();
             return Ok(None);
         }
-        let staged = self.stage(
-            id,
-            record,
-            update_ver,
-            chain_ver,
-            change,
-            sent_crc,
-            &mut prepared,
-        )?;
-        prepared.call();
-        self.store_pending(id, staged).map(Some)
+        let staged = self
+            .stage(
+                id,
+                record,
+                update_ver,
+                chain_ver,
+                change,
+                sent_crc,
+                &mut prepared,
+            )
+            .and_then(|staged| {
+                prepared.call();
+                self.store_pending(id, staged).map(Some)
+            });
+        if let (Err(e), true) = (&staged, prepared.called) {
+            // Successors may commit this version; this copy lacks it. Out
+            // of service before the chunk's lock is released, so no reader
+            // waiting for it sees the older version.
+            self.fail(format!(
+                "storing chunk {id} version {update_ver}: {}",
+                crate::describe(e)
+            ));
+        }
+        staged
     }
 
     /// The change `update` makes, once its range fits this target, and the
@@ -1612,11 +1653,36 @@ impl ChunkEngine {
         })
     }
 
-    /// For fault tests: while `on`, every block write to the data file fails
-    /// with an I/O error, as on a failing disk (metadata and reads are
-    /// untouched).
-    pub fn inject_write_faults(&self, on: bool) {
-        self.write_faults.store(on, Ordering::Relaxed);
+    /// For fault tests: while `errno` is set, every block write to the data
+    /// file fails with it, as on a failing (`EIO`) or full (`ENOSPC`) disk;
+    /// metadata and reads are untouched. A relaxed load per block write when
+    /// unused.
+    pub fn inject_write_faults(&self, errno: Option<i32>) {
+        self.write_faults
+            .store(errno.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Takes this target out of service for good (until it is opened
+    /// again): every operation refuses with [`ChunkError::Failed`] from now
+    /// on. The first reason stays.
+    pub fn fail(&self, reason: String) {
+        if self.failed.set(reason).is_ok() {
+            tracing::error!(dir = %self.dir.display(), reason = %self.failed.get().expect("set"), "chunk engine out of service");
+        }
+    }
+
+    /// Why this target left service, if it did (see [`ChunkEngine::fail`]).
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
+    }
+
+    fn check_in_service(&self) -> ChunkResult<()> {
+        match self.failed.get() {
+            Some(reason) => Err(ChunkError::Failed {
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Store a staged version as pending.

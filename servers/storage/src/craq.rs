@@ -125,9 +125,6 @@ struct Inner {
     /// SYNCING targets whose copy a predecessor declared complete, with the
     /// chain version it was complete at.
     synced: Mutex<HashMap<TargetId, u64>>,
-    /// Targets taken out of service by a disk failure, with the reason
-    /// (see [`StorageService::fail_target`]).
-    failed: Mutex<HashMap<TargetId, String>>,
     /// Woken when a target fails, so the node reports it at once.
     failures: tokio::sync::Notify,
 }
@@ -183,7 +180,6 @@ impl StorageService {
                 dedup: Mutex::new(Dedup::default()),
                 origins: Mutex::new(HashMap::new()),
                 synced: Mutex::new(HashMap::new()),
-                failed: Mutex::new(HashMap::new()),
                 failures: tokio::sync::Notify::new(),
             }),
         }
@@ -213,25 +209,26 @@ impl StorageService {
     /// committed. It answers nothing from then on, and the node reports it
     /// OFFLINE, so mgmtd moves it out of its chain; after a restart it comes
     /// back through SYNCING and resync replaces its copy.
+    /// (The chunk engine may have taken itself out already, see
+    /// `ChunkEngine::apply_pending`; this makes it known.)
     pub fn fail_target(&self, target: TargetId, reason: String) {
-        let mut failed = self.inner.failed.lock();
-        if failed.contains_key(&target) {
-            return;
-        }
+        let engine = self.engine(target);
+        engine.fail(reason);
         tracing::error!(
             target,
-            %reason,
+            reason = engine.failure().unwrap_or_default(),
             "storage target failed: it is out of service until this node restarts; \
              check its disk, then restart the node to resync it"
         );
-        failed.insert(target, reason);
-        drop(failed);
         self.inner.failures.notify_waiters();
     }
 
     /// Why `target` failed, if it did (see [`StorageService::fail_target`]).
     pub fn failure(&self, target: TargetId) -> Option<String> {
-        self.inner.failed.lock().get(&target).cloned()
+        self.inner
+            .targets
+            .get(&target)
+            .and_then(|engine| engine.failure().map(String::from))
     }
 
     /// Resolves when some target fails after this call (not after the
@@ -860,13 +857,15 @@ impl StorageService {
             .call::<Update, _>(routing, chain_id, next.target, &forwarded, data)
             .await;
         if let Err(e) = joined(local).await {
+            // In doubt, never a refusal (not even `NoSpace`): the successor
+            // may have committed the version.
             let reason = format!(
                 "staging {addr:?} version {}: {}",
                 req.update_ver,
-                describe(&e)
+                crate::describe(&e)
             );
-            self.fail_target(me, reason);
-            return Err(storage_error(e, addr, me));
+            self.fail_target(me, reason.clone());
+            return Err(StorageError::Io { target: me, reason });
         }
         Ok(sent.map(drop))
     }
@@ -1489,20 +1488,8 @@ fn check_chain_version(chain: &Chain, request: u64) -> StorageResult<()> {
 fn io_error(e: ChunkError, target: TargetId) -> StorageError {
     StorageError::Io {
         target,
-        reason: describe(&e),
+        reason: crate::describe(&e),
     }
-}
-
-/// `e` and the errors under it, outermost first.
-fn describe(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The storage error a client sees for a chunk engine error.

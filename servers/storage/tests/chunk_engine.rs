@@ -101,6 +101,7 @@ fn error_name(e: &ChunkError) -> &'static str {
         ChunkError::Io { .. } => "Io",
         ChunkError::Kv { .. } => "Kv",
         ChunkError::ChunkSizeTooLarge { .. } => "ChunkSizeTooLarge",
+        ChunkError::Failed { .. } => "Failed",
     }
 }
 
@@ -1944,20 +1945,39 @@ fn apply_pending_is_prepared_only_past_every_refusal() {
     assert_eq!(calls, 1);
 
     let before = engine.slot_stats();
-    engine.inject_write_faults(true);
+    engine.inject_write_faults(Some(libc::EIO));
     let (result, calls) = apply(2, 2, ok(b"two"));
     assert!(matches!(result, Err(ChunkError::Io { .. })), "{result:?}");
     assert_eq!(calls, 1, "the disk fails after the version was prepared");
-    let meta = engine.meta(cid(0)).unwrap().unwrap();
-    assert!(!meta.is_dirty() && meta.commit_ver == 1, "{meta:?}");
-    assert_eq!(engine.read(cid(0), 0, 3).unwrap().0, b"one");
     let taken = |s: SlotStats| s.total - s.free;
     assert_eq!(
         taken(engine.slot_stats()),
         taken(before),
         "no slot stays taken"
     );
-    engine.inject_write_faults(false);
-    let (meta, _) = apply(2, 2, ok(b"two"));
-    assert_eq!(meta.unwrap().unwrap().update_ver, 2);
+    // A successor may have committed version 2: the target is out of
+    // service from now on, whatever is asked, even with the disk back.
+    engine.inject_write_faults(None);
+    let reason = engine.failure().expect("out of service").to_string();
+    assert!(
+        reason.contains("version 2") && reason.contains("os error 5"),
+        "{reason}"
+    );
+    for refused in [
+        engine.meta(cid(0)).map(drop),
+        engine.read(cid(0), 0, 3).map(drop),
+        engine.list().map(drop),
+        apply(2, 2, ok(b"two")).0.map(drop),
+    ] {
+        assert!(
+            matches!(refused, Err(ChunkError::Failed { .. })),
+            "{refused:?}"
+        );
+    }
+    // What it holds is the committed version 1, as a reopen shows.
+    drop(engine);
+    let engine = open(dir.path());
+    let meta = engine.meta(cid(0)).unwrap().unwrap();
+    assert!(!meta.is_dirty() && meta.commit_ver == 1, "{meta:?}");
+    assert_eq!(engine.read(cid(0), 0, 3).unwrap().0, b"one");
 }
