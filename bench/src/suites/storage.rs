@@ -107,6 +107,16 @@ impl Pairs {
     fn cpu_busy(&self) -> f64 {
         median(&self.cpu.iter().map(|c| c.busy).collect::<Vec<_>>())
     }
+
+    fn switches_per_mib(&self) -> f64 {
+        median(
+            &self
+                .cpu
+                .iter()
+                .map(|c| c.switches_per_mib)
+                .collect::<Vec<_>>(),
+        )
+    }
 }
 
 /// A chain phase: its rate and the CPU this process used meanwhile.
@@ -121,10 +131,13 @@ struct ChainCpu {
     ms_per_mib: f64,
     /// CPU time over wall time × the machine's CPUs.
     busy: f64,
+    /// Context switches (voluntary and not, all threads) per MiB moved:
+    /// each is a thread going to sleep or being put aside.
+    switches_per_mib: f64,
 }
 
-/// User + system CPU time of this process so far.
-fn process_cpu() -> std::time::Duration {
+/// User + system CPU time of this process so far, and its context switches.
+fn process_cpu() -> (std::time::Duration, u64) {
     // SAFETY: getrusage only fills the struct it is given.
     let usage = unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();
@@ -135,7 +148,8 @@ fn process_cpu() -> std::time::Duration {
         std::time::Duration::from_secs(t.tv_sec as u64)
             + std::time::Duration::from_micros(t.tv_usec as u64)
     };
-    time(usage.ru_utime) + time(usage.ru_stime)
+    let switches = (usage.ru_nvcsw + usage.ru_nivcsw) as u64;
+    (time(usage.ru_utime) + time(usage.ru_stime), switches)
 }
 
 fn cpus() -> f64 {
@@ -345,9 +359,10 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
         cpus(),
         rows.iter()
             .map(|(name, pairs, _)| format!(
-                "{name}: {:.2} ms/MiB, {:.0}% busy",
+                "{name}: {:.2} ms/MiB, {:.0}% busy, {:.0} switches/MiB",
                 pairs.cpu_ms_per_mib(),
-                pairs.cpu_busy() * 100.0
+                pairs.cpu_busy() * 100.0,
+                pairs.switches_per_mib()
             ))
             .collect::<Vec<_>>()
             .join("; ")
@@ -371,6 +386,12 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     result(SUITE, "chain_write_cpu", write.cpu_ms_per_mib(), "ms/MiB");
     result(SUITE, "chain_write_cpu_busy", write.cpu_busy() * 100.0, "%");
     result(SUITE, "chain_read_cpu", read.cpu_ms_per_mib(), "ms/MiB");
+    result(
+        SUITE,
+        "chain_write_switches",
+        write.switches_per_mib(),
+        "per MiB",
+    );
     ratio(SUITE, "write_depth1_vs_limit", median(&write1.ratios));
     ratio(SUITE, "write_vs_limit", median(&write.ratios));
     ratio(SUITE, "read_vs_limit", median(&read.ratios));
@@ -533,7 +554,7 @@ async fn seq(
 ) -> anyhow::Result<Measured> {
     use futures::stream::{self, StreamExt, TryStreamExt};
     let t = Instant::now();
-    let cpu = process_cpu();
+    let (cpu, switches) = process_cpu();
     stream::iter(0..blocks)
         .map(|i| async move {
             if write {
@@ -552,10 +573,12 @@ async fn seq(
         .try_collect::<Vec<()>>()
         .await?;
     let wall = t.elapsed().as_secs_f64();
-    let cpu = (process_cpu() - cpu).as_secs_f64();
+    let (cpu_after, switches_after) = process_cpu();
+    let cpu = (cpu_after - cpu).as_secs_f64();
     Ok(Measured {
         mib_per_sec: blocks as f64 / wall,
         cpu: ChainCpu {
+            switches_per_mib: (switches_after - switches) as f64 / blocks as f64,
             ms_per_mib: cpu * 1000.0 / blocks as f64,
             busy: cpu / (wall * cpus()),
         },
