@@ -27,16 +27,12 @@
 //!
 //! 1. LASTSRV choice. If no target is SERVING after this step, exactly one of
 //!    the targets that were SERVING (or LASTSRV) at start and are leaving
-//!    becomes LASTSRV: the last in chain order, the tail, alive or not.
-//!    Every SERVING target holds every acknowledged write, but only the tail
-//!    surely holds every version a reader may have seen: a member stores a
-//!    version while its successors commit it (see storage's `craq`), so
-//!    after a power loss of the whole chain the others may lack a version
-//!    the tail committed and served. The chain then waits for its tail,
-//!    which comes back as SERVING in the step after it reports Online.
-//!    Without this, a chain whose only SERVING target restarts (reporting
-//!    Online before mgmtd saw it Offline) would be left with no SERVING or
-//!    LASTSRV target forever.
+//!    becomes LASTSRV: the first in chain order that is still alive (local
+//!    Online), else the first in chain order. Every SERVING target holds every
+//!    acknowledged write, so any of them is a safe restart point; an alive one
+//!    comes back as SERVING in the next step. Without this, a chain whose
+//!    only SERVING target restarts (reporting Online before mgmtd saw it
+//!    Offline) would be left with no SERVING or LASTSRV target forever.
 //! 2. A LASTSRV target never coexists with a SERVING one in a valid chain,
 //!    so "else OFFLINE" only repairs invalid input.
 //! 3. Only the first such target in chain order; the others (invalid input
@@ -166,7 +162,10 @@ pub fn next_chain(chain: &Chain, local: impl Fn(TargetId) -> LocalState) -> Chai
     let lastsrv = if serving_after {
         None
     } else {
-        rules.iter().rposition(|(r, _)| is_lastsrv_candidate(r))
+        rules
+            .iter()
+            .position(|(r, l)| is_lastsrv_candidate(r) && *l == LocalState::Online)
+            .or_else(|| rules.iter().position(|(r, _)| is_lastsrv_candidate(r)))
     };
     let syncing = if serving_after {
         rules.iter().position(|(r, _)| *r == Rule::ContinueSync)

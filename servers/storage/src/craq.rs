@@ -8,19 +8,7 @@
 //! pending version, forwards it to its successor as an [`UpdateOp`] and
 //! commits when the successor acknowledges; the tail commits first, so a
 //! version is committed at a node only once every node after it has
-//! committed it.
-//!
-//! A member forwards a version as soon as it has passed every check there
-//! (versions, chain version, payload CRC) and its slots are taken, and
-//! stores it (block writes, fsync, metadata commit) while the successors
-//! do: the disk work of the members overlaps instead of adding up. It
-//! commits only once both are done. What can still fail after the forward
-//! is the member's disk, and a successor may have committed the version
-//! by then, so a member whose disk fails there leaves service until its
-//! process restarts (`StorageService::fail_target`): it answers nothing
-//! and reports OFFLINE, mgmtd moves it out of the chain, and it returns
-//! through SYNCING. A version is therefore never committed downstream of a
-//! member that refused it. The tail stages and commits in one durable metadata commit;
+//! committed it. The tail stages and commits in one durable metadata commit;
 //! the members before it commit without waiting for their metadata fsync
 //! (`ChunkEngine::commit_unsynced`): the successor holds the version
 //! durably, and a commit a machine crash takes back leaves the version
@@ -125,8 +113,6 @@ struct Inner {
     /// SYNCING targets whose copy a predecessor declared complete, with the
     /// chain version it was complete at.
     synced: Mutex<HashMap<TargetId, u64>>,
-    /// Woken when a target fails, so the node reports it at once.
-    failures: tokio::sync::Notify,
 }
 
 /// The client request an update carries; `(0, 0)` when unknown.
@@ -180,7 +166,6 @@ impl StorageService {
                 dedup: Mutex::new(Dedup::default()),
                 origins: Mutex::new(HashMap::new()),
                 synced: Mutex::new(HashMap::new()),
-                failures: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -201,40 +186,6 @@ impl StorageService {
     /// Forgets a completed sync (once the target serves, or when it must sync again).
     pub fn clear_synced(&self, target: TargetId) {
         self.inner.synced.lock().remove(&target);
-    }
-
-    /// Takes `target` out of service until this process restarts: its disk
-    /// failed a write after the target had passed a version on (see
-    /// `stage_and_forward`), so its copy may lack a version its successors
-    /// committed. It answers nothing from then on, and the node reports it
-    /// OFFLINE, so mgmtd moves it out of its chain; after a restart it comes
-    /// back through SYNCING and resync replaces its copy.
-    /// (The chunk engine may have taken itself out already, see
-    /// `ChunkEngine::apply_pending`; this makes it known.)
-    pub fn fail_target(&self, target: TargetId, reason: String) {
-        let engine = self.engine(target);
-        engine.fail(reason);
-        tracing::error!(
-            target,
-            reason = engine.failure().unwrap_or_default(),
-            "storage target failed: it is out of service until this node restarts; \
-             check its disk, then restart the node to resync it"
-        );
-        self.inner.failures.notify_waiters();
-    }
-
-    /// Why `target` failed, if it did (see [`StorageService::fail_target`]).
-    pub fn failure(&self, target: TargetId) -> Option<String> {
-        self.inner
-            .targets
-            .get(&target)
-            .and_then(|engine| engine.failure().map(String::from))
-    }
-
-    /// Resolves when some target fails after this call (not after the
-    /// first poll: the wait starts when it is created).
-    pub fn target_failed(&self) -> tokio::sync::futures::Notified<'_> {
-        self.inner.failures.notified()
     }
 
     /// Registers the storage methods on `router`.
@@ -326,13 +277,6 @@ impl StorageService {
             .iter()
             .position(|t| self.inner.targets.contains_key(&t.target))
             .ok_or(StorageError::NotServing { chain: chain_id })?;
-        let target = chain.targets[pos].target;
-        if let Some(reason) = self.failure(target) {
-            return Err(StorageError::Io {
-                target,
-                reason: format!("target out of service until its node restarts: {reason}"),
-            });
-        }
         Ok((routing, chain, pos))
     }
 
@@ -823,32 +767,7 @@ impl StorageService {
                 .stage_then_forward_whole(routing, chain_id, me, next.target, req, data)
                 .await;
         }
-        // The version goes on as soon as it passed every check here and its
-        // slots are taken, so this member's block writes, fsyncs and
-        // metadata commit overlap its successors'. What can still fail here
-        // then is the disk, after a successor may have committed the
-        // version: this target then leaves service (`fail_target`) rather
-        // than hold a copy that lacks it.
-        let engine = self.engine(me).clone();
-        let (addr, staged) = (req.addr, req.clone());
-        let (prepared_tx, prepared_rx) = tokio::sync::oneshot::channel();
-        let local_data = data.clone();
-        let local = tokio::task::spawn_blocking(move || {
-            let mut prepared_tx = Some(prepared_tx);
-            let mut prepared = || {
-                if let Some(tx) = prepared_tx.take() {
-                    // The receiver is gone only if the update was dropped.
-                    let _ = tx.send(());
-                }
-            };
-            stage(&engine, chunk_id(addr), &staged, &local_data, &mut prepared)
-        });
-        if prepared_rx.await.is_err() {
-            // Refused (or failed) before it was prepared: nothing went on.
-            let refused = joined(local).await;
-            assert!(refused.is_err(), "a stage that succeeds is prepared first");
-            return refused.map(Ok).map_err(|e| storage_error(e, addr, me));
-        }
+        self.stage_here(me, req, data.clone()).await?;
         let forwarded = UpdateRequest {
             target: next.target,
             ..req.clone()
@@ -856,17 +775,6 @@ impl StorageService {
         let sent = self
             .call::<Update, _>(routing, chain_id, next.target, &forwarded, data)
             .await;
-        if let Err(e) = joined(local).await {
-            // In doubt, never a refusal (not even `NoSpace`): the successor
-            // may have committed the version.
-            let reason = format!(
-                "staging {addr:?} version {}: {}",
-                req.update_ver,
-                crate::describe(&e)
-            );
-            self.fail_target(me, reason.clone());
-            return Err(StorageError::Io { target: me, reason });
-        }
         Ok(sent.map(drop))
     }
 
@@ -888,6 +796,22 @@ impl StorageService {
         Ok(meta)
     }
 
+    /// Stages `req` as the pending version on this node's target.
+    async fn stage_here(
+        &self,
+        me: TargetId,
+        req: &UpdateRequest,
+        data: Bytes,
+    ) -> StorageResult<()> {
+        let engine = self.engine(me).clone();
+        let addr = req.addr;
+        let staged = req.clone();
+        blocking(move || stage(&engine, chunk_id(addr), &staged, &data))
+            .await
+            .map_err(|e| storage_error(e, addr, me))?;
+        Ok(())
+    }
+
     /// Stages `req` here, then sends the SYNCING successor `next` the whole
     /// new version (or a removal when the chunk is gone). Errors as for
     /// `stage_and_forward`.
@@ -905,7 +829,7 @@ impl StorageService {
         let staged = req.clone();
         let whole = blocking(move || {
             let id = chunk_id(addr);
-            stage(&engine, id, &staged, &data, &mut || {})?;
+            stage(&engine, id, &staged, &data)?;
             engine.read_version(id, update_ver)
         })
         .await
@@ -1379,19 +1303,25 @@ fn committed(engine: &ChunkEngine, id: ChunkId) -> Result<Option<(ChunkMeta, Byt
     }
 }
 
-/// Stages `req` as the pending version on `engine`, calling `prepared` as
-/// [`ChunkEngine::apply_pending`] does.
+/// Stages `req` as the pending version on `engine`.
 fn stage(
     engine: &ChunkEngine,
     id: ChunkId,
     req: &UpdateRequest,
     data: &[u8],
-    prepared: &mut dyn FnMut(),
 ) -> Result<(), ChunkError> {
-    let update = chunk_update(req, data);
-    engine
-        .apply_pending(id, req.update_ver, req.chain_ver, update, prepared)
-        .map(drop)
+    let (v, cv) = (req.update_ver, req.chain_ver);
+    match req.op {
+        UpdateOp::Write { offset } => engine
+            .write_pending_checked(id, v, cv, offset, data, req.chunk_size, req.crc)
+            .map(drop),
+        UpdateOp::Truncate { length } => engine.truncate(id, length, v, cv).map(drop),
+        UpdateOp::Zero { offset, len } => engine.zero_pending(id, v, cv, offset, len).map(drop),
+        UpdateOp::Replace => engine
+            .replace_pending_checked(id, v, cv, data, req.crc)
+            .map(drop),
+        UpdateOp::Remove => engine.remove(id, v, cv).map(drop),
+    }
 }
 
 /// Stages and commits `req` on `engine` in one metadata commit; `None` when
@@ -1402,13 +1332,7 @@ fn stage_committed(
     req: &UpdateRequest,
     data: &[u8],
 ) -> Result<Option<ChunkMeta>, ChunkError> {
-    let update = chunk_update(req, data);
-    engine.apply_committed(id, req.update_ver, req.chain_ver, update)
-}
-
-/// The chunk engine's form of `req`, whose payload is `data`.
-fn chunk_update<'a>(req: &UpdateRequest, data: &'a [u8]) -> ChunkUpdate<'a> {
-    match req.op {
+    let update = match req.op {
         UpdateOp::Write { offset } => ChunkUpdate::Write {
             offset,
             data,
@@ -1419,7 +1343,8 @@ fn chunk_update<'a>(req: &UpdateRequest, data: &'a [u8]) -> ChunkUpdate<'a> {
         UpdateOp::Zero { offset, len } => ChunkUpdate::Zero { offset, len },
         UpdateOp::Replace => ChunkUpdate::Replace { data, crc: req.crc },
         UpdateOp::Remove => ChunkUpdate::Remove,
-    }
+    };
+    engine.apply_committed(id, req.update_ver, req.chain_ver, update)
 }
 
 /// Ops after which a missing chunk is a valid outcome (nothing to commit).
@@ -1488,7 +1413,7 @@ fn check_chain_version(chain: &Chain, request: u64) -> StorageResult<()> {
 fn io_error(e: ChunkError, target: TargetId) -> StorageError {
     StorageError::Io {
         target,
-        reason: crate::describe(&e),
+        reason: e.to_string(),
     }
 }
 
@@ -1518,12 +1443,7 @@ fn storage_error(e: ChunkError, addr: ChunkAddr, target: TargetId) -> StorageErr
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ChunkError> + Send + 'static,
 ) -> Result<T, ChunkError> {
-    joined(tokio::task::spawn_blocking(f)).await
-}
-
-/// The result of a chunk task already running on the blocking pool.
-async fn joined<T>(task: tokio::task::JoinHandle<Result<T, ChunkError>>) -> Result<T, ChunkError> {
-    match task.await {
+    match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
         Err(e) => Err(ChunkError::Io {
             id: None,
