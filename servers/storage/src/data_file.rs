@@ -254,7 +254,29 @@ fn write_direct(file: &File, bytes: &[u8], offset: u64) -> io::Result<()> {
 /// Exactly `buf.len()` bytes at `offset` through `O_DIRECT`, in
 /// bounce-buffer-sized pieces each rounded up to the alignment (the file
 /// may end inside the rounding: only the bytes asked for must exist).
+/// `buf.len()` bytes at `offset` through `O_DIRECT`: straight into `buf`
+/// when it is aligned (up to its last whole alignment unit), the rest
+/// through the bounce buffer.
 fn read_direct(file: &File, buffered: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let in_place = if (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
+        buf.len() / DIRECT_ALIGN * DIRECT_ALIGN
+    } else {
+        0
+    };
+    let mut got = 0;
+    while got < in_place {
+        let n = file.read_at(&mut buf[got..in_place], offset + got as u64)?;
+        got += n;
+        if n == 0 || !got.is_multiple_of(DIRECT_ALIGN) {
+            // The file's end: what is left, if it exists, through the page
+            // cache; else UnexpectedEof.
+            return buffered.read_exact_at(&mut buf[got..], offset + got as u64);
+        }
+    }
+    read_bounced(file, buffered, &mut buf[got..], offset + got as u64)
+}
+
+fn read_bounced(file: &File, buffered: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     BOUNCE.with_borrow_mut(|bounce| {
         for (i, piece) in buf.chunks_mut(DIRECT_WRITE_BYTES_MAX).enumerate() {
             let at = offset + (i * DIRECT_WRITE_BYTES_MAX) as u64;
@@ -372,6 +394,40 @@ mod tests {
         let mut past = vec![0u8; 1000];
         let err = file.read_exact_at(&mut past, 4096).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// Aligned destinations take the direct read in place (whole units,
+    /// then the bounce buffer for a short tail); the end of the file stops
+    /// it anywhere in between.
+    #[test]
+    fn direct_reads_into_aligned_memory_match_at_every_length_and_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = DataFile::open(&dir.path().join("blocks")).unwrap();
+        let len = 3 * DIRECT_WRITE_BYTES_MAX + 5000;
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        file.write_at(&bytes, 0).unwrap();
+        file.sync_data().unwrap();
+        for want in [4096, 5000, DIRECT_WRITE_BYTES_MAX, len] {
+            for at in [0, 4096, DIRECT_WRITE_BYTES_MAX] {
+                let mut buf = Aligned::zeroed(want);
+                let fits = at + want <= len;
+                match file.read_exact_at(&mut buf, at as u64) {
+                    Ok(()) => {
+                        assert!(fits, "{want} at {at} read past the end");
+                        assert!(buf[..] == bytes[at..at + want], "{want} at {at}");
+                    }
+                    Err(e) => {
+                        assert!(!fits, "{want} at {at}: {e}");
+                        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+                    }
+                }
+            }
+        }
+        // Unaligned memory goes through the bounce buffer alike.
+        let mut unaligned = vec![0u8; 4097];
+        let (_, tail) = unaligned.split_at_mut(1);
+        file.read_exact_at(tail, 4096).unwrap();
+        assert!(tail[..] == bytes[4096..8192]);
     }
 
     #[test]
