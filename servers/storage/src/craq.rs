@@ -1413,8 +1413,21 @@ fn check_chain_version(chain: &Chain, request: u64) -> StorageResult<()> {
 fn io_error(e: ChunkError, target: TargetId) -> StorageError {
     StorageError::Io {
         target,
-        reason: e.to_string(),
+        reason: describe(&e),
     }
+}
+
+/// `e` and the errors under it, outermost first: what an operator needs to
+/// see of a failed disk or store (the OS error, not only the file).
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The storage error a client sees for a chunk engine error.

@@ -1280,3 +1280,45 @@ async fn a_re_driven_version_a_successor_has_no_space_for_stays_pending() {
     let synced = f.nodes[1].engine.read(id(0), 0, CHUNK).unwrap().0;
     assert_eq!(synced, data);
 }
+
+/// A version a member refuses reaches nothing after it (chain replication's
+/// update propagation: the tail commits only what every member before it
+/// holds). Here the middle holds another version 2 pending, which the
+/// clean tail would take, and a damaged payload is the other refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_a_member_refuses_goes_no_further() {
+    let f = Fixture::start().await;
+    f.write_to(0, 1, 0, 0, b"old").await.unwrap();
+    f.nodes[1]
+        .engine
+        .write_pending(id(0), 2, 1, 0, b"other", CHUNK)
+        .unwrap();
+    let send = |crc: u32| {
+        let req = f.forwarded(target_of(1), 2, UpdateOp::Write { offset: 0 }, crc);
+        let (rpc, addr) = (f.rpc.clone(), f.nodes[1].addr);
+        async move {
+            rpc.call_with_payload::<Update>(addr, &req, Bytes::from_static(b"new"), Fixture::opts())
+                .await
+                .unwrap()
+                .0
+        }
+    };
+    let got = send(crc32c::crc32c(b"new")).await;
+    assert!(matches!(got, Err(StorageError::Io { .. })), "{got:?}");
+    let text = got.unwrap_err().to_string();
+    assert!(
+        text.contains("already pending"),
+        "a version conflict: {text}"
+    );
+    let got = send(crc32c::crc32c(b"damaged")).await;
+    assert!(
+        matches!(got, Err(StorageError::PayloadChecksum { .. })),
+        "{got:?}"
+    );
+    let tail = f.nodes[2].engine.meta(id(0)).unwrap().unwrap();
+    assert_eq!(
+        (tail.commit_ver, tail.update_ver),
+        (1, 1),
+        "the tail never saw it"
+    );
+}
