@@ -280,7 +280,7 @@ impl<T: Transport> RpcClient<T> {
             request_id,
             body: body.clone(),
             payload: payload.clone(),
-            payload_crc_in_body: M::PAYLOAD_CRC_IN_BODY && !payload.is_empty(),
+            payload_crc_in_body: crc_in_body::<M>(payload),
         };
         let queued = match conn.tx.try_send(frame) {
             Ok(()) => Ok(()),
@@ -376,6 +376,18 @@ fn retryable(failure: &AttemptError, idempotent: bool) -> bool {
         RpcError::Timeout { .. } | RpcError::ConnectionLost { .. } => idempotent,
         RpcError::Remote { code, .. } => idempotent && code.is_retryable(),
         _ => false,
+    }
+}
+
+/// Whether a request of `M` carrying `payload` sets frame bit 2: its own
+/// payload's CRC is in the body, and (for a method whose answers carry
+/// one) the caller asks for the answer's CRC in the body too. A payload the
+/// handler does not check itself keeps its CRC in the header.
+fn crc_in_body<M: Method>(payload: &Bytes) -> bool {
+    match (M::PAYLOAD_CRC_IN_BODY, payload.is_empty()) {
+        (true, false) => true,
+        (false, false) => false,
+        (_, true) => M::RESPONSE_PAYLOAD_CRC_IN_BODY,
     }
 }
 

@@ -252,43 +252,82 @@ async fn payload_crc_left_to_a_handler_that_does_not_check_it_is_refused() {
         ..request::<Blob>(5, body::encode(&()))
     };
     check_error_answer(server.local_addr(), frame, ErrorCode::BadRequest).await;
+    // A method whose answers carry their CRC takes bit 2 only as a request
+    // for such an answer, never over a request payload.
+    let frame = Frame {
+        payload: Bytes::from_static(b"unchecked bytes"),
+        payload_crc_in_body: true,
+        ..request::<CheckedBlob>(9, body::encode(&"x".to_string()))
+    };
+    check_error_answer(server.local_addr(), frame, ErrorCode::BadRequest).await;
     server.shutdown().await;
 }
 
-/// A method whose answer carries its payload's CRC gets an answer frame
-/// that leaves the payload unchecksummed (its caller checks it), and a
-/// caller whose method does not check one refuses such an answer.
+/// A method whose answer carries its payload's CRC answers with that CRC
+/// left out of the frame header only to a caller that asks (frame bit 2 on
+/// its request), so older callers keep working; a caller refuses such an
+/// answer for a method that does not carry the CRC.
 #[tokio::test]
 async fn a_response_payload_crc_in_the_body_is_only_for_callers_that_check_it() {
     let (server, _) = server(short_timeouts()).await;
     let addr = server.local_addr();
+    let text = "bytes the caller checks".to_string();
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    let sent = Bytes::from_static(b"bytes the caller checks");
-    let frame = Frame {
-        payload: sent.clone(),
-        ..request::<CheckedBlob>(7, body::encode(&()))
-    };
-    let answer = exchange(&mut stream, frame).await;
-    assert_eq!(answer.kind, FrameKind::Response);
-    assert!(answer.payload_crc_in_body);
-    assert_eq!(answer.payload, sent);
-    assert_eq!(
-        body::decode::<u32>(&answer.body).unwrap(),
-        crc32c::crc32c(&sent)
-    );
-
-    let rpc = r3fs_net::RpcClient::new(r3fs_net::ClientConfig::default());
+    for asks in [false, true] {
+        let frame = Frame {
+            payload_crc_in_body: asks,
+            ..request::<CheckedBlob>(7, body::encode(&text))
+        };
+        let answer = exchange(&mut stream, frame).await;
+        assert_eq!(answer.kind, FrameKind::Response);
+        assert_eq!(answer.payload_crc_in_body, asks);
+        assert_eq!(answer.payload, text.as_bytes());
+        let crc: u32 = body::decode(&answer.body).unwrap();
+        assert_eq!(crc, crc32c::crc32c(text.as_bytes()));
+    }
+    // RpcClient asks, and hands the payload to the caller to check.
+    let rpc = RpcClient::new(ClientConfig::default());
+    let opts = CallOptions::default();
     let (crc, got) = rpc
-        .call_with_payload::<CheckedBlob>(addr, &(), sent.clone(), Default::default())
+        .call_with_payload::<CheckedBlob>(addr, &text, Bytes::new(), opts)
         .await
         .unwrap();
-    assert_eq!((crc, &got), (crc32c::crc32c(&sent), &sent));
+    assert_eq!(
+        (crc, &got[..]),
+        (crc32c::crc32c(text.as_bytes()), text.as_bytes())
+    );
+    // It does not ask for a method without the CRC, so the server answers
+    // with the CRC in the header.
+    let (_, got) = rpc
+        .call_with_payload::<UncheckedBlob>(addr, &text, Bytes::new(), opts)
+        .await
+        .unwrap();
+    assert_eq!(&got[..], text.as_bytes());
+    server.shutdown().await;
+
+    // A peer that leaves the CRC out unasked is refused.
+    let listener = tokio::net::TcpListener::bind(localhost()).await.unwrap();
+    let peer = listener.local_addr().unwrap();
+    let fake = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut requests = FramedRead::new(&mut stream, FrameCodec::default());
+        let request = requests.next().await.unwrap().unwrap();
+        let answer = Frame {
+            kind: FrameKind::Response,
+            body: body::encode(&0u32),
+            payload: Bytes::from_static(b"unchecked"),
+            payload_crc_in_body: true,
+            ..request
+        };
+        stream.write_all(&encode(answer)).await.unwrap();
+        stream
+    });
     let refused = rpc
-        .call_with_payload::<UncheckedBlob>(addr, &(), sent, Default::default())
+        .call_with_payload::<UncheckedBlob>(peer, &text, Bytes::new(), opts)
         .await;
     assert!(
         matches!(refused, Err(r3fs_net::RpcError::UncheckedPayload { .. })),
         "{refused:?}"
     );
-    server.shutdown().await;
+    drop(fake.await.unwrap());
 }

@@ -28,10 +28,16 @@
 //! checks the payload against the body's CRC in the pass that checksums
 //! what it stores. A 1 MiB write is then checksummed once per hop, not
 //! three times (sender, receiver, handler). The server refuses bit 2 for a
-//! method that does not check its payload itself. A response may set bit 2
-//! too (`Method::RESPONSE_PAYLOAD_CRC_IN_BODY`, storage reads, whose answer
-//! carries the CRC its caller checks); the caller refuses it for any other
-//! method. An error response never sets it.
+//! method that does not check its payload itself.
+//!
+//! A response sets bit 2 only when its request did and the method's answer
+//! carries the CRC its caller checks (`Method::RESPONSE_PAYLOAD_CRC_IN_BODY`,
+//! storage reads): the request's bit 2 is the caller's opt-in, so an older
+//! caller, which refuses the bit on a response, keeps getting answers with
+//! the CRC in the header. (Upgrade servers before their callers: an older
+//! server refuses bit 2 on a request of a method without a request payload
+//! CRC.) A caller refuses the bit on an answer of any other method, and an
+//! error response never sets it.
 //!
 //! # Limits
 //! A body is at most `FrameLimits::body_bytes_max` (default
@@ -55,8 +61,10 @@ pub const FRAME_PAYLOAD_BYTES_MAX: u32 = 64 * 1024 * 1024;
 pub const FLAG_RESPONSE: u16 = 1 << 0;
 /// Flag bit: the response body is an [`crate::ErrorBody`]; only with [`FLAG_RESPONSE`].
 pub const FLAG_ERROR: u16 = 1 << 1;
-/// Flag bit: the request body carries the payload's CRC32C and the handler
-/// checks it; the header's `payload_crc` is 0. Only without [`FLAG_RESPONSE`].
+/// Flag bit: the body carries the payload's CRC32C and whoever takes the
+/// payload checks it; the header's `payload_crc` is 0. On a request it also
+/// asks for an answer flagged so, where the method allows (see the module
+/// docs). Never with [`FLAG_ERROR`].
 pub const FLAG_PAYLOAD_CRC_IN_BODY: u16 = 1 << 2;
 
 /// What a frame is, as its flags say.
@@ -241,9 +249,9 @@ pub struct Frame {
     pub request_id: u64,
     pub body: Bytes,
     pub payload: Bytes,
-    /// The body carries the payload's CRC32C and the receiving handler
-    /// checks it: no payload CRC is computed for the header or checked on
-    /// arrival. Requests only; see the module docs.
+    /// The body carries the payload's CRC32C and the receiving handler (or
+    /// caller) checks it: no payload CRC is computed for the header or
+    /// checked on arrival. Never on an error response; see the module docs.
     pub payload_crc_in_body: bool,
 }
 

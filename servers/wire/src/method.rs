@@ -17,10 +17,11 @@ pub trait Method: Send + Sync + 'static {
     /// must reject a payload whose CRC does not match, on every path.
     const PAYLOAD_CRC_IN_BODY: bool = false;
     /// The response body carries the CRC32C of the response payload and
-    /// every caller checks the payload against it, so the server's frame
-    /// layer leaves the response payload unchecksummed. A method that sets
-    /// this must have every caller check the payload, and a caller refuses
-    /// an unchecksummed payload of a method that does not set it.
+    /// every caller checks the payload against it, so a caller may ask the
+    /// server's frame layer to leave the response payload unchecksummed (see
+    /// [`crate::frame`]). A method that sets this must have every caller
+    /// check the payload, and a caller refuses an unchecksummed payload of a
+    /// method that does not set it.
     const RESPONSE_PAYLOAD_CRC_IN_BODY: bool = false;
 }
 

@@ -44,13 +44,14 @@ impl Method for Blob {
     type Response = u64;
 }
 
-/// Echoes the payload back and answers with its CRC32C, which the caller
-/// checks (so the frame layer leaves the answer's payload unchecksummed).
+/// Answers with the request's text as payload and its CRC32C as body, which
+/// the caller checks (so a caller may ask for the answer's payload CRC to be
+/// left out of the frame header).
 pub struct CheckedBlob;
 impl Method for CheckedBlob {
     const ID: u16 = 0x00F6;
     const NAME: &'static str = "test.checked_blob";
-    type Request = ();
+    type Request = String;
     type Response = u32;
     const RESPONSE_PAYLOAD_CRC_IN_BODY: bool = true;
 }
@@ -60,7 +61,7 @@ pub struct UncheckedBlob;
 impl Method for UncheckedBlob {
     const ID: u16 = CheckedBlob::ID;
     const NAME: &'static str = "test.unchecked_blob";
-    type Request = ();
+    type Request = String;
     type Response = u32;
 }
 
@@ -123,8 +124,9 @@ pub fn router(counter: &Counter) -> Router {
             let len = ctx.payload.len() as u64;
             Ok((len, ctx.payload))
         })
-        .register_with_payload::<CheckedBlob, _, _>(|(), ctx| async move {
-            Ok((crc32c::crc32c(&ctx.payload), ctx.payload))
+        .register_with_payload::<CheckedBlob, _, _>(|text: String, _ctx| async move {
+            let payload = Bytes::from(text);
+            Ok((crc32c::crc32c(&payload), payload))
         });
     let count = counter.clone();
     router.register::<Fail, _, _>(move |code: Option<ErrorCode>, _ctx| {
