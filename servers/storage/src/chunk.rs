@@ -83,7 +83,7 @@ use std::fmt;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::OnceLock;
 
 use crate::crc;
@@ -173,8 +173,9 @@ impl ChunkMeta {
     }
 }
 
-/// A versioned change as the last member of a chain applies it: staged and
-/// committed in one metadata commit by [`ChunkEngine::apply_committed`].
+/// A versioned change as a chain member applies it: staged as the pending
+/// version by [`ChunkEngine::apply_pending`], or (the last member) staged
+/// and committed in one metadata commit by [`ChunkEngine::apply_committed`].
 #[derive(Debug, Clone, Copy)]
 pub enum ChunkUpdate<'a> {
     /// As [`ChunkEngine::write_pending_checked`].
@@ -199,6 +200,9 @@ pub enum ChunkUpdate<'a> {
 pub enum ChunkError {
     #[error("chunk {id} not found")]
     NotFound { id: ChunkId },
+    /// The target left service after a disk failure (see [`ChunkEngine::fail`]).
+    #[error("target out of service until reopened: {reason}")]
+    Failed { reason: String },
     #[error("chunk {id} has pending version {update_ver} over committed version {committed_ver}")]
     NotCommitted {
         id: ChunkId,
@@ -497,6 +501,35 @@ enum Staged {
     New(Record),
 }
 
+/// The callback of [`ChunkEngine::apply_pending`], called at most once.
+struct OnPrepared<'a> {
+    f: Option<&'a mut dyn FnMut()>,
+    called: bool,
+}
+
+impl<'a> OnPrepared<'a> {
+    fn new(f: &'a mut dyn FnMut()) -> Self {
+        OnPrepared {
+            f: Some(f),
+            called: false,
+        }
+    }
+
+    fn none() -> Self {
+        OnPrepared {
+            f: None,
+            called: false,
+        }
+    }
+
+    fn call(&mut self) {
+        if let Some(f) = self.f.take() {
+            self.called = true;
+            f();
+        }
+    }
+}
+
 /// A versioned change staged as the pending version.
 enum Change<'a> {
     Write {
@@ -657,6 +690,10 @@ pub struct ChunkEngine {
     /// A metadata commit failed: its batch may be visible to reads without
     /// being durable, so from then on `load` waits for durability.
     kv_in_doubt: AtomicBool,
+    /// See [`ChunkEngine::inject_write_faults`]: the errno, 0 for none.
+    write_faults: AtomicI32,
+    /// Why this target left service (see [`ChunkEngine::fail`]).
+    failed: OnceLock<String>,
 }
 
 impl fmt::Debug for ChunkEngine {
@@ -713,6 +750,8 @@ impl ChunkEngine {
                 unsynced: VecDeque::new(),
             }),
             kv_in_doubt: AtomicBool::new(false),
+            write_faults: AtomicI32::new(0),
+            failed: OnceLock::new(),
         };
         engine.rebuild_slots()?;
         Ok(engine)
@@ -825,6 +864,7 @@ impl ChunkEngine {
     /// already, its blocks are durable here, and any later durable commit
     /// of this target (the next stage of the chunk among them) covers it.
     fn load(&self, id: ChunkId) -> ChunkResult<Option<Record>> {
+        self.check_in_service()?;
         if self.kv_in_doubt.load(Ordering::Acquire) {
             return self.load_durable(id);
         }
@@ -894,6 +934,7 @@ impl ChunkEngine {
         end: Vec<u8>,
         mut visit: impl FnMut(ChunkId, Record),
     ) -> ChunkResult<()> {
+        self.check_in_service()?;
         let opts = RangeOptions {
             limit: LIST_BATCH_CHUNKS,
             reverse: false,
@@ -952,7 +993,15 @@ impl ChunkEngine {
         let reused = n.min(slots.free.len());
         let grown = (n - reused) as u64;
         if grown > 0 {
-            self.check_space(id, grown * u64::from(BLOCK_BYTES))?;
+            let bytes = grown * u64::from(BLOCK_BYTES);
+            self.check_space(id, bytes)?;
+            // Taken on disk now, under the slots' lock: concurrent stages
+            // each see the others' growth in the free space, and the
+            // version's block writes (after `apply_pending` let it go on)
+            // do not run out of space.
+            self.data
+                .reserve(slots.end * u64::from(BLOCK_BYTES), bytes)
+                .map_err(|e| io_error(Some(id), self.data.path(), e))?;
         }
         let mut out = Vec::with_capacity(n);
         for _ in 0..reused {
@@ -1019,6 +1068,11 @@ impl ChunkEngine {
     }
 
     fn write_slots(&self, id: ChunkId, first: u64, bytes: &[u8]) -> ChunkResult<()> {
+        let errno = self.write_faults.load(Ordering::Relaxed);
+        if errno != 0 {
+            let injected = io::Error::from_raw_os_error(errno);
+            return Err(io_error(Some(id), self.data.path(), injected));
+        }
         self.data
             .write_at(bytes, first * u64::from(BLOCK_BYTES))
             .map_err(|e| io_error(Some(id), self.data.path(), e))
@@ -1026,13 +1080,20 @@ impl ChunkEngine {
 
     /// Write the new blocks of `plan` to fresh slots and sync them; returns
     /// the version's block list. On failure no slot stays taken.
-    fn write_plan(&self, id: ChunkId, plan: Plan, payload: &[u8]) -> ChunkResult<Vec<BlockRef>> {
+    fn write_plan(
+        &self,
+        id: ChunkId,
+        plan: Plan,
+        payload: &[u8],
+        prepared: &mut OnPrepared<'_>,
+    ) -> ChunkResult<Vec<BlockRef>> {
         let fresh = plan
             .blocks
             .iter()
             .filter(|(c, _)| matches!(c, Content::Payload { .. } | Content::Owned(_)))
             .count();
         let slots = self.alloc(id, fresh)?;
+        prepared.call();
         let mut refs = Vec::with_capacity(plan.blocks.len());
         let written = self.write_blocks(id, plan, payload, &slots, &mut refs);
         let synced = written.and_then(|()| match fresh {
@@ -1329,7 +1390,15 @@ impl ChunkEngine {
         let _guard = self.lock(id);
         let record = self.load(id)?;
         let change = Change::Write { offset, data };
-        let staged = self.stage(id, record, update_ver, chain_ver, change, sent_crc)?;
+        let staged = self.stage(
+            id,
+            record,
+            update_ver,
+            chain_ver,
+            change,
+            sent_crc,
+            &mut OnPrepared::none(),
+        )?;
         self.store_pending(id, staged)
     }
 
@@ -1378,7 +1447,15 @@ impl ChunkEngine {
         let _guard = self.lock(id);
         let record = self.load(id)?;
         let change = Change::Truncate { length };
-        let staged = self.stage(id, record, update_ver, chain_ver, change, None)?;
+        let staged = self.stage(
+            id,
+            record,
+            update_ver,
+            chain_ver,
+            change,
+            None,
+            &mut OnPrepared::none(),
+        )?;
         self.store_pending(id, staged)
     }
 
@@ -1398,7 +1475,15 @@ impl ChunkEngine {
             return Ok(None);
         };
         let change = Change::Zero { offset, len };
-        let staged = self.stage(id, Some(record), update_ver, chain_ver, change, None)?;
+        let staged = self.stage(
+            id,
+            Some(record),
+            update_ver,
+            chain_ver,
+            change,
+            None,
+            &mut OnPrepared::none(),
+        )?;
         self.store_pending(id, staged).map(Some)
     }
 
@@ -1418,7 +1503,15 @@ impl ChunkEngine {
         let _guard = self.lock(id);
         let record = self.load(id)?;
         let change = Change::Replace { data };
-        let staged = self.stage(id, record, update_ver, chain_ver, change, Some(crc))?;
+        let staged = self.stage(
+            id,
+            record,
+            update_ver,
+            chain_ver,
+            change,
+            Some(crc),
+            &mut OnPrepared::none(),
+        )?;
         self.store_pending(id, staged)
     }
 
@@ -1435,7 +1528,15 @@ impl ChunkEngine {
             return Ok(None);
         };
         let change = Change::Remove;
-        let staged = self.stage(id, Some(record), update_ver, chain_ver, change, None)?;
+        let staged = self.stage(
+            id,
+            Some(record),
+            update_ver,
+            chain_ver,
+            change,
+            None,
+            &mut OnPrepared::none(),
+        )?;
         self.store_pending(id, staged).map(Some)
     }
 
@@ -1454,7 +1555,85 @@ impl ChunkEngine {
         chain_ver: u64,
         update: ChunkUpdate<'_>,
     ) -> ChunkResult<Option<ChunkMeta>> {
-        let (change, sent_crc) = match update {
+        let (change, sent_crc) = self.checked_change(id, update)?;
+        let keeps_absent = matches!(change, Change::Zero { .. } | Change::Remove);
+        let _guard = self.lock(id);
+        let record = self.load(id)?;
+        if record.is_none() && keeps_absent {
+            return Ok(None);
+        }
+        let prepared = &mut OnPrepared::none();
+        let staged = self.stage(
+            id, record, update_ver, chain_ver, change, sent_crc, prepared,
+        )?;
+        self.store_committed(id, staged, update_ver)
+    }
+
+    /// Stage `update` as pending version `update_ver`, with the checks,
+    /// retry rules and results of the `*_pending` calls (`Ok(None)`: the
+    /// chunk is absent and stays so). `prepared`, if given, is called once
+    /// every check has passed and the version's slots are taken, before
+    /// anything is written, and on every success: from that call on, the
+    /// stage can fail only as the disk does (a block write, an fsync, the
+    /// metadata commit), never as a refusal of the version. A chain member
+    /// forwards the version at that point, so its own disk work overlaps its
+    /// successors'. A failure after that call takes the target out of
+    /// service ([`ChunkEngine::fail`]) before the chunk is unlocked: the
+    /// successors hold a version this copy lacks.
+    pub fn apply_pending(
+        &self,
+        id: ChunkId,
+        update_ver: u64,
+        chain_ver: u64,
+        update: ChunkUpdate<'_>,
+        prepared: Option<&mut dyn FnMut()>,
+    ) -> ChunkResult<Option<ChunkMeta>> {
+        let mut prepared = match prepared {
+            Some(f) => OnPrepared::new(f),
+            None => OnPrepared::none(),
+        };
+        let (change, sent_crc) = self.checked_change(id, update)?;
+        let keeps_absent = matches!(change, Change::Zero { .. } | Change::Remove);
+        let _guard = self.lock(id);
+        let record = self.load(id)?;
+        if record.is_none() && keeps_absent {
+            prepared.call();
+            return Ok(None);
+        }
+        let staged = self
+            .stage(
+                id,
+                record,
+                update_ver,
+                chain_ver,
+                change,
+                sent_crc,
+                &mut prepared,
+            )
+            .and_then(|staged| {
+                prepared.call();
+                self.store_pending(id, staged).map(Some)
+            });
+        if let (Err(e), true) = (&staged, prepared.called) {
+            // Successors may commit this version; this copy lacks it. Out
+            // of service before the chunk's lock is released, so no reader
+            // waiting for it sees the older version.
+            self.fail(format!(
+                "storing chunk {id} version {update_ver}: {}",
+                crate::describe(e)
+            ));
+        }
+        staged
+    }
+
+    /// The change `update` makes, once its range fits this target, and the
+    /// payload CRC it was sent with.
+    fn checked_change<'a>(
+        &self,
+        id: ChunkId,
+        update: ChunkUpdate<'a>,
+    ) -> ChunkResult<(Change<'a>, Option<u32>)> {
+        Ok(match update {
             ChunkUpdate::Write {
                 offset,
                 data,
@@ -1474,15 +1653,39 @@ impl ChunkEngine {
                 (Change::Replace { data }, Some(crc))
             }
             ChunkUpdate::Remove => (Change::Remove, None),
-        };
-        let keeps_absent = matches!(change, Change::Zero { .. } | Change::Remove);
-        let _guard = self.lock(id);
-        let record = self.load(id)?;
-        if record.is_none() && keeps_absent {
-            return Ok(None);
+        })
+    }
+
+    /// For fault tests: while `errno` is set, every block write to the data
+    /// file fails with it, as on a failing (`EIO`) or full (`ENOSPC`) disk;
+    /// metadata and reads are untouched. A relaxed load per block write when
+    /// unused.
+    pub fn inject_write_faults(&self, errno: Option<i32>) {
+        self.write_faults
+            .store(errno.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Takes this target out of service for good (until it is opened
+    /// again): every operation refuses with [`ChunkError::Failed`] from now
+    /// on. The first reason stays.
+    pub fn fail(&self, reason: String) {
+        if self.failed.set(reason).is_ok() {
+            tracing::error!(dir = %self.dir.display(), reason = %self.failed.get().expect("set"), "chunk engine out of service");
         }
-        let staged = self.stage(id, record, update_ver, chain_ver, change, sent_crc)?;
-        self.store_committed(id, staged, update_ver)
+    }
+
+    /// Why this target left service, if it did (see [`ChunkEngine::fail`]).
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
+    }
+
+    fn check_in_service(&self) -> ChunkResult<()> {
+        match self.failed.get() {
+            Some(reason) => Err(ChunkError::Failed {
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Store a staged version as pending.
@@ -1532,6 +1735,7 @@ impl ChunkEngine {
         Ok(Some(done.meta))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn stage(
         &self,
         id: ChunkId,
@@ -1540,6 +1744,7 @@ impl ChunkEngine {
         chain_ver: u64,
         change: Change<'_>,
         sent_crc: Option<u32>,
+        prepared: &mut OnPrepared<'_>,
     ) -> ChunkResult<Staged> {
         let meta = record.as_ref().map(|r| r.meta).unwrap_or_default();
         if chain_ver < meta.chain_ver {
@@ -1590,7 +1795,7 @@ impl ChunkEngine {
             _ => &[],
         };
         let pending = match plan {
-            Some(plan) => self.write_plan(id, plan, payload)?,
+            Some(plan) => self.write_plan(id, plan, payload, prepared)?,
             None => Vec::new(),
         };
         let committed = record.map(|r| r.committed).unwrap_or_default();
@@ -1786,7 +1991,7 @@ impl ChunkEngine {
         }
         let _guard = self.lock(id);
         let old = self.load(id)?;
-        let committed = self.write_plan(id, plan, bytes)?;
+        let committed = self.write_plan(id, plan, bytes, &mut OnPrepared::none())?;
         let new = Record {
             meta: ChunkMeta {
                 update_ver: meta.commit_ver,

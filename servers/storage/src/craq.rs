@@ -8,16 +8,39 @@
 //! pending version, forwards it to its successor as an [`UpdateOp`] and
 //! commits when the successor acknowledges; the tail commits first, so a
 //! version is committed at a node only once every node after it has
-//! committed it. The tail stages and commits in one durable metadata commit;
-//! the members before it commit without waiting for their metadata fsync
-//! (`ChunkEngine::commit_unsynced`): the successor holds the version
-//! durably, and a commit a machine crash takes back leaves the version
-//! pending here: a restarted target goes through SYNCING (see `node`) and
-//! resync replaces its copy, except the LASTSRV target of a chain that lost
-//! every target, which serves at once; it is the head then, and the head
-//! re-drives a leftover pending version before it writes, reads or resyncs
-//! the chunk, so an acknowledged version is never rolled back. Every hop checks the chain version against its routing info
-//! and the CRC32C of the data. Truncates and zeroing never make a chunk
+//! committed it.
+//!
+//! A member forwards a version as soon as it has passed every check there
+//! (versions, chain version, payload CRC) and its slots are taken, and
+//! stores it (block writes, fsync, metadata commit) while its successors
+//! do, so the members' disk work overlaps instead of adding up. Chain
+//! replication's update propagation still holds — a version is committed
+//! anywhere only once every member holds it durably — through stored
+//! notices ([`StoredNotice`]): once a member has stored a version and has
+//! its predecessor's notice that every member before it has too (the head
+//! needs none), it tells its successor so; the tail commits a forwarded
+//! version, and a member sends a SYNCING successor (which commits at once)
+//! the whole version, only after that notice. A notice that a predecessor
+//! failed, or none within [`FORWARD_TIMEOUT`], leaves the version pending
+//! and fails the update. A member whose own store fails after it forwarded
+//! leaves service until its process restarts
+//! (`StorageService::fail_target`): its successors hold the version
+//! pending, so it must not give the number to other bytes; it answers
+//! nothing and reports OFFLINE, mgmtd moves it out of the chain, and the
+//! new head settles the version. A version a member refuses goes no
+//! further. A member commits only once its successor acknowledged and its
+//! own store is done.
+//!
+//! The head alone stages and commits in one durable metadata commit; every
+//! other commit waits for no metadata fsync (`ChunkEngine::commit_unsynced`):
+//! every member holds the version durably by then, and a commit a machine
+//! crash takes back leaves the version pending there: a restarted target
+//! goes through SYNCING (see `node`) and resync replaces its copy, except
+//! the LASTSRV target of a chain that lost every target, which serves at
+//! once; it is the head then, and the head re-drives a leftover pending
+//! version before it writes, reads or resyncs the chunk, so an acknowledged
+//! version is never rolled back. Every hop checks the chain version against
+//! its routing info and the CRC32C of the data. Truncates and zeroing never make a chunk
 //! longer or create one: the head turns them into no-ops on a chunk already
 //! short enough or missing.
 //!
@@ -113,7 +136,40 @@ struct Inner {
     /// SYNCING targets whose copy a predecessor declared complete, with the
     /// chain version it was complete at.
     synced: Mutex<HashMap<TargetId, u64>>,
+    /// Stored notices from predecessors, by the version they name.
+    notices: Mutex<HashMap<NoticeKey, Notice>>,
+    /// Woken when a target fails, so the node reports it at once.
+    failures: tokio::sync::Notify,
 }
+
+/// Where an update of a chunk comes from, at the member applying it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origination {
+    /// A client's update, at the head.
+    Head,
+    /// The head re-driving a version left pending.
+    Redrive,
+    /// Forwarded by a predecessor, whose stored notice follows.
+    Forwarded,
+}
+
+/// A version as an update and its [`StoredNotice`] name it.
+type NoticeKey = (ChunkAddr, u64, UpdateOp, u32);
+
+/// A predecessor's [`StoredNotice`] on this node.
+enum Notice {
+    /// Arrived before its update asked for it.
+    Arrived {
+        stored: bool,
+        at: tokio::time::Instant,
+    },
+    /// The update waiting for it.
+    Waiting(tokio::sync::oneshot::Sender<bool>),
+}
+
+/// Notices kept before stale ones (older than [`FORWARD_TIMEOUT`], or whose
+/// update stopped waiting) are swept.
+const NOTICES_SWEEP_AT: usize = 1024;
 
 /// The client request an update carries; `(0, 0)` when unknown.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -166,6 +222,8 @@ impl StorageService {
                 dedup: Mutex::new(Dedup::default()),
                 origins: Mutex::new(HashMap::new()),
                 synced: Mutex::new(HashMap::new()),
+                failures: tokio::sync::Notify::new(),
+                notices: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -186,6 +244,40 @@ impl StorageService {
     /// Forgets a completed sync (once the target serves, or when it must sync again).
     pub fn clear_synced(&self, target: TargetId) {
         self.inner.synced.lock().remove(&target);
+    }
+
+    /// Takes `target` out of service until this process restarts: its disk
+    /// failed a write after the target had passed a version on (see
+    /// `stage_and_forward`), so its copy may lack a version its successors
+    /// committed. It answers nothing from then on, and the node reports it
+    /// OFFLINE, so mgmtd moves it out of its chain; after a restart it comes
+    /// back through SYNCING and resync replaces its copy.
+    /// (The chunk engine may have taken itself out already, see
+    /// `ChunkEngine::apply_pending`; this makes it known.)
+    pub fn fail_target(&self, target: TargetId, reason: String) {
+        let engine = self.engine(target);
+        engine.fail(reason);
+        tracing::error!(
+            target,
+            reason = engine.failure().unwrap_or_default(),
+            "storage target failed: it is out of service until this node restarts; \
+             check its disk, then restart the node to resync it"
+        );
+        self.inner.failures.notify_waiters();
+    }
+
+    /// Why `target` failed, if it did (see [`StorageService::fail_target`]).
+    pub fn failure(&self, target: TargetId) -> Option<String> {
+        self.inner
+            .targets
+            .get(&target)
+            .and_then(|engine| engine.failure().map(String::from))
+    }
+
+    /// Resolves when some target fails after this call (not after the
+    /// first poll: the wait starts when it is created).
+    pub fn target_failed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.inner.failures.notified()
     }
 
     /// Registers the storage methods on `router`.
@@ -255,6 +347,115 @@ impl StorageService {
             let s = s.clone();
             async move { Ok(s.sync_done(req)) }
         });
+        let s = self.clone();
+        router.register::<Stored, _, _>(move |req, _ctx| {
+            let s = s.clone();
+            async move { Ok(s.stored(req)) }
+        });
+    }
+
+    /// A predecessor's notice that it, and every member before it, stored
+    /// (or failed to store) a version it forwarded here: handed to the
+    /// update waiting for it, or kept for [`FORWARD_TIMEOUT`] until it asks.
+    pub fn stored(&self, notice: StoredNotice) -> StorageResult<()> {
+        if !self.inner.targets.contains_key(&notice.target) {
+            return Err(StorageError::NotServing {
+                chain: notice.addr.chain,
+            });
+        }
+        let key = (notice.addr, notice.update_ver, notice.op, notice.crc);
+        let mut notices = self.inner.notices.lock();
+        if let Some(Notice::Waiting(tx)) = notices.remove(&key) {
+            // The update gave up only if its wait timed out.
+            let _ = tx.send(notice.stored);
+            return Ok(());
+        }
+        if notices.len() >= NOTICES_SWEEP_AT {
+            notices.retain(|_, n| match n {
+                Notice::Arrived { at, .. } => at.elapsed() < FORWARD_TIMEOUT,
+                Notice::Waiting(tx) => !tx.is_closed(),
+            });
+        }
+        let at = tokio::time::Instant::now();
+        notices.insert(
+            key,
+            Notice::Arrived {
+                stored: notice.stored,
+                at,
+            },
+        );
+        Ok(())
+    }
+
+    /// Waits for the predecessor's [`StoredNotice`] of `req`'s version: a
+    /// forwarded version is committed (or passed on whole to a SYNCING
+    /// target, which commits at once) only once every member before this
+    /// one holds it durably.
+    async fn await_stored(&self, chain: ChainId, req: &UpdateRequest) -> StorageResult<()> {
+        let key = (req.addr, req.update_ver, req.op, req.crc);
+        let waiting = {
+            let mut notices = self.inner.notices.lock();
+            match notices.remove(&key) {
+                Some(Notice::Arrived { stored, .. }) => Err(stored),
+                _ => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    notices.insert(key, Notice::Waiting(tx));
+                    Ok(rx)
+                }
+            }
+        };
+        let stored = match waiting {
+            Err(stored) => Some(stored),
+            Ok(rx) => match tokio::time::timeout(FORWARD_TIMEOUT, rx).await {
+                Ok(Ok(stored)) => Some(stored),
+                _ => {
+                    let mut notices = self.inner.notices.lock();
+                    if let Some(Notice::Waiting(_)) = notices.get(&key) {
+                        notices.remove(&key);
+                    }
+                    None
+                }
+            },
+        };
+        let reason = match stored {
+            Some(true) => return Ok(()),
+            Some(false) => format!(
+                "a member before this one failed to store {:?} version {}",
+                req.addr, req.update_ver
+            ),
+            None => format!(
+                "no word within {FORWARD_TIMEOUT:?} that the members before this one stored {:?} version {}",
+                req.addr, req.update_ver
+            ),
+        };
+        Err(StorageError::Forward { chain, reason })
+    }
+
+    /// Tells the successor `next` whether this member and every one before
+    /// it stored `req`'s version. Best effort: without it the successor
+    /// gives up on the version after [`FORWARD_TIMEOUT`], committing nothing.
+    async fn send_stored(
+        &self,
+        routing: &RoutingInfo,
+        chain: ChainId,
+        next: TargetId,
+        req: &UpdateRequest,
+        stored: bool,
+    ) {
+        let notice = StoredNotice {
+            addr: req.addr,
+            target: next,
+            update_ver: req.update_ver,
+            op: req.op,
+            crc: req.crc,
+            stored,
+        };
+        let sent = self
+            .call::<Stored, _>(routing, chain, next, &notice, Bytes::new())
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(addr = ?req.addr, version = req.update_ver, error = %e, "stored notice not delivered");
+        }
     }
 
     fn routing(&self, chain: ChainId) -> StorageResult<Arc<RoutingInfo>> {
@@ -277,6 +478,13 @@ impl StorageService {
             .iter()
             .position(|t| self.inner.targets.contains_key(&t.target))
             .ok_or(StorageError::NotServing { chain: chain_id })?;
+        let target = chain.targets[pos].target;
+        if let Some(reason) = self.failure(target) {
+            return Err(StorageError::Io {
+                target,
+                reason: format!("target out of service until its node restarts: {reason}"),
+            });
+        }
         Ok((routing, chain, pos))
     }
 
@@ -452,8 +660,15 @@ impl StorageService {
             client: origin.client,
             request: origin.request,
         };
-        self.apply_and_forward(&routing, &chain, pos, update, planned.data, false)
-            .await
+        self.apply_and_forward(
+            &routing,
+            &chain,
+            pos,
+            update,
+            planned.data,
+            Origination::Head,
+        )
+        .await
     }
 
     /// If this target holds a pending version of `addr`, forwards it down the
@@ -526,7 +741,7 @@ impl StorageService {
             client: origin.client,
             request: origin.request,
         };
-        self.apply_and_forward(routing, chain, pos, redo, data, true)
+        self.apply_and_forward(routing, chain, pos, redo, data, Origination::Redrive)
             .await?;
         let meta = blocking(move || engine.meta(id))
             .await
@@ -631,7 +846,7 @@ impl StorageService {
         let _guard = self.lock_chunk(req.addr).await;
         match (me.state, req.op) {
             (PublicState::Serving, _) => {
-                self.apply_and_forward(&routing, &chain, pos, req, data, false)
+                self.apply_and_forward(&routing, &chain, pos, req, data, Origination::Forwarded)
                     .await
             }
             (PublicState::Syncing, UpdateOp::Replace) => {
@@ -695,12 +910,11 @@ impl StorageService {
         pos: usize,
         req: UpdateRequest,
         data: Bytes,
-        redrive: bool,
+        from: Origination,
     ) -> StorageResult<ChunkVersion> {
         let me = chain.targets[pos].target;
-        let engine = self.engine(me).clone();
-        let id = chunk_id(req.addr);
         let (addr, update_ver) = (req.addr, req.update_ver);
+        let upstream = from == Origination::Forwarded;
         assert!(update_ver > 0, "versions start at 1: {req:?}");
         let origin = origin_of(&req);
         self.inner.origins.lock().insert(addr, origin);
@@ -709,30 +923,22 @@ impl StorageService {
             .find(|t| matches!(t.state, PublicState::Serving | PublicState::Syncing))
             .copied();
         let meta = match successor {
-            // The last member: nothing after it can refuse the version, so
-            // it is staged and committed in one metadata commit.
+            // The last member of a forwarded version: it stores it, then
+            // commits once every member before it has stored it too.
+            None if upstream => {
+                self.stage_here(me, &req, data).await?;
+                self.await_stored(chain.id, &req).await?;
+                self.commit_here(me, &req).await?
+            }
+            // The head alone: staged and committed in one metadata commit.
             None => self.stage_committed_here(me, &req, data).await?,
             Some(next) => {
                 let sent = self
-                    .stage_and_forward(routing, chain.id, me, next, &req, data)
+                    .stage_and_forward(routing, chain.id, me, next, &req, data, upstream)
                     .await?;
+                let redrive = from == Origination::Redrive;
                 self.after_forward(me, addr, sent, redrive).await?;
-                let op = req.op;
-                // The successor committed the version durably, so this
-                // member's switch need not wait for its own fsync (see
-                // `ChunkEngine::commit_unsynced`); a removal stays durable,
-                // as a removed chunk leaves no version to re-drive.
-                let commit = move || match op {
-                    UpdateOp::Remove => engine.commit(id, update_ver),
-                    _ => engine.commit_unsynced(id, update_ver),
-                };
-                blocking(move || match commit() {
-                    Ok(meta) => Ok(meta),
-                    Err(ChunkError::NotFound { .. }) if removes_or_keeps_absent(op) => Ok(None),
-                    Err(e) => Err(e),
-                })
-                .await
-                .map_err(|e| storage_error(e, addr, me))?
+                self.commit_here(me, &req).await?
             }
         };
         if let Some(meta) = &meta {
@@ -748,9 +954,40 @@ impl StorageService {
         Ok(version)
     }
 
+    /// Commits `req`'s version here, once the rest of the chain has. A
+    /// member before the tail need not wait for its own fsync: its
+    /// successor holds the version durably (see
+    /// `ChunkEngine::commit_unsynced`); nor need the tail of a forwarded
+    /// version: every member before it holds the version durably, pending,
+    /// and a pending version is re-driven. A removal stays durable, as a
+    /// removed chunk leaves no version to re-drive.
+    async fn commit_here(
+        &self,
+        me: TargetId,
+        req: &UpdateRequest,
+    ) -> StorageResult<Option<ChunkMeta>> {
+        let engine = self.engine(me).clone();
+        let (addr, op, update_ver) = (req.addr, req.op, req.update_ver);
+        let id = chunk_id(addr);
+        let commit = move || match op {
+            UpdateOp::Remove => engine.commit(id, update_ver),
+            _ => engine.commit_unsynced(id, update_ver),
+        };
+        blocking(move || match commit() {
+            Ok(meta) => Ok(meta),
+            Err(ChunkError::NotFound { .. }) if removes_or_keeps_absent(op) => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await
+        .map_err(|e| storage_error(e, addr, me))
+    }
+
     /// Stages `req` here and forwards it to the successor `next`, in the way
-    /// its state and the update allow (see `apply_and_forward`). The outer
-    /// error is this target's own; the inner result is the forward's.
+    /// its state and the update allow (see `apply_and_forward`); `upstream`:
+    /// the version came from a predecessor, whose [`StoredNotice`] must come
+    /// before this member tells `next` it is stored. The outer error is this
+    /// target's own; the inner result is the forward's.
+    #[allow(clippy::too_many_arguments)]
     async fn stage_and_forward(
         &self,
         routing: &RoutingInfo,
@@ -759,22 +996,78 @@ impl StorageService {
         next: ChainTarget,
         req: &UpdateRequest,
         data: Bytes,
+        upstream: bool,
     ) -> StorageResult<StorageResult<()>> {
         // A SYNCING successor gets the whole new version: it may lack the
         // base the update builds on, so it is read after staging.
         if next.state == PublicState::Syncing {
             return self
-                .stage_then_forward_whole(routing, chain_id, me, next.target, req, data)
+                .stage_then_forward_whole(routing, chain_id, me, next.target, req, data, upstream)
                 .await;
         }
-        self.stage_here(me, req, data.clone()).await?;
+        // The version goes on as soon as it passed every check here and its
+        // slots are taken, so this member's block writes, fsyncs and
+        // metadata commit overlap its successors'; the successor commits
+        // only after this member's stored notice (sent once it and every
+        // member before it hold the version). What can still fail here then
+        // is the disk, and the successors hold the version pending: this
+        // target leaves service (`fail_target`) rather than take the
+        // version's number for other bytes.
+        let engine = self.engine(me).clone();
+        let (addr, staged) = (req.addr, req.clone());
+        let (prepared_tx, prepared_rx) = tokio::sync::oneshot::channel();
+        let local_data = data.clone();
+        let local = tokio::task::spawn_blocking(move || {
+            let mut prepared_tx = Some(prepared_tx);
+            let mut prepared = || {
+                if let Some(tx) = prepared_tx.take() {
+                    // The receiver is gone only if the update was dropped.
+                    let _ = tx.send(());
+                }
+            };
+            stage(
+                &engine,
+                chunk_id(addr),
+                &staged,
+                &local_data,
+                Some(&mut prepared),
+            )
+        });
+        if prepared_rx.await.is_err() {
+            // Refused (or failed) before it was prepared: nothing went on.
+            let refused = joined(local).await;
+            assert!(refused.is_err(), "a stage that succeeds is prepared first");
+            return refused.map(Ok).map_err(|e| storage_error(e, addr, me));
+        }
         let forwarded = UpdateRequest {
             target: next.target,
             ..req.clone()
         };
-        let sent = self
-            .call::<Update, _>(routing, chain_id, next.target, &forwarded, data)
-            .await;
+        let forward = self.call::<Update, _>(routing, chain_id, next.target, &forwarded, data);
+        let here = async {
+            let stored = joined(local).await;
+            let upstream = match (&stored, upstream) {
+                (Ok(()), true) => self.await_stored(chain_id, req).await,
+                _ => Ok(()),
+            };
+            let ok = stored.is_ok() && upstream.is_ok();
+            self.send_stored(routing, chain_id, next.target, req, ok)
+                .await;
+            (stored, upstream)
+        };
+        let (sent, (stored, upstream)) = tokio::join!(forward, here);
+        if let Err(e) = stored {
+            // In doubt, never a refusal (not even `NoSpace`): the successors
+            // hold the version pending.
+            let reason = format!(
+                "staging {addr:?} version {}: {}",
+                req.update_ver,
+                crate::describe(&e)
+            );
+            self.fail_target(me, reason.clone());
+            return Err(StorageError::Io { target: me, reason });
+        }
+        upstream?;
         Ok(sent.map(drop))
     }
 
@@ -806,15 +1099,15 @@ impl StorageService {
         let engine = self.engine(me).clone();
         let addr = req.addr;
         let staged = req.clone();
-        blocking(move || stage(&engine, chunk_id(addr), &staged, &data))
+        blocking(move || stage(&engine, chunk_id(addr), &staged, &data, None))
             .await
-            .map_err(|e| storage_error(e, addr, me))?;
-        Ok(())
+            .map_err(|e| storage_error(e, addr, me))
     }
 
     /// Stages `req` here, then sends the SYNCING successor `next` the whole
     /// new version (or a removal when the chunk is gone). Errors as for
     /// `stage_and_forward`.
+    #[allow(clippy::too_many_arguments)]
     async fn stage_then_forward_whole(
         &self,
         routing: &RoutingInfo,
@@ -823,17 +1116,22 @@ impl StorageService {
         next: TargetId,
         req: &UpdateRequest,
         data: Bytes,
+        upstream: bool,
     ) -> StorageResult<StorageResult<()>> {
         let engine = self.engine(me).clone();
         let (addr, update_ver) = (req.addr, req.update_ver);
         let staged = req.clone();
         let whole = blocking(move || {
             let id = chunk_id(addr);
-            stage(&engine, id, &staged, &data)?;
+            stage(&engine, id, &staged, &data, None)?;
             engine.read_version(id, update_ver)
         })
         .await
         .map_err(|e| storage_error(e, addr, me))?;
+        // The SYNCING target commits it at once.
+        if upstream {
+            self.await_stored(chain_id, req).await?;
+        }
         let (payload, op) = match whole {
             Some(whole) => (whole, UpdateOp::Replace),
             None => (Bytes::new(), UpdateOp::Remove),
@@ -1303,25 +1601,19 @@ fn committed(engine: &ChunkEngine, id: ChunkId) -> Result<Option<(ChunkMeta, Byt
     }
 }
 
-/// Stages `req` as the pending version on `engine`.
+/// Stages `req` as the pending version on `engine`, calling `prepared` as
+/// [`ChunkEngine::apply_pending`] does.
 fn stage(
     engine: &ChunkEngine,
     id: ChunkId,
     req: &UpdateRequest,
     data: &[u8],
+    prepared: Option<&mut dyn FnMut()>,
 ) -> Result<(), ChunkError> {
-    let (v, cv) = (req.update_ver, req.chain_ver);
-    match req.op {
-        UpdateOp::Write { offset } => engine
-            .write_pending_checked(id, v, cv, offset, data, req.chunk_size, req.crc)
-            .map(drop),
-        UpdateOp::Truncate { length } => engine.truncate(id, length, v, cv).map(drop),
-        UpdateOp::Zero { offset, len } => engine.zero_pending(id, v, cv, offset, len).map(drop),
-        UpdateOp::Replace => engine
-            .replace_pending_checked(id, v, cv, data, req.crc)
-            .map(drop),
-        UpdateOp::Remove => engine.remove(id, v, cv).map(drop),
-    }
+    let update = chunk_update(req, data);
+    engine
+        .apply_pending(id, req.update_ver, req.chain_ver, update, prepared)
+        .map(drop)
 }
 
 /// Stages and commits `req` on `engine` in one metadata commit; `None` when
@@ -1332,7 +1624,13 @@ fn stage_committed(
     req: &UpdateRequest,
     data: &[u8],
 ) -> Result<Option<ChunkMeta>, ChunkError> {
-    let update = match req.op {
+    let update = chunk_update(req, data);
+    engine.apply_committed(id, req.update_ver, req.chain_ver, update)
+}
+
+/// The chunk engine's form of `req`, whose payload is `data`.
+fn chunk_update<'a>(req: &UpdateRequest, data: &'a [u8]) -> ChunkUpdate<'a> {
+    match req.op {
         UpdateOp::Write { offset } => ChunkUpdate::Write {
             offset,
             data,
@@ -1343,8 +1641,7 @@ fn stage_committed(
         UpdateOp::Zero { offset, len } => ChunkUpdate::Zero { offset, len },
         UpdateOp::Replace => ChunkUpdate::Replace { data, crc: req.crc },
         UpdateOp::Remove => ChunkUpdate::Remove,
-    };
-    engine.apply_committed(id, req.update_ver, req.chain_ver, update)
+    }
 }
 
 /// Ops after which a missing chunk is a valid outcome (nothing to commit).
@@ -1413,21 +1710,8 @@ fn check_chain_version(chain: &Chain, request: u64) -> StorageResult<()> {
 fn io_error(e: ChunkError, target: TargetId) -> StorageError {
     StorageError::Io {
         target,
-        reason: describe(&e),
+        reason: crate::describe(&e),
     }
-}
-
-/// `e` and the errors under it, outermost first: what an operator needs to
-/// see of a failed disk or store (the OS error, not only the file).
-fn describe(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The storage error a client sees for a chunk engine error.
@@ -1456,7 +1740,12 @@ fn storage_error(e: ChunkError, addr: ChunkAddr, target: TargetId) -> StorageErr
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ChunkError> + Send + 'static,
 ) -> Result<T, ChunkError> {
-    match tokio::task::spawn_blocking(f).await {
+    joined(tokio::task::spawn_blocking(f)).await
+}
+
+/// The result of a chunk task already running on the blocking pool.
+async fn joined<T>(task: tokio::task::JoinHandle<Result<T, ChunkError>>) -> Result<T, ChunkError> {
+    match task.await {
         Ok(r) => r,
         Err(e) => Err(ChunkError::Io {
             id: None,

@@ -178,6 +178,27 @@ impl DataFile {
         result
     }
 
+    /// Allocates `[offset, offset + len)` on disk without writing it, so
+    /// writes there later find the space taken (`ENOSPC` here, not then).
+    /// A file system that cannot allocate ahead is left to allocate on
+    /// write.
+    pub fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        };
+        // SAFETY: a plain syscall on an fd this file owns.
+        let rc = unsafe { libc::fallocate(self.buffered.as_raw_fd(), 0, offset, len) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP | libc::ENOSYS) => Ok(()),
+            _ => Err(e),
+        }
+    }
+
     fn refuse_direct(&self, e: &io::Error) {
         if !self.direct_refused.swap(true, Ordering::Relaxed) {
             tracing::warn!(path = %self.path.display(), error = %e, "an aligned O_DIRECT write was refused: chunk data is written through the page cache from now on");

@@ -11,3 +11,16 @@ pub mod craq;
 pub mod crc;
 pub mod data_file;
 pub mod node;
+
+/// `e` and the errors under it, outermost first: what an operator needs to
+/// see of a failed disk or store.
+pub(crate) fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -10,6 +10,10 @@
 //! target SERVING — mgmtd then knew the target had restarted and still chose
 //! it to serve (a new chain, or the LASTSRV coming back).
 //!
+//! A target its service took out of service after a disk failure
+//! (`StorageService::fail_target`) reports OFFLINE, at once, until the
+//! process restarts.
+//!
 //! Must not decide chain states; it only reports and follows them.
 //!
 //! # Limits
@@ -102,6 +106,10 @@ pub fn spawn<R: Reporter>(
         tokio::spawn(async move {
             let mut states = LocalStates::default();
             loop {
+                // Armed before the report is built, so a failure while this
+                // beat is on its way still wakes the next one.
+                let failed = service.target_failed();
+                tokio::pin!(failed);
                 let current = routing.borrow_and_update().clone();
                 let report: Vec<(TargetId, LocalState)> = service
                     .targets()
@@ -115,6 +123,9 @@ pub fn spawn<R: Reporter>(
                         if public == Some(PublicState::Serving) {
                             service.clear_synced(t);
                         }
+                        if service.failure(t).is_some() {
+                            return (t, LocalState::Offline);
+                        }
                         (t, states.state(t, current.as_deref(), synced))
                     })
                     .collect();
@@ -122,11 +133,16 @@ pub fn spawn<R: Reporter>(
                     Ok(version) => states.reported(version),
                     Err(e) => tracing::warn!(error = %e, "heartbeat to mgmtd failed"),
                 }
-                // Beat again at the interval, or at once when routing changes;
-                // stop when the routing source is gone (the node shuts down).
-                if let Ok(Err(_)) =
-                    tokio::time::timeout(config.heartbeat_interval, routing.changed()).await
-                {
+                // Beat again at the interval, or at once when routing changes
+                // or a target fails; stop when the routing source is gone
+                // (the node shuts down).
+                let next = async {
+                    tokio::select! {
+                        changed = routing.changed() => changed.is_ok(),
+                        () = &mut failed => true,
+                    }
+                };
+                if let Ok(false) = tokio::time::timeout(config.heartbeat_interval, next).await {
                     return;
                 }
             }

@@ -101,6 +101,7 @@ fn error_name(e: &ChunkError) -> &'static str {
         ChunkError::Io { .. } => "Io",
         ChunkError::Kv { .. } => "Kv",
         ChunkError::ChunkSizeTooLarge { .. } => "ChunkSizeTooLarge",
+        ChunkError::Failed { .. } => "Failed",
     }
 }
 
@@ -1890,4 +1891,93 @@ fn unsynced_commits_of_many_chunks_at_once_keep_every_slot_accounted() {
         THREADS,
         "one block per chunk in use"
     );
+}
+
+/// `apply_pending` calls `prepared` once a version has passed every check
+/// and its slots are taken, and on every success, but never for a refusal:
+/// a chain member forwards the version at that call, so whatever can refuse
+/// it must come first. After the call only the disk can fail the stage,
+/// and then the committed version is untouched and the slots are free again.
+#[test]
+fn apply_pending_is_prepared_only_past_every_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    let write = |offset: u32, data: &'static [u8], crc: u32| ChunkUpdate::Write {
+        offset,
+        data,
+        chunk_size: CHUNK_SIZE,
+        crc,
+    };
+    let ok = |data: &'static [u8]| write(0, data, crc32c::crc32c(data));
+    let apply = |ver: u64, chain: u64, update: ChunkUpdate<'_>| {
+        let mut calls = 0;
+        let result = engine.apply_pending(cid(0), ver, chain, update, Some(&mut || calls += 1));
+        (result, calls)
+    };
+    let (meta, calls) = apply(1, 2, ok(b"one"));
+    assert_eq!((meta.unwrap().unwrap().update_ver, calls), (1, 1));
+    // A retry of the pending version is prepared too (it goes on again).
+    let (meta, calls) = apply(1, 2, ok(b"one"));
+    assert_eq!((meta.unwrap().unwrap().update_ver, calls), (1, 1));
+    let refusals = [
+        (
+            "other bytes for the pending version",
+            apply(1, 2, ok(b"two")),
+        ),
+        ("out of order", apply(3, 2, ok(b"two"))),
+        ("stale chain version", apply(2, 1, ok(b"two"))),
+        ("payload checksum", apply(2, 2, write(0, b"two", 7))),
+        (
+            "past the chunk size",
+            apply(2, 2, write(CHUNK_SIZE - 1, b"two", 0)),
+        ),
+    ];
+    for (what, (result, calls)) in refusals {
+        assert!(result.is_err(), "{what}: {result:?}");
+        assert_eq!(calls, 0, "{what}");
+    }
+    engine.commit(cid(0), 1).unwrap();
+    // Zeroing a missing chunk keeps it missing: a success, prepared.
+    let mut calls = 0;
+    let zero = ChunkUpdate::Zero { offset: 0, len: 3 };
+    let none = engine.apply_pending(cid(9), 1, 2, zero, Some(&mut || calls += 1));
+    assert!(matches!(none, Ok(None)), "{none:?}");
+    assert_eq!(calls, 1);
+
+    let before = engine.slot_stats();
+    engine.inject_write_faults(Some(libc::EIO));
+    let (result, calls) = apply(2, 2, ok(b"two"));
+    assert!(matches!(result, Err(ChunkError::Io { .. })), "{result:?}");
+    assert_eq!(calls, 1, "the disk fails after the version was prepared");
+    let taken = |s: SlotStats| s.total - s.free;
+    assert_eq!(
+        taken(engine.slot_stats()),
+        taken(before),
+        "no slot stays taken"
+    );
+    // A successor may have committed version 2: the target is out of
+    // service from now on, whatever is asked, even with the disk back.
+    engine.inject_write_faults(None);
+    let reason = engine.failure().expect("out of service").to_string();
+    assert!(
+        reason.contains("version 2") && reason.contains("os error 5"),
+        "{reason}"
+    );
+    for refused in [
+        engine.meta(cid(0)).map(drop),
+        engine.read(cid(0), 0, 3).map(drop),
+        engine.list().map(drop),
+        apply(2, 2, ok(b"two")).0.map(drop),
+    ] {
+        assert!(
+            matches!(refused, Err(ChunkError::Failed { .. })),
+            "{refused:?}"
+        );
+    }
+    // What it holds is the committed version 1, as a reopen shows.
+    drop(engine);
+    let engine = open(dir.path());
+    let meta = engine.meta(cid(0)).unwrap().unwrap();
+    assert!(!meta.is_dirty() && meta.commit_ver == 1, "{meta:?}");
+    assert_eq!(engine.read(cid(0), 0, 3).unwrap().0, b"one");
 }

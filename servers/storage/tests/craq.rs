@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use r3fs_net::{CallOptions, RetryPolicy, Router, RpcClient, RpcServer, ServerConfig};
-use r3fs_storage::chunk::{ChunkEngine, ChunkId, ChunkUpdate};
+use r3fs_storage::chunk::{ChunkEngine, ChunkError, ChunkId, ChunkUpdate};
 use r3fs_storage::craq::StorageService;
 use r3fs_wire::mgmt::*;
 use r3fs_wire::storage::*;
@@ -1281,10 +1281,88 @@ async fn a_re_driven_version_a_successor_has_no_space_for_stays_pending() {
     assert_eq!(synced, data);
 }
 
-/// A version a member refuses reaches nothing after it (chain replication's
-/// update propagation: the tail commits only what every member before it
-/// holds). Here the middle holds another version 2 pending, which the
-/// clean tail would take, and a damaged payload is the other refusal.
+/// A member passes a version on as soon as it is checked and its slots are
+/// taken, so its own disk work overlaps its successors'; they commit it
+/// only after its stored notice. When the head's disk then fails a block
+/// write, the successors hold the version pending and commit nothing: the
+/// head leaves service (answering nothing, reporting OFFLINE) rather than
+/// give the version's number to other bytes, and once mgmtd moves it out
+/// the middle heads the chain and settles the version first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_whose_disk_fails_after_forwarding_leaves_service() {
+    use PublicState::{Offline, Serving};
+    let f = Fixture::start().await;
+    f.write_to(0, 1, 0, 0, b"old").await.unwrap();
+    f.nodes[0].engine.inject_write_faults(Some(libc::EIO));
+    let err = f.write_to(0, 1, 0, 0, b"new").await.unwrap_err();
+    assert!(matches!(err, StorageError::Io { target: 101, .. }), "{err}");
+    let reason = f.nodes[0].service.failure(target_of(0)).expect("failed");
+    assert!(reason.contains("os error 5"), "{reason}");
+    for node in 1..3 {
+        let read = f.read_from(node, 0).await;
+        assert!(
+            matches!(read, Err(StorageError::NotCommitted { pending: 2, .. })),
+            "node {node}: {read:?}"
+        );
+    }
+    // Out of service even once the disk writes again, for reads too: its
+    // copy lacks version 2.
+    f.nodes[0].engine.inject_write_faults(None);
+    let read = f.read_from(0, 0).await;
+    assert!(matches!(read, Err(StorageError::Io { .. })), "{read:?}");
+    let write = f.write_to(0, 1, 0, 0, b"again").await;
+    assert!(matches!(write, Err(StorageError::Io { .. })), "{write:?}");
+    let meta = f.nodes[0].engine.meta(id(0));
+    assert!(matches!(meta, Err(ChunkError::Failed { .. })), "{meta:?}");
+
+    f.set_states(2, &[Offline, Serving, Serving]);
+    let v = f.write_to(1, 2, 0, 3, b"+more").await.unwrap();
+    assert_eq!(v.commit_ver, 3);
+    for node in 1..3 {
+        assert_eq!(&f.read_from(node, 0).await.unwrap().1[..], b"new+more");
+    }
+}
+
+/// As above for the middle: it leaves service, the tail keeps the version
+/// pending (its notice said the middle failed), and so does the head (its
+/// forward failed) until the next write re-drives it down the new chain. A
+/// full disk there is no different: after the forward, `NoSpace` would tell
+/// the head nothing after it holds the version, which is not so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_middle_whose_disk_fails_after_forwarding_leaves_service() {
+    use PublicState::{Offline, Serving};
+    for errno in [libc::EIO, libc::ENOSPC] {
+        let f = Fixture::start().await;
+        f.write_to(0, 1, 0, 0, b"old").await.unwrap();
+        f.nodes[1].engine.inject_write_faults(Some(errno));
+        let err = f.write_to(0, 1, 0, 0, b"new").await.unwrap_err();
+        assert!(
+            matches!(err, StorageError::Forward { .. }),
+            "{errno}: {err}"
+        );
+        assert!(f.nodes[1].service.failure(target_of(1)).is_some());
+        assert!(f.nodes[0].service.failure(target_of(0)).is_none());
+        for node in [0, 2] {
+            let read = f.read_from(node, 0).await;
+            assert!(
+                matches!(read, Err(StorageError::NotCommitted { pending: 2, .. })),
+                "{errno}: node {node}: {read:?}"
+            );
+        }
+
+        f.set_states(2, &[Serving, Offline, Serving]);
+        let v = f.write_to(0, 2, 0, 3, b"+more").await.unwrap();
+        assert_eq!(v.commit_ver, 3);
+        for node in [0, 2] {
+            assert_eq!(&f.read_from(node, 0).await.unwrap().1[..], b"new+more");
+        }
+    }
+}
+
+/// Refusals come before a version goes on: a version a member refuses
+/// reaches nothing after it, and no member leaves service for it. Here the
+/// middle holds another version 2 pending (the tail, clean, would take it)
+/// and the payload checks are the other refusal class.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_a_member_refuses_goes_no_further() {
     let f = Fixture::start().await;
@@ -1321,4 +1399,129 @@ async fn a_version_a_member_refuses_goes_no_further() {
         (1, 1),
         "the tail never saw it"
     );
+    for (i, node) in f.nodes.iter().enumerate() {
+        assert!(node.service.failure(target_of(i)).is_none(), "node {i}");
+    }
+}
+
+/// A target that fails is reported OFFLINE at once, not at the next
+/// heartbeat, so mgmtd moves it out of its chain before clients give up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_target_is_reported_offline_at_once() {
+    use r3fs_storage::node::{NodeConfig, Reporter};
+    use std::time::Duration;
+    type Beat = Vec<(TargetId, LocalState)>;
+    struct Beats(tokio::sync::mpsc::UnboundedSender<Beat>);
+    impl Reporter for Beats {
+        fn heartbeat(
+            &self,
+            _node: NodeId,
+            targets: Beat,
+        ) -> impl std::future::Future<Output = Result<u64, String>> + Send {
+            let sent = self.0.send(targets).map_err(|e| e.to_string());
+            async move { sent.map(|()| 1) }
+        }
+    }
+    let f = Fixture::start().await;
+    let (tx, mut beats) = tokio::sync::mpsc::unbounded_channel();
+    let hour = Duration::from_secs(3600);
+    let config = NodeConfig {
+        node_id: 1,
+        heartbeat_interval: hour,
+        resync_retry: hour,
+    };
+    let _tasks = r3fs_storage::node::spawn(
+        f.nodes[0].service.clone(),
+        Beats(tx),
+        f.routing.subscribe(),
+        config,
+    );
+    let first = beats.recv().await.unwrap();
+    assert_eq!(first, vec![(target_of(0), LocalState::Online)]);
+    f.nodes[0].engine.inject_write_faults(Some(libc::EIO));
+    f.write_to(0, 1, 0, 0, b"x").await.unwrap_err();
+    let next = tokio::time::timeout(Duration::from_secs(10), beats.recv())
+        .await
+        .expect("a beat at once, not after the interval")
+        .unwrap();
+    assert_eq!(next, vec![(target_of(0), LocalState::Offline)]);
+}
+
+/// The tail commits a forwarded version only once its predecessor's stored
+/// notice says every member before it holds the version (chain
+/// replication's update propagation, with members storing in parallel):
+/// before that it holds it pending and serves neither; a notice that
+/// a predecessor failed leaves it pending and fails the update; a notice
+/// may also come first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tail_commits_a_forwarded_version_only_after_its_stored_notice() {
+    let f = Fixture::start().await;
+    let tail = 2;
+    let send_update = |ver: u64, data: &'static [u8]| {
+        let op = UpdateOp::Write { offset: 0 };
+        let req = f.forwarded(target_of(tail), ver, op, crc32c::crc32c(data));
+        let (rpc, addr) = (f.rpc.clone(), f.nodes[tail].addr);
+        tokio::spawn(async move {
+            let sent = rpc.call_with_payload::<Update>(
+                addr,
+                &req,
+                Bytes::from_static(data),
+                Fixture::opts(),
+            );
+            sent.await.unwrap().0
+        })
+    };
+    let send_notice = |ver: u64, data: &'static [u8], stored: bool| {
+        let notice = StoredNotice {
+            addr: ChunkAddr {
+                chain: CHAIN,
+                inode: 7,
+                index: 0,
+            },
+            target: target_of(tail),
+            update_ver: ver,
+            op: UpdateOp::Write { offset: 0 },
+            crc: crc32c::crc32c(data),
+            stored,
+        };
+        let (rpc, addr) = (f.rpc.clone(), f.nodes[tail].addr);
+        async move {
+            rpc.call::<Stored>(addr, &notice, Fixture::opts())
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let settle = || tokio::time::sleep(std::time::Duration::from_millis(200));
+
+    let update = send_update(1, b"one");
+    settle().await;
+    let meta = f.nodes[tail].engine.meta(id(0)).unwrap().expect("stored");
+    assert_eq!((meta.update_ver, meta.commit_ver), (1, 0), "pending only");
+    assert!(!update.is_finished(), "waits for the notice");
+    send_notice(1, b"one", true).await;
+    assert_eq!(update.await.unwrap().unwrap().commit_ver, 1);
+    assert_eq!(&f.read_from(tail, 0).await.unwrap().1[..], b"one");
+
+    let update = send_update(2, b"two");
+    settle().await;
+    let read = f.read_from(tail, 0).await;
+    assert!(
+        matches!(read, Err(StorageError::NotCommitted { pending: 2, .. })),
+        "{read:?}"
+    );
+    send_notice(2, b"two", false).await;
+    let failed = update.await.unwrap();
+    assert!(
+        matches!(failed, Err(StorageError::Forward { .. })),
+        "{failed:?}"
+    );
+    let meta = f.nodes[tail].engine.meta(id(0)).unwrap().unwrap();
+    assert_eq!((meta.update_ver, meta.commit_ver), (2, 1), "kept pending");
+
+    // The notice may come first (its own connection can be faster).
+    send_notice(2, b"two", true).await;
+    let retried = send_update(2, b"two").await.unwrap().unwrap();
+    assert_eq!(retried.commit_ver, 2);
+    assert_eq!(&f.read_from(tail, 0).await.unwrap().1[..], b"two");
 }

@@ -120,7 +120,7 @@ pub struct WriteRequest {
 
 /// How an update builds version `update_ver` of a chunk from the committed
 /// version `update_ver - 1`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum UpdateOp {
     /// The payload written at `offset`, zero-filling any gap.
     Write { offset: u32 },
@@ -155,6 +155,24 @@ pub struct UpdateRequest {
     /// chain member can answer a retry of it, whichever member is head then.
     pub client: u64,
     pub request: u64,
+}
+
+/// What a chain member tells its successor after forwarding it an update:
+/// whether the member and every member before it now hold that version
+/// durably (`stored`). A successor commits a forwarded version only once
+/// it has this notice with `stored` (chain replication's update
+/// propagation: the tail never serves what a predecessor could lose), so a
+/// member may store a version while its successors do. `update_ver`, `op`
+/// and `crc` name the version as the update did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredNotice {
+    pub addr: ChunkAddr,
+    /// The successor the update went to.
+    pub target: TargetId,
+    pub update_ver: u64,
+    pub op: UpdateOp,
+    pub crc: u32,
+    pub stored: bool,
 }
 
 /// A client's change of one chunk that carries no bytes. Only the head
@@ -350,6 +368,7 @@ methods! {
     Modify = 0x030a: ModifyRequest => StorageResult<ChunkVersion>;
     RemoveChunks = 0x030b: RemoveChunksRequest => StorageResult<RemoveChunksResponse>;
     ListChunks = 0x030c: ListChunksRequest => StorageResult<ChunkList>;
+    Stored = 0x030d: StoredNotice => StorageResult<()>;
 }
 
 #[cfg(test)]
