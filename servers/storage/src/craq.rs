@@ -153,8 +153,9 @@ enum Origination {
     Forwarded,
 }
 
-/// A version as an update and its [`StoredNotice`] name it.
-type NoticeKey = (ChunkAddr, u64, UpdateOp, u32);
+/// A pass of a version down the chain, at the target it went to, as an
+/// update and its [`StoredNotice`] name it.
+type NoticeKey = (TargetId, ChunkAddr, u64, u64);
 
 /// A predecessor's [`StoredNotice`] on this node.
 enum Notice {
@@ -363,7 +364,7 @@ impl StorageService {
                 chain: notice.addr.chain,
             });
         }
-        let key = (notice.addr, notice.update_ver, notice.op, notice.crc);
+        let key = (notice.target, notice.addr, notice.update_ver, notice.pass);
         let mut notices = self.inner.notices.lock();
         if let Some(Notice::Waiting(tx)) = notices.remove(&key) {
             // The update gave up only if its wait timed out.
@@ -392,11 +393,13 @@ impl StorageService {
     /// target, which commits at once) only once every member before this
     /// one holds it durably.
     async fn await_stored(&self, chain: ChainId, req: &UpdateRequest) -> StorageResult<()> {
-        let key = (req.addr, req.update_ver, req.op, req.crc);
+        let key = (req.target, req.addr, req.update_ver, req.pass);
         let waiting = {
             let mut notices = self.inner.notices.lock();
             match notices.remove(&key) {
-                Some(Notice::Arrived { stored, .. }) => Err(stored),
+                Some(Notice::Arrived { stored, at }) if at.elapsed() < FORWARD_TIMEOUT => {
+                    Err(stored)
+                }
                 _ => {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     notices.insert(key, Notice::Waiting(tx));
@@ -446,8 +449,7 @@ impl StorageService {
             addr: req.addr,
             target: next,
             update_ver: req.update_ver,
-            op: req.op,
-            crc: req.crc,
+            pass: req.pass,
             stored,
         };
         let sent = self
@@ -659,6 +661,7 @@ impl StorageService {
             crc: planned.crc,
             client: origin.client,
             request: origin.request,
+            pass: rand::random(),
         };
         self.apply_and_forward(
             &routing,
@@ -740,6 +743,7 @@ impl StorageService {
             crc: crc32c::crc32c(&data),
             client: origin.client,
             request: origin.request,
+            pass: rand::random(),
         };
         self.apply_and_forward(routing, chain, pos, redo, data, Origination::Redrive)
             .await?;

@@ -601,6 +601,7 @@ impl Fixture {
             crc,
             client: 0,
             request: 0,
+            pass: 0,
         }
     }
 
@@ -1457,9 +1458,12 @@ async fn a_failed_target_is_reported_offline_at_once() {
 async fn the_tail_commits_a_forwarded_version_only_after_its_stored_notice() {
     let f = Fixture::start().await;
     let tail = 2;
-    let send_update = |ver: u64, data: &'static [u8]| {
+    let send_update = |ver: u64, pass: u64, data: &'static [u8]| {
         let op = UpdateOp::Write { offset: 0 };
-        let req = f.forwarded(target_of(tail), ver, op, crc32c::crc32c(data));
+        let req = UpdateRequest {
+            pass,
+            ..f.forwarded(target_of(tail), ver, op, crc32c::crc32c(data))
+        };
         let (rpc, addr) = (f.rpc.clone(), f.nodes[tail].addr);
         tokio::spawn(async move {
             let sent = rpc.call_with_payload::<Update>(
@@ -1471,7 +1475,7 @@ async fn the_tail_commits_a_forwarded_version_only_after_its_stored_notice() {
             sent.await.unwrap().0
         })
     };
-    let send_notice = |ver: u64, data: &'static [u8], stored: bool| {
+    let send_notice = |ver: u64, pass: u64, stored: bool| {
         let notice = StoredNotice {
             addr: ChunkAddr {
                 chain: CHAIN,
@@ -1480,8 +1484,7 @@ async fn the_tail_commits_a_forwarded_version_only_after_its_stored_notice() {
             },
             target: target_of(tail),
             update_ver: ver,
-            op: UpdateOp::Write { offset: 0 },
-            crc: crc32c::crc32c(data),
+            pass,
             stored,
         };
         let (rpc, addr) = (f.rpc.clone(), f.nodes[tail].addr);
@@ -1494,23 +1497,27 @@ async fn the_tail_commits_a_forwarded_version_only_after_its_stored_notice() {
     };
     let settle = || tokio::time::sleep(std::time::Duration::from_millis(200));
 
-    let update = send_update(1, b"one");
+    let update = send_update(1, 1, b"one");
     settle().await;
     let meta = f.nodes[tail].engine.meta(id(0)).unwrap().expect("stored");
     assert_eq!((meta.update_ver, meta.commit_ver), (1, 0), "pending only");
     assert!(!update.is_finished(), "waits for the notice");
-    send_notice(1, b"one", true).await;
+    // Another pass's notice of the same version is not its own.
+    send_notice(1, 9, true).await;
+    settle().await;
+    assert!(!update.is_finished(), "still waits");
+    send_notice(1, 1, true).await;
     assert_eq!(update.await.unwrap().unwrap().commit_ver, 1);
     assert_eq!(&f.read_from(tail, 0).await.unwrap().1[..], b"one");
 
-    let update = send_update(2, b"two");
+    let update = send_update(2, 2, b"two");
     settle().await;
     let read = f.read_from(tail, 0).await;
     assert!(
         matches!(read, Err(StorageError::NotCommitted { pending: 2, .. })),
         "{read:?}"
     );
-    send_notice(2, b"two", false).await;
+    send_notice(2, 2, false).await;
     let failed = update.await.unwrap();
     assert!(
         matches!(failed, Err(StorageError::Forward { .. })),
@@ -1519,9 +1526,9 @@ async fn the_tail_commits_a_forwarded_version_only_after_its_stored_notice() {
     let meta = f.nodes[tail].engine.meta(id(0)).unwrap().unwrap();
     assert_eq!((meta.update_ver, meta.commit_ver), (2, 1), "kept pending");
 
-    // The notice may come first (its own connection can be faster).
-    send_notice(2, b"two", true).await;
-    let retried = send_update(2, b"two").await.unwrap().unwrap();
+    // The notice may come first (its update waits for the chunk's lock).
+    send_notice(2, 3, true).await;
+    let retried = send_update(2, 3, b"two").await.unwrap().unwrap();
     assert_eq!(retried.commit_ver, 2);
     assert_eq!(&f.read_from(tail, 0).await.unwrap().1[..], b"two");
 }

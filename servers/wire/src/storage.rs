@@ -155,6 +155,10 @@ pub struct UpdateRequest {
     /// chain member can answer a retry of it, whichever member is head then.
     pub client: u64,
     pub request: u64,
+    /// Names this pass of the version down the chain (random, chosen by the
+    /// head; members pass it on), so a [`StoredNotice`] answers only it and
+    /// never a later pass of the same version number.
+    pub pass: u64,
 }
 
 /// What a chain member tells its successor after forwarding it an update:
@@ -162,16 +166,15 @@ pub struct UpdateRequest {
 /// durably (`stored`). A successor commits a forwarded version only once
 /// it has this notice with `stored` (chain replication's update
 /// propagation: the tail never serves what a predecessor could lose), so a
-/// member may store a version while its successors do. `update_ver`, `op`
-/// and `crc` name the version as the update did.
+/// member may store a version while its successors do. `update_ver` and
+/// `pass` name the version and the pass down the chain as the update did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredNotice {
     pub addr: ChunkAddr,
     /// The successor the update went to.
     pub target: TargetId,
     pub update_ver: u64,
-    pub op: UpdateOp,
-    pub crc: u32,
+    pub pass: u64,
     pub stored: bool,
 }
 
