@@ -1874,8 +1874,10 @@ impl ChunkEngine {
     /// pending again, with its blocks intact (they were synced when it was
     /// staged): reads answer `NotCommitted` and the chain re-drives or
     /// resyncs it. The slots the switch frees are reused only once it is
-    /// durable. For members that commit after their successor did (the
-    /// successor holds the version durably), never for the last member.
+    /// durable. Only for a version every member of the chain holds
+    /// durably (a member commits after its successor did; the tail of a
+    /// forwarded version after its stored notice), so a commit taken back
+    /// is re-driven, never lost.
     pub fn commit_unsynced(&self, id: ChunkId, update_ver: u64) -> ChunkResult<Option<ChunkMeta>> {
         let _guard = self.lock(id);
         let record = self.load(id)?.ok_or(ChunkError::NotFound { id })?;

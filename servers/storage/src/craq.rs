@@ -128,6 +128,10 @@ struct Inner {
     targets: HashMap<TargetId, Arc<ChunkEngine>>,
     routing: watch::Receiver<Option<Arc<RoutingInfo>>>,
     rpc: RpcClient,
+    /// Stored notices go on connections of their own: on the updates'
+    /// connection they could queue behind the very updates that wait for
+    /// them (a server runs a bounded number of requests per connection).
+    notice_rpc: RpcClient,
     locks: ChunkLocks,
     dedup: Mutex<Dedup>,
     /// The client request behind each pending version on this node, so the
@@ -136,8 +140,8 @@ struct Inner {
     /// SYNCING targets whose copy a predecessor declared complete, with the
     /// chain version it was complete at.
     synced: Mutex<HashMap<TargetId, u64>>,
-    /// Stored notices from predecessors, by the version they name.
-    notices: Mutex<HashMap<NoticeKey, Notice>>,
+    /// Stored notices from predecessors, by the pass they name.
+    notices: Mutex<Notices>,
     /// Woken when a target fails, so the node reports it at once.
     failures: tokio::sync::Notify,
 }
@@ -168,9 +172,15 @@ enum Notice {
     Waiting(tokio::sync::oneshot::Sender<bool>),
 }
 
-/// Notices kept before stale ones (older than [`FORWARD_TIMEOUT`], or whose
-/// update stopped waiting) are swept.
-const NOTICES_SWEEP_AT: usize = 1024;
+/// The stored notices on this node.
+#[derive(Default)]
+struct Notices {
+    by_pass: HashMap<NoticeKey, Notice>,
+    /// Notices that arrived before their update asked, oldest first: each
+    /// is dropped once [`FORWARD_TIMEOUT`] old (its update gave up, was
+    /// refused, or never came).
+    arrived: VecDeque<(tokio::time::Instant, NoticeKey)>,
+}
 
 /// The client request an update carries; `(0, 0)` when unknown.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -219,12 +229,13 @@ impl StorageService {
                 targets,
                 routing,
                 rpc: RpcClient::new(r3fs_net::ClientConfig::default()),
+                notice_rpc: RpcClient::new(r3fs_net::ClientConfig::default()),
                 locks: ChunkLocks::default(),
                 dedup: Mutex::new(Dedup::default()),
                 origins: Mutex::new(HashMap::new()),
                 synced: Mutex::new(HashMap::new()),
                 failures: tokio::sync::Notify::new(),
-                notices: Mutex::new(HashMap::new()),
+                notices: Mutex::new(Notices::default()),
             }),
         }
     }
@@ -366,25 +377,26 @@ impl StorageService {
         }
         let key = (notice.target, notice.addr, notice.update_ver, notice.pass);
         let mut notices = self.inner.notices.lock();
-        if let Some(Notice::Waiting(tx)) = notices.remove(&key) {
+        if let Some(Notice::Waiting(tx)) = notices.by_pass.remove(&key) {
             // The update gave up only if its wait timed out.
             let _ = tx.send(notice.stored);
             return Ok(());
         }
-        if notices.len() >= NOTICES_SWEEP_AT {
-            notices.retain(|_, n| match n {
-                Notice::Arrived { at, .. } => at.elapsed() < FORWARD_TIMEOUT,
-                Notice::Waiting(tx) => !tx.is_closed(),
-            });
-        }
         let at = tokio::time::Instant::now();
-        notices.insert(
-            key,
-            Notice::Arrived {
-                stored: notice.stored,
-                at,
-            },
-        );
+        while let Some(&(old, old_key)) = notices.arrived.front() {
+            if at.duration_since(old) < FORWARD_TIMEOUT {
+                break;
+            }
+            notices.arrived.pop_front();
+            if let Some(Notice::Arrived { at, .. }) = notices.by_pass.get(&old_key) {
+                if *at == old {
+                    notices.by_pass.remove(&old_key);
+                }
+            }
+        }
+        let stored = notice.stored;
+        notices.by_pass.insert(key, Notice::Arrived { stored, at });
+        notices.arrived.push_back((at, key));
         Ok(())
     }
 
@@ -396,13 +408,13 @@ impl StorageService {
         let key = (req.target, req.addr, req.update_ver, req.pass);
         let waiting = {
             let mut notices = self.inner.notices.lock();
-            match notices.remove(&key) {
+            match notices.by_pass.remove(&key) {
                 Some(Notice::Arrived { stored, at }) if at.elapsed() < FORWARD_TIMEOUT => {
                     Err(stored)
                 }
                 _ => {
                     let (tx, rx) = tokio::sync::oneshot::channel();
-                    notices.insert(key, Notice::Waiting(tx));
+                    notices.by_pass.insert(key, Notice::Waiting(tx));
                     Ok(rx)
                 }
             }
@@ -413,8 +425,8 @@ impl StorageService {
                 Ok(Ok(stored)) => Some(stored),
                 _ => {
                     let mut notices = self.inner.notices.lock();
-                    if let Some(Notice::Waiting(_)) = notices.get(&key) {
-                        notices.remove(&key);
+                    if let Some(Notice::Waiting(_)) = notices.by_pass.get(&key) {
+                        notices.by_pass.remove(&key);
                     }
                     None
                 }
@@ -930,8 +942,10 @@ impl StorageService {
             // The last member of a forwarded version: it stores it, then
             // commits once every member before it has stored it too.
             None if upstream => {
-                self.stage_here(me, &req, data).await?;
-                self.await_stored(chain.id, &req).await?;
+                let held = self.stage_here(me, &req, data).await?;
+                if needs_notice(held.as_ref(), update_ver) {
+                    self.await_stored(chain.id, &req).await?;
+                }
                 self.commit_here(me, &req).await?
             }
             // The head alone: staged and committed in one metadata commit.
@@ -1041,7 +1055,9 @@ impl StorageService {
             // Refused (or failed) before it was prepared: nothing went on.
             let refused = joined(local).await;
             assert!(refused.is_err(), "a stage that succeeds is prepared first");
-            return refused.map(Ok).map_err(|e| storage_error(e, addr, me));
+            return refused
+                .map(|_| Ok(()))
+                .map_err(|e| storage_error(e, addr, me));
         }
         let forwarded = UpdateRequest {
             target: next.target,
@@ -1051,7 +1067,9 @@ impl StorageService {
         let here = async {
             let stored = joined(local).await;
             let upstream = match (&stored, upstream) {
-                (Ok(()), true) => self.await_stored(chain_id, req).await,
+                (Ok(held), true) if needs_notice(held.as_ref(), req.update_ver) => {
+                    self.await_stored(chain_id, req).await
+                }
                 _ => Ok(()),
             };
             let ok = stored.is_ok() && upstream.is_ok();
@@ -1093,13 +1111,14 @@ impl StorageService {
         Ok(meta)
     }
 
-    /// Stages `req` as the pending version on this node's target.
+    /// Stages `req` as the pending version on this node's target; what it
+    /// holds of the chunk then.
     async fn stage_here(
         &self,
         me: TargetId,
         req: &UpdateRequest,
         data: Bytes,
-    ) -> StorageResult<()> {
+    ) -> StorageResult<Option<ChunkMeta>> {
         let engine = self.engine(me).clone();
         let addr = req.addr;
         let staged = req.clone();
@@ -1125,15 +1144,15 @@ impl StorageService {
         let engine = self.engine(me).clone();
         let (addr, update_ver) = (req.addr, req.update_ver);
         let staged = req.clone();
-        let whole = blocking(move || {
+        let (held, whole) = blocking(move || {
             let id = chunk_id(addr);
-            stage(&engine, id, &staged, &data, None)?;
-            engine.read_version(id, update_ver)
+            let held = stage(&engine, id, &staged, &data, None)?;
+            Ok((held, engine.read_version(id, update_ver)?))
         })
         .await
         .map_err(|e| storage_error(e, addr, me))?;
         // The SYNCING target commits it at once.
-        if upstream {
+        if upstream && needs_notice(held.as_ref(), update_ver) {
             self.await_stored(chain_id, req).await?;
         }
         let (payload, op) = match whole {
@@ -1214,12 +1233,11 @@ impl StorageService {
             retry: RetryPolicy::default(),
             idempotent: true,
         };
-        match self
-            .inner
-            .rpc
-            .call_with_payload::<M>(addr, req, payload, opts)
-            .await
-        {
+        let rpc = match M::ID {
+            Stored::ID => &self.inner.notice_rpc,
+            _ => &self.inner.rpc,
+        };
+        match rpc.call_with_payload::<M>(addr, req, payload, opts).await {
             Ok((Ok(value), data)) => Ok((value, data)),
             // Passed up as is: the client must see ENOSPC, not a chain fault.
             Ok((Err(e @ StorageError::NoSpace { .. }), _)) => Err(e),
@@ -1613,11 +1631,17 @@ fn stage(
     req: &UpdateRequest,
     data: &[u8],
     prepared: Option<&mut dyn FnMut()>,
-) -> Result<(), ChunkError> {
+) -> Result<Option<ChunkMeta>, ChunkError> {
     let update = chunk_update(req, data);
-    engine
-        .apply_pending(id, req.update_ver, req.chain_ver, update, prepared)
-        .map(drop)
+    engine.apply_pending(id, req.update_ver, req.chain_ver, update, prepared)
+}
+
+/// Whether a stage that left `held` needs the predecessor's stored notice
+/// before the version goes further: not when it found the version already
+/// committed here (a retry: every member stored it then) or the chunk absent
+/// with nothing to commit.
+fn needs_notice(held: Option<&ChunkMeta>, update_ver: u64) -> bool {
+    held.is_some_and(|m| m.commit_ver < update_ver)
 }
 
 /// Stages and commits `req` on `engine` in one metadata commit; `None` when
