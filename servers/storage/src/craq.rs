@@ -94,6 +94,11 @@
 //! on it and the chunk was removed could stage a stale version 1 there; the
 //! chunk's next write would then fail with `Forward` until resync. (The
 //! same holds for `RemoveInode`.)
+//!
+//! Every storage node of a cluster must run a release with stored notices:
+//! a member from before them sends none, so a newer successor waits
+//! [`FORWARD_TIMEOUT`] and fails every forwarded update (and an older tail
+//! commits without waiting). There is no protocol version negotiation yet.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
