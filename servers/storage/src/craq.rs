@@ -95,10 +95,11 @@
 //! chunk's next write would then fail with `Forward` until resync. (The
 //! same holds for `RemoveInode`.)
 //!
-//! Every storage node of a cluster must run a release with stored notices:
-//! a member from before them sends none, so a newer successor waits
-//! [`FORWARD_TIMEOUT`] and fails every forwarded update (and an older tail
-//! commits without waiting). There is no protocol version negotiation yet.
+//! Stored notices changed the wire: `UpdateRequest` carries a `pass` and
+//! `Stored` is a new method, so a member and its successor from releases on
+//! either side of the change refuse each other's updates (`BadRequest`) and
+//! a chain that mixes them takes no writes. Every storage node of a cluster
+//! is upgraded at once; there is no protocol version negotiation yet.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -168,7 +169,7 @@ type NoticeKey = (TargetId, ChunkAddr, u64, u64);
 
 /// A predecessor's [`StoredNotice`] on this node.
 enum Notice {
-    /// Arrived before its update asked for it.
+    /// Arrived (kept for [`NOTICE_KEPT`], for every try of its forward).
     Arrived {
         stored: bool,
         at: tokio::time::Instant,
@@ -177,13 +178,15 @@ enum Notice {
     Waiting(tokio::sync::oneshot::Sender<bool>),
 }
 
+/// How long a stored notice answers its forward: every try of it (the
+/// forward's attempts of [`FORWARD_TIMEOUT`] each, and their backoff).
+const NOTICE_KEPT: Duration = Duration::from_secs(4 * FORWARD_TIMEOUT.as_secs());
+
 /// The stored notices on this node.
 #[derive(Default)]
 struct Notices {
     by_pass: HashMap<NoticeKey, Notice>,
-    /// Notices that arrived before their update asked, oldest first: each
-    /// is dropped once [`FORWARD_TIMEOUT`] old (its update gave up, was
-    /// refused, or never came).
+    /// Notices in arrival order: each is dropped once [`NOTICE_KEPT`] old.
     arrived: VecDeque<(tokio::time::Instant, NoticeKey)>,
 }
 
@@ -382,14 +385,9 @@ impl StorageService {
         }
         let key = (notice.target, notice.addr, notice.update_ver, notice.pass);
         let mut notices = self.inner.notices.lock();
-        if let Some(Notice::Waiting(tx)) = notices.by_pass.remove(&key) {
-            // The update gave up only if its wait timed out.
-            let _ = tx.send(notice.stored);
-            return Ok(());
-        }
         let at = tokio::time::Instant::now();
         while let Some(&(old, old_key)) = notices.arrived.front() {
-            if at.duration_since(old) < FORWARD_TIMEOUT {
+            if at.duration_since(old) < NOTICE_KEPT {
                 break;
             }
             notices.arrived.pop_front();
@@ -400,7 +398,14 @@ impl StorageService {
             }
         }
         let stored = notice.stored;
-        notices.by_pass.insert(key, Notice::Arrived { stored, at });
+        // Kept for every try of the forward it answers, not only the one
+        // waiting now (a retry of the same forward waits for it again).
+        if let Some(Notice::Waiting(tx)) =
+            notices.by_pass.insert(key, Notice::Arrived { stored, at })
+        {
+            // The update gave up only if its wait timed out.
+            let _ = tx.send(stored);
+        }
         notices.arrived.push_back((at, key));
         Ok(())
     }
@@ -413,10 +418,8 @@ impl StorageService {
         let key = (req.target, req.addr, req.update_ver, req.pass);
         let waiting = {
             let mut notices = self.inner.notices.lock();
-            match notices.by_pass.remove(&key) {
-                Some(Notice::Arrived { stored, at }) if at.elapsed() < FORWARD_TIMEOUT => {
-                    Err(stored)
-                }
+            match notices.by_pass.get(&key) {
+                Some(Notice::Arrived { stored, at }) if at.elapsed() < NOTICE_KEPT => Err(*stored),
                 _ => {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     notices.by_pass.insert(key, Notice::Waiting(tx));
@@ -451,29 +454,37 @@ impl StorageService {
         Err(StorageError::Forward { chain, reason })
     }
 
-    /// Tells the successor `next` whether this member and every one before
-    /// it stored `req`'s version. Best effort: without it the successor
+    /// Tells the successor `forwarded` went to whether this member and every
+    /// one before it stored its version. Best effort: without it the successor
     /// gives up on the version after [`FORWARD_TIMEOUT`], committing nothing.
     async fn send_stored(
         &self,
         routing: &RoutingInfo,
         chain: ChainId,
-        next: TargetId,
-        req: &UpdateRequest,
+        forwarded: &UpdateRequest,
         stored: bool,
     ) {
+        let next = forwarded.target;
         let notice = StoredNotice {
-            addr: req.addr,
+            addr: forwarded.addr,
             target: next,
-            update_ver: req.update_ver,
-            pass: req.pass,
+            update_ver: forwarded.update_ver,
+            pass: forwarded.pass,
             stored,
         };
+        // One try: a notice later than the forward's own timeout is no use.
         let sent = self
-            .call::<Stored, _>(routing, chain, next, &notice, Bytes::new())
+            .call_with::<Stored, _>(
+                routing,
+                chain,
+                next,
+                &notice,
+                Bytes::new(),
+                RetryPolicy::none(),
+            )
             .await;
         if let Err(e) = sent {
-            tracing::debug!(addr = ?req.addr, version = req.update_ver, error = %e, "stored notice not delivered");
+            tracing::debug!(addr = ?forwarded.addr, version = forwarded.update_ver, error = %e, "stored notice not delivered");
         }
     }
 
@@ -678,7 +689,8 @@ impl StorageService {
             crc: planned.crc,
             client: origin.client,
             request: origin.request,
-            pass: rand::random(),
+            // Chosen by each member as it forwards (`stage_and_forward`).
+            pass: 0,
         };
         self.apply_and_forward(
             &routing,
@@ -760,7 +772,8 @@ impl StorageService {
             crc: crc32c::crc32c(&data),
             client: origin.client,
             request: origin.request,
-            pass: rand::random(),
+            // Chosen by each member as it forwards (`stage_and_forward`).
+            pass: 0,
         };
         self.apply_and_forward(routing, chain, pos, redo, data, Origination::Redrive)
             .await?;
@@ -1064,8 +1077,12 @@ impl StorageService {
                 .map(|_| Ok(()))
                 .map_err(|e| storage_error(e, addr, me));
         }
+        // A pass of this member's own: its notice then vouches for this
+        // forward only, never for a later one of the same version here
+        // (say after a `NoSpace` refusal dropped this member's copy).
         let forwarded = UpdateRequest {
             target: next.target,
+            pass: rand::random(),
             ..req.clone()
         };
         let forward = self.call::<Update, _>(routing, chain_id, next.target, &forwarded, data);
@@ -1078,8 +1095,7 @@ impl StorageService {
                 _ => Ok(()),
             };
             let ok = stored.is_ok() && upstream.is_ok();
-            self.send_stored(routing, chain_id, next.target, req, ok)
-                .await;
+            self.send_stored(routing, chain_id, &forwarded, ok).await;
             (stored, upstream)
         };
         let (sent, (stored, upstream)) = tokio::join!(forward, here);
@@ -1222,6 +1238,24 @@ impl StorageService {
     where
         M: Method<Response = StorageResult<T>>,
     {
+        let retry = RetryPolicy::default();
+        self.call_with::<M, T>(routing, chain, target, req, payload, retry)
+            .await
+    }
+
+    /// [`StorageService::call`] retried as `retry` says.
+    async fn call_with<M, T>(
+        &self,
+        routing: &RoutingInfo,
+        chain: ChainId,
+        target: TargetId,
+        req: &M::Request,
+        payload: Bytes,
+        retry: RetryPolicy,
+    ) -> StorageResult<(T, Bytes)>
+    where
+        M: Method<Response = StorageResult<T>>,
+    {
         let fail = |reason: String| StorageError::Forward { chain, reason };
         let info = routing
             .target(target)
@@ -1235,7 +1269,7 @@ impl StorageService {
             .map_err(|e| fail(format!("node {} address {:?}: {e}", node.id, node.address)))?;
         let opts = CallOptions {
             timeout: FORWARD_TIMEOUT,
-            retry: RetryPolicy::default(),
+            retry,
             idempotent: true,
         };
         let rpc = match M::ID {

@@ -1557,3 +1557,29 @@ async fn many_updates_in_flight_between_two_members_get_their_notices() {
         f.check_replicas(index, Some(b"many")).await;
     }
 }
+
+/// A member sends a SYNCING successor, which commits at once, the whole
+/// version only after its predecessor's stored notice: when the head's disk
+/// fails the version, the SYNCING target never gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_syncing_target_gets_a_version_only_once_every_member_stored_it() {
+    use PublicState::{Serving, Syncing};
+    let f = Fixture::start().await;
+    f.write_to(0, 1, 0, 0, b"old").await.unwrap();
+    f.set_states(2, &[Serving, Serving, Syncing]);
+    f.nodes[0].engine.inject_write_faults(Some(libc::EIO));
+    let err = f.write_to(0, 2, 0, 0, b"new").await.unwrap_err();
+    assert!(matches!(err, StorageError::Io { target: 101, .. }), "{err}");
+    let syncing = f.nodes[2].engine.meta(id(0)).unwrap().unwrap();
+    assert_eq!(
+        (syncing.commit_ver, syncing.update_ver),
+        (1, 1),
+        "{syncing:?}"
+    );
+    let middle = f.nodes[1].engine.meta(id(0)).unwrap().unwrap();
+    assert_eq!(
+        (middle.commit_ver, middle.update_ver),
+        (1, 2),
+        "kept pending"
+    );
+}

@@ -155,9 +155,9 @@ pub struct UpdateRequest {
     /// chain member can answer a retry of it, whichever member is head then.
     pub client: u64,
     pub request: u64,
-    /// Names this pass of the version down the chain (random, chosen by the
-    /// head; members pass it on), so a [`StoredNotice`] answers only it and
-    /// never a later pass of the same version number.
+    /// Names this forward of the version (random, chosen by the member that
+    /// sends it), so a [`StoredNotice`] answers only it and never a later
+    /// forward of the same version number.
     pub pass: u64,
 }
 
@@ -167,7 +167,7 @@ pub struct UpdateRequest {
 /// it has this notice with `stored` (chain replication's update
 /// propagation: the tail never serves what a predecessor could lose), so a
 /// member may store a version while its successors do. `update_ver` and
-/// `pass` name the version and the pass down the chain as the update did.
+/// `pass` name the forward as the update did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredNotice {
     pub addr: ChunkAddr,
