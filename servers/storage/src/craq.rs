@@ -163,8 +163,8 @@ enum Origination {
     Forwarded,
 }
 
-/// A pass of a version down the chain, at the target it went to, as an
-/// update and its [`StoredNotice`] name it.
+/// One forward of a version, at the target it went to, as the update and
+/// its [`StoredNotice`] name it.
 type NoticeKey = (TargetId, ChunkAddr, u64, u64);
 
 /// A predecessor's [`StoredNotice`] on this node.
@@ -177,6 +177,9 @@ enum Notice {
     /// The update waiting for it.
     Waiting(tokio::sync::oneshot::Sender<bool>),
 }
+
+/// Deadline of one try to deliver a stored notice.
+const NOTICE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a stored notice answers its forward: every try of it (the
 /// forward's attempts of [`FORWARD_TIMEOUT`] each, and their backoff).
@@ -376,7 +379,8 @@ impl StorageService {
 
     /// A predecessor's notice that it, and every member before it, stored
     /// (or failed to store) a version it forwarded here: handed to the
-    /// update waiting for it, or kept for [`FORWARD_TIMEOUT`] until it asks.
+    /// update waiting for it, and kept for [`NOTICE_KEPT`] (every try of the
+    /// forward), or until the version is committed here.
     pub fn stored(&self, notice: StoredNotice) -> StorageResult<()> {
         if !self.inner.targets.contains_key(&notice.target) {
             return Err(StorageError::NotServing {
@@ -454,6 +458,22 @@ impl StorageService {
         Err(StorageError::Forward { chain, reason })
     }
 
+    /// Stored notices this node keeps (for tests and metrics): each until
+    /// its version is committed here, or [`NOTICE_KEPT`] if it never is.
+    pub fn stored_notices_kept(&self) -> usize {
+        self.inner.notices.lock().by_pass.len()
+    }
+
+    /// Drops the notice of the forward `req` came by, once its version is
+    /// committed here: later tries of it need none (see `needs_notice`).
+    fn forget_notice(&self, req: &UpdateRequest) {
+        let key = (req.target, req.addr, req.update_ver, req.pass);
+        let mut notices = self.inner.notices.lock();
+        if let Some(Notice::Arrived { .. }) = notices.by_pass.get(&key) {
+            notices.by_pass.remove(&key);
+        }
+    }
+
     /// Tells the successor `forwarded` went to whether this member and every
     /// one before it stored its version. Best effort: without it the successor
     /// gives up on the version after [`FORWARD_TIMEOUT`], committing nothing.
@@ -472,16 +492,10 @@ impl StorageService {
             pass: forwarded.pass,
             stored,
         };
-        // One try: a notice later than the forward's own timeout is no use.
+        // Short tries: a notice is tiny and its handler never waits, and
+        // the forward it answers waits for it.
         let sent = self
-            .call_with::<Stored, _>(
-                routing,
-                chain,
-                next,
-                &notice,
-                Bytes::new(),
-                RetryPolicy::none(),
-            )
+            .call_with::<Stored, _>(routing, chain, next, &notice, Bytes::new(), NOTICE_TIMEOUT)
             .await;
         if let Err(e) = sent {
             tracing::debug!(addr = ?forwarded.addr, version = forwarded.update_ver, error = %e, "stored notice not delivered");
@@ -964,7 +978,9 @@ impl StorageService {
                 if needs_notice(held.as_ref(), update_ver) {
                     self.await_stored(chain.id, &req).await?;
                 }
-                self.commit_here(me, &req).await?
+                let meta = self.commit_here(me, &req).await?;
+                self.forget_notice(&req);
+                meta
             }
             // The head alone: staged and committed in one metadata commit.
             None => self.stage_committed_here(me, &req, data).await?,
@@ -974,7 +990,11 @@ impl StorageService {
                     .await?;
                 let redrive = from == Origination::Redrive;
                 self.after_forward(me, addr, sent, redrive).await?;
-                self.commit_here(me, &req).await?
+                let meta = self.commit_here(me, &req).await?;
+                if upstream {
+                    self.forget_notice(&req);
+                }
+                meta
             }
         };
         if let Some(meta) = &meta {
@@ -1099,6 +1119,12 @@ impl StorageService {
             (stored, upstream)
         };
         let (sent, (stored, upstream)) = tokio::join!(forward, here);
+        if let Err(StorageError::NoSpace { .. }) = &sent {
+            // The successor refused; this member may now drop its copy
+            // (`after_forward`), so a late try of this forward must not
+            // find the notice that vouched for it.
+            self.send_stored(routing, chain_id, &forwarded, false).await;
+        }
         if let Err(e) = stored {
             // In doubt, never a refusal (not even `NoSpace`): the successors
             // hold the version pending.
@@ -1180,6 +1206,7 @@ impl StorageService {
             Some(whole) => (whole, UpdateOp::Replace),
             None => (Bytes::new(), UpdateOp::Remove),
         };
+        // (Its `pass` names no forward: a SYNCING target waits for no notice.)
         let forwarded = UpdateRequest {
             target: next,
             op,
@@ -1238,12 +1265,11 @@ impl StorageService {
     where
         M: Method<Response = StorageResult<T>>,
     {
-        let retry = RetryPolicy::default();
-        self.call_with::<M, T>(routing, chain, target, req, payload, retry)
+        self.call_with::<M, T>(routing, chain, target, req, payload, FORWARD_TIMEOUT)
             .await
     }
 
-    /// [`StorageService::call`] retried as `retry` says.
+    /// [`StorageService::call`] with tries of at most `timeout` each.
     async fn call_with<M, T>(
         &self,
         routing: &RoutingInfo,
@@ -1251,7 +1277,7 @@ impl StorageService {
         target: TargetId,
         req: &M::Request,
         payload: Bytes,
-        retry: RetryPolicy,
+        timeout: Duration,
     ) -> StorageResult<(T, Bytes)>
     where
         M: Method<Response = StorageResult<T>>,
@@ -1268,8 +1294,8 @@ impl StorageService {
             .parse()
             .map_err(|e| fail(format!("node {} address {:?}: {e}", node.id, node.address)))?;
         let opts = CallOptions {
-            timeout: FORWARD_TIMEOUT,
-            retry,
+            timeout,
+            retry: RetryPolicy::default(),
             idempotent: true,
         };
         let rpc = match M::ID {

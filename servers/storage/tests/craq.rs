@@ -1556,6 +1556,10 @@ async fn many_updates_in_flight_between_two_members_get_their_notices() {
     for index in [0, 31, 63] {
         f.check_replicas(index, Some(b"many")).await;
     }
+    // A notice goes once its version is committed, not after minutes.
+    for (i, node) in f.nodes.iter().enumerate() {
+        assert_eq!(node.service.stored_notices_kept(), 0, "node {i}");
+    }
 }
 
 /// A member sends a SYNCING successor, which commits at once, the whole
