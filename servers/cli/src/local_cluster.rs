@@ -396,13 +396,30 @@ impl Ports {
         Ok(ports)
     }
 
-    /// Free ports, all distinct (every probe is held until all are chosen).
+    /// Free ports, all distinct (every probe is held until all are chosen),
+    /// below the kernel's ephemeral range where it has room: a port from
+    /// that range could be given to an outgoing connection (one node's to
+    /// mgmtd, say) between this choice and the listen that uses it.
     fn choose() -> anyhow::Result<Ports> {
         let count = 2 + STORAGE_NODES as usize;
-        let probes: Vec<TcpListener> = (0..count)
-            .map(|_| TcpListener::bind(loopback(0)))
-            .collect::<Result<_, _>>()
-            .context("find free ports on 127.0.0.1")?;
+        let mut probes: Vec<TcpListener> = Vec::with_capacity(count);
+        if let Some(below) = ephemeral_ports_start().filter(|&p| p > FIXED_PORTS_MIN + 1000) {
+            let span = below - FIXED_PORTS_MIN;
+            let start = FIXED_PORTS_MIN + rand::random_range(0..span);
+            for i in 0..span {
+                if probes.len() == count {
+                    break;
+                }
+                let port = FIXED_PORTS_MIN + (start - FIXED_PORTS_MIN + i) % span;
+                if let Ok(probe) = TcpListener::bind(loopback(port)) {
+                    probes.push(probe);
+                }
+            }
+        }
+        while probes.len() < count {
+            let probe = TcpListener::bind(loopback(0)).context("find free ports on 127.0.0.1")?;
+            probes.push(probe);
+        }
         let ports: Vec<u16> = probes
             .iter()
             .map(|l| l.local_addr().map(|a| a.port()))
@@ -424,6 +441,16 @@ impl Ports {
         }
         v
     }
+}
+
+/// The lowest port a fixed choice of the local cluster takes.
+const FIXED_PORTS_MIN: u16 = 20_000;
+
+/// The first port of the kernel's range for outgoing connections' local
+/// ports, if it can be read.
+fn ephemeral_ports_start() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -712,6 +739,14 @@ mod tests {
         all.sort_unstable();
         all.dedup();
         assert_eq!(all.len(), 2 + STORAGE_NODES as usize);
+        // Below the range outgoing connections take their ports from.
+        if let Some(ephemeral) = ephemeral_ports_start().filter(|&p| p > FIXED_PORTS_MIN + 1000) {
+            assert!(
+                all.iter()
+                    .all(|&p| (FIXED_PORTS_MIN..ephemeral).contains(&p)),
+                "{all:?} vs ephemeral ports from {ephemeral}"
+            );
+        }
         assert_eq!(Ports::load_or_choose(&dir).unwrap(), first);
         let _taken = TcpListener::bind(loopback(first.meta)).unwrap();
         let err = format!("{:#}", Ports::load_or_choose(&dir).unwrap_err());
