@@ -1387,19 +1387,9 @@ impl ChunkEngine {
         sent_crc: Option<u32>,
     ) -> ChunkResult<ChunkMeta> {
         self.check_write_range(id, offset, data, chunk_size)?;
-        let _guard = self.lock(id);
-        let record = self.load(id)?;
         let change = Change::Write { offset, data };
-        let staged = self.stage(
-            id,
-            record,
-            update_ver,
-            chain_ver,
-            change,
-            sent_crc,
-            &mut OnPrepared::none(),
-        )?;
-        self.store_pending(id, staged)
+        self.stage_pending(id, update_ver, chain_ver, change, sent_crc, None)
+            .map(|meta| meta.expect("a write leaves a chunk"))
     }
 
     /// `OutOfRange` unless `data` at `offset` fits a chunk of `chunk_size`.
@@ -1444,19 +1434,9 @@ impl ChunkEngine {
         chain_ver: u64,
     ) -> ChunkResult<ChunkMeta> {
         self.check_length(id, length.into())?;
-        let _guard = self.lock(id);
-        let record = self.load(id)?;
         let change = Change::Truncate { length };
-        let staged = self.stage(
-            id,
-            record,
-            update_ver,
-            chain_ver,
-            change,
-            None,
-            &mut OnPrepared::none(),
-        )?;
-        self.store_pending(id, staged)
+        self.stage_pending(id, update_ver, chain_ver, change, None, None)
+            .map(|meta| meta.expect("a truncate leaves a chunk"))
     }
 
     /// Stage pending version `update_ver`: the committed bytes with
@@ -1470,21 +1450,8 @@ impl ChunkEngine {
         offset: u32,
         len: u32,
     ) -> ChunkResult<Option<ChunkMeta>> {
-        let _guard = self.lock(id);
-        let Some(record) = self.load(id)? else {
-            return Ok(None);
-        };
         let change = Change::Zero { offset, len };
-        let staged = self.stage(
-            id,
-            Some(record),
-            update_ver,
-            chain_ver,
-            change,
-            None,
-            &mut OnPrepared::none(),
-        )?;
-        self.store_pending(id, staged).map(Some)
+        self.stage_pending(id, update_ver, chain_ver, change, None, None)
     }
 
     /// Stage pending version `update_ver` as exactly `data`, whatever the
@@ -1500,19 +1467,9 @@ impl ChunkEngine {
         crc: u32,
     ) -> ChunkResult<ChunkMeta> {
         self.check_length(id, data.len() as u64)?;
-        let _guard = self.lock(id);
-        let record = self.load(id)?;
         let change = Change::Replace { data };
-        let staged = self.stage(
-            id,
-            record,
-            update_ver,
-            chain_ver,
-            change,
-            Some(crc),
-            &mut OnPrepared::none(),
-        )?;
-        self.store_pending(id, staged)
+        self.stage_pending(id, update_ver, chain_ver, change, Some(crc), None)
+            .map(|meta| meta.expect("a replacement leaves a chunk"))
     }
 
     /// Stage the removal of `id` as pending version `update_ver`; its commit
@@ -1523,21 +1480,7 @@ impl ChunkEngine {
         update_ver: u64,
         chain_ver: u64,
     ) -> ChunkResult<Option<ChunkMeta>> {
-        let _guard = self.lock(id);
-        let Some(record) = self.load(id)? else {
-            return Ok(None);
-        };
-        let change = Change::Remove;
-        let staged = self.stage(
-            id,
-            Some(record),
-            update_ver,
-            chain_ver,
-            change,
-            None,
-            &mut OnPrepared::none(),
-        )?;
-        self.store_pending(id, staged).map(Some)
+        self.stage_pending(id, update_ver, chain_ver, Change::Remove, None, None)
     }
 
     /// Stage `update` as version `update_ver` and commit it, in one metadata
@@ -1588,11 +1531,27 @@ impl ChunkEngine {
         update: ChunkUpdate<'_>,
         prepared: Option<&mut dyn FnMut()>,
     ) -> ChunkResult<Option<ChunkMeta>> {
+        let (change, sent_crc) = self.checked_change(id, update)?;
+        self.stage_pending(id, update_ver, chain_ver, change, sent_crc, prepared)
+    }
+
+    /// The one path of every `*_pending` call and [`ChunkEngine::apply_pending`]:
+    /// `change` (its range already checked) staged as pending version
+    /// `update_ver` under the chunk's lock; `Ok(None)` when a zeroing or
+    /// removal finds the chunk absent.
+    fn stage_pending(
+        &self,
+        id: ChunkId,
+        update_ver: u64,
+        chain_ver: u64,
+        change: Change<'_>,
+        sent_crc: Option<u32>,
+        prepared: Option<&mut dyn FnMut()>,
+    ) -> ChunkResult<Option<ChunkMeta>> {
         let mut prepared = match prepared {
             Some(f) => OnPrepared::new(f),
             None => OnPrepared::none(),
         };
-        let (change, sent_crc) = self.checked_change(id, update)?;
         let keeps_absent = matches!(change, Change::Zero { .. } | Change::Remove);
         let _guard = self.lock(id);
         let record = self.load(id)?;
