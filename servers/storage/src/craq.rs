@@ -40,9 +40,9 @@
 //! once; it is the head then, and the head re-drives a leftover pending
 //! version before it writes, reads or resyncs the chunk, so an acknowledged
 //! version is never rolled back. Every hop checks the chain version against
-//! its routing info and the CRC32C of the data. Truncates and zeroing never make a chunk
-//! longer or create one: the head turns them into no-ops on a chunk already
-//! short enough or missing.
+//! its routing info and the CRC32C of the data. Truncates and zeroing never
+//! make a chunk longer or create one: the head turns them into no-ops on a
+//! chunk already short enough or missing.
 //!
 //! A pending version whose forward failed is never dropped (a successor may
 //! have committed it); the next update of the chunk first re-drives it down
@@ -166,6 +166,11 @@ enum Origination {
 /// One forward of a version, at the target it went to, as the update and
 /// its [`StoredNotice`] name it.
 type NoticeKey = (TargetId, ChunkAddr, u64, u64);
+
+/// The forward `req` came by.
+fn forward_key(req: &UpdateRequest) -> NoticeKey {
+    (req.target, req.addr, req.update_ver, req.pass)
+}
 
 /// A predecessor's [`StoredNotice`] on this node.
 enum Notice {
@@ -419,7 +424,7 @@ impl StorageService {
     /// target, which commits at once) only once every member before this
     /// one holds it durably.
     async fn await_stored(&self, chain: ChainId, req: &UpdateRequest) -> StorageResult<()> {
-        let key = (req.target, req.addr, req.update_ver, req.pass);
+        let key = forward_key(req);
         let waiting = {
             let mut notices = self.inner.notices.lock();
             match notices.by_pass.get(&key) {
@@ -467,7 +472,7 @@ impl StorageService {
     /// Drops the notice of the forward `req` came by, once its version is
     /// committed here: later tries of it need none (see `needs_notice`).
     fn forget_notice(&self, req: &UpdateRequest) {
-        let key = (req.target, req.addr, req.update_ver, req.pass);
+        let key = forward_key(req);
         let mut notices = self.inner.notices.lock();
         if let Some(Notice::Arrived { .. }) = notices.by_pass.get(&key) {
             notices.by_pass.remove(&key);

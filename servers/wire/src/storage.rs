@@ -120,7 +120,7 @@ pub struct WriteRequest {
 
 /// How an update builds version `update_ver` of a chunk from the committed
 /// version `update_ver - 1`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum UpdateOp {
     /// The payload written at `offset`, zero-filling any gap.
     Write { offset: u32 },
