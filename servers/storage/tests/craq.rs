@@ -1587,3 +1587,85 @@ async fn a_syncing_target_gets_a_version_only_once_every_member_stored_it() {
         "kept pending"
     );
 }
+
+/// A late try of a committed version (its first try was slow, and the
+/// predecessor retried) may reach a member after the next version of the
+/// chunk became pending there: the member answers it as the committed retry
+/// it is, and the newer version stays pending, at the middle and the tail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_try_of_a_committed_version_is_answered_while_a_newer_one_is_pending() {
+    let f = Fixture::start().await;
+    for node in [1, 2] {
+        let index = node as u64;
+        let addr = ChunkAddr {
+            chain: CHAIN,
+            inode: 7,
+            index,
+        };
+        let update = |ver: u64, pass: u64, data: &'static [u8]| {
+            let req = UpdateRequest {
+                addr,
+                pass,
+                ..f.forwarded(
+                    target_of(node),
+                    ver,
+                    UpdateOp::Write { offset: 0 },
+                    crc32c::crc32c(data),
+                )
+            };
+            let (rpc, to) = (f.rpc.clone(), f.nodes[node].addr);
+            tokio::spawn(async move {
+                let sent = rpc.call_with_payload::<Update>(
+                    to,
+                    &req,
+                    Bytes::from_static(data),
+                    Fixture::opts(),
+                );
+                sent.await.unwrap().0
+            })
+        };
+        let notice = |ver: u64, pass: u64, stored: bool| {
+            let notice = StoredNotice {
+                addr,
+                target: target_of(node),
+                update_ver: ver,
+                pass,
+                stored,
+            };
+            let (rpc, to) = (f.rpc.clone(), f.nodes[node].addr);
+            async move {
+                rpc.call::<Stored>(to, &notice, Fixture::opts())
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }
+        };
+        notice(1, 1, true).await;
+        let first = update(1, 1, b"one").await.unwrap();
+        assert_eq!(first.unwrap().commit_ver, 1, "node {node}");
+        // The predecessor fails version 2: it stays pending from here on.
+        notice(2, 2, false).await;
+        let second = update(2, 2, b"two").await.unwrap();
+        assert!(
+            matches!(second, Err(StorageError::Forward { .. })),
+            "node {node}: {second:?}"
+        );
+        let late = update(1, 3, b"one").await.unwrap();
+        assert_eq!(
+            late,
+            Ok(ChunkVersion {
+                commit_ver: 1,
+                length: 3
+            }),
+            "node {node}"
+        );
+        for n in node..3 {
+            let meta = f.nodes[n].engine.meta(id(index)).unwrap().unwrap();
+            assert_eq!(
+                (meta.commit_ver, meta.update_ver),
+                (1, 2),
+                "node {n} keeps version 2 pending"
+            );
+        }
+    }
+}
