@@ -690,10 +690,30 @@ pub struct ChunkEngine {
     /// A metadata commit failed: its batch may be visible to reads without
     /// being durable, so from then on `load` waits for durability.
     kv_in_doubt: AtomicBool,
-    /// See [`ChunkEngine::inject_write_faults`]: the errno, 0 for none.
-    write_faults: AtomicI32,
+    /// See [`ChunkEngine::inject_faults`]: the errno per [`FaultPoint`],
+    /// 0 for none.
+    faults: [AtomicI32; FaultPoint::COUNT],
     /// Why this target left service (see [`ChunkEngine::fail`]).
     failed: OnceLock<String>,
+    /// Called once when the target leaves service (see
+    /// [`ChunkEngine::on_failure`]).
+    failure_hook: OnceLock<FailureHook>,
+}
+
+/// See [`ChunkEngine::on_failure`].
+type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
+
+/// Where [`ChunkEngine::inject_faults`] makes the disk fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// Block writes to the data file.
+    BlockWrite = 0,
+    /// The data file's `fdatasync`.
+    DataSync = 1,
+}
+
+impl FaultPoint {
+    const COUNT: usize = 2;
 }
 
 impl fmt::Debug for ChunkEngine {
@@ -750,8 +770,9 @@ impl ChunkEngine {
                 unsynced: VecDeque::new(),
             }),
             kv_in_doubt: AtomicBool::new(false),
-            write_faults: AtomicI32::new(0),
+            faults: [AtomicI32::new(0), AtomicI32::new(0)],
             failed: OnceLock::new(),
+            failure_hook: OnceLock::new(),
         };
         engine.rebuild_slots()?;
         Ok(engine)
@@ -1061,16 +1082,37 @@ impl ChunkEngine {
 
     /// Make every finished write to the data file durable, sharing one
     /// `fdatasync` with the writers waiting at the same time.
+    ///
+    /// A failed `fdatasync` takes the target out of service: the writes it
+    /// covered, other writers' among them, may be lost, and a later
+    /// `fdatasync` that succeeds would not bring them back (the kernel
+    /// reports a writeback error once), so no later version may be
+    /// declared durable on top of them.
     fn sync_data(&self, id: ChunkId) -> ChunkResult<()> {
-        self.data
-            .sync_data()
-            .map_err(|e| io_error(Some(id), self.data.path(), e))
+        let synced = match self.injected(FaultPoint::DataSync) {
+            Some(injected) => Err(injected),
+            None => self.data.sync_data(),
+        };
+        synced.map_err(|e| {
+            let e = io_error(Some(id), self.data.path(), e);
+            self.fail(format!(
+                "fdatasync of the data file failed, so writes it covered may be lost: {}",
+                crate::describe(&e)
+            ));
+            e
+        })
+    }
+
+    /// The fault injected at `point`, if any.
+    fn injected(&self, point: FaultPoint) -> Option<io::Error> {
+        match self.faults[point as usize].load(Ordering::Relaxed) {
+            0 => None,
+            errno => Some(io::Error::from_raw_os_error(errno)),
+        }
     }
 
     fn write_slots(&self, id: ChunkId, first: u64, bytes: &[u8]) -> ChunkResult<()> {
-        let errno = self.write_faults.load(Ordering::Relaxed);
-        if errno != 0 {
-            let injected = io::Error::from_raw_os_error(errno);
+        if let Some(injected) = self.injected(FaultPoint::BlockWrite) {
             return Err(io_error(Some(id), self.data.path(), injected));
         }
         self.data
@@ -1615,22 +1657,32 @@ impl ChunkEngine {
         })
     }
 
-    /// For fault tests: while `errno` is set, every block write to the data
-    /// file fails with it, as on a failing (`EIO`) or full (`ENOSPC`) disk;
-    /// metadata and reads are untouched. A relaxed load per block write when
-    /// unused.
-    pub fn inject_write_faults(&self, errno: Option<i32>) {
-        self.write_faults
-            .store(errno.unwrap_or(0), Ordering::Relaxed);
+    /// For fault tests: while `errno` is set, every call at `point` fails
+    /// with it, as on a failing (`EIO`) or full (`ENOSPC`) disk; metadata
+    /// and reads are untouched. A relaxed load per call when unused.
+    pub fn inject_faults(&self, point: FaultPoint, errno: Option<i32>) {
+        self.faults[point as usize].store(errno.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Takes this target out of service for good (until it is opened
     /// again): every operation refuses with [`ChunkError::Failed`] from now
-    /// on. The first reason stays.
+    /// on. The first reason stays; the failure hook runs once.
     pub fn fail(&self, reason: String) {
         if self.failed.set(reason).is_ok() {
             tracing::error!(dir = %self.dir.display(), reason = %self.failed.get().expect("set"), "chunk engine out of service");
+            if let Some(hook) = self.failure_hook.get() {
+                hook(self.failed.get().expect("set"));
+            }
         }
+    }
+
+    /// Registers what to call, with the reason, when this target leaves
+    /// service (at most one hook; `false` if one was set already). Called
+    /// from the thread that failed it, so it must not block. A target that
+    /// failed before the call does not run it: check
+    /// [`ChunkEngine::failure`] after.
+    pub fn on_failure(&self, hook: impl Fn(&str) + Send + Sync + 'static) -> bool {
+        self.failure_hook.set(Box::new(hook)).is_ok()
     }
 
     /// Why this target left service, if it did (see [`ChunkEngine::fail`]).

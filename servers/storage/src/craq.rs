@@ -149,7 +149,7 @@ struct Inner {
     /// Stored notices from predecessors, by the pass they name.
     notices: Mutex<Notices>,
     /// Woken when a target fails, so the node reports it at once.
-    failures: tokio::sync::Notify,
+    failures: Arc<tokio::sync::Notify>,
 }
 
 /// Where an update of a chunk comes from, at the member applying it.
@@ -239,6 +239,22 @@ impl StorageService {
         targets: HashMap<TargetId, Arc<ChunkEngine>>,
         routing: watch::Receiver<Option<Arc<RoutingInfo>>>,
     ) -> StorageService {
+        let failures = Arc::new(tokio::sync::Notify::new());
+        for (target, engine) in &targets {
+            let (failures, target) = (failures.clone(), *target);
+            // However a target fails (a store after its forward, an
+            // fdatasync), the heartbeat reports it at once.
+            let hooked = engine.on_failure(move |reason| {
+                tracing::error!(
+                    target,
+                    reason,
+                    "storage target failed: it is out of service until this node restarts; \
+                     check its disk, then restart the node to resync it"
+                );
+                failures.notify_waiters();
+            });
+            assert!(hooked, "target {target} is served by one storage service");
+        }
         StorageService {
             inner: Arc::new(Inner {
                 node,
@@ -250,7 +266,7 @@ impl StorageService {
                 dedup: Mutex::new(Dedup::default()),
                 origins: Mutex::new(HashMap::new()),
                 synced: Mutex::new(HashMap::new()),
-                failures: tokio::sync::Notify::new(),
+                failures,
                 notices: Mutex::new(Notices::default()),
             }),
         }
@@ -281,17 +297,10 @@ impl StorageService {
     /// OFFLINE, so mgmtd moves it out of its chain; after a restart it comes
     /// back through SYNCING and resync replaces its copy.
     /// (The chunk engine may have taken itself out already, see
-    /// `ChunkEngine::apply_pending`; this makes it known.)
+    /// `ChunkEngine::apply_pending`; the first reason stays.) The node
+    /// learns of it through the engine's failure hook (see `new`).
     pub fn fail_target(&self, target: TargetId, reason: String) {
-        let engine = self.engine(target);
-        engine.fail(reason);
-        tracing::error!(
-            target,
-            reason = engine.failure().unwrap_or_default(),
-            "storage target failed: it is out of service until this node restarts; \
-             check its disk, then restart the node to resync it"
-        );
-        self.inner.failures.notify_waiters();
+        self.engine(target).fail(reason);
     }
 
     /// Why `target` failed, if it did (see [`StorageService::fail_target`]).

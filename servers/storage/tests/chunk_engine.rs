@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use r3fs_storage::chunk::{
-    ChunkEngine, ChunkError, ChunkId, ChunkMeta, ChunkUpdate, SlotStats, BLOCK_BYTES,
+    ChunkEngine, ChunkError, ChunkId, ChunkMeta, ChunkUpdate, FaultPoint, SlotStats, BLOCK_BYTES,
     CHUNK_BYTES_MAX,
 };
 
@@ -1945,7 +1945,7 @@ fn apply_pending_is_prepared_only_past_every_refusal() {
     assert_eq!(calls, 1);
 
     let before = engine.slot_stats();
-    engine.inject_write_faults(Some(libc::EIO));
+    engine.inject_faults(FaultPoint::BlockWrite, Some(libc::EIO));
     let (result, calls) = apply(2, 2, ok(b"two"));
     assert!(matches!(result, Err(ChunkError::Io { .. })), "{result:?}");
     assert_eq!(calls, 1, "the disk fails after the version was prepared");
@@ -1957,7 +1957,7 @@ fn apply_pending_is_prepared_only_past_every_refusal() {
     );
     // A successor may have committed version 2: the target is out of
     // service from now on, whatever is asked, even with the disk back.
-    engine.inject_write_faults(None);
+    engine.inject_faults(FaultPoint::BlockWrite, None);
     let reason = engine.failure().expect("out of service").to_string();
     assert!(
         reason.contains("version 2") && reason.contains("os error 5"),
@@ -1975,6 +1975,49 @@ fn apply_pending_is_prepared_only_past_every_refusal() {
         );
     }
     // What it holds is the committed version 1, as a reopen shows.
+    drop(engine);
+    let engine = open(dir.path());
+    let meta = engine.meta(cid(0)).unwrap().unwrap();
+    assert!(!meta.is_dirty() && meta.commit_ver == 1, "{meta:?}");
+    assert_eq!(engine.read(cid(0), 0, 3).unwrap().0, b"one");
+}
+
+/// A failed `fdatasync` of the data file takes the target out of service:
+/// the writes it covered (other writers' too) may be lost, and a later
+/// `fdatasync` that succeeds would not say so. The failure hook runs once,
+/// and what was committed before is intact after a reopen.
+#[test]
+fn a_failed_data_sync_takes_the_target_out_of_service() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    let hooked = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = hooked.clone();
+    assert!(engine.on_failure(move |reason| {
+        assert!(reason.contains("fdatasync"), "{reason}");
+        counter.fetch_add(1, Ordering::SeqCst);
+    }));
+    assert!(!engine.on_failure(|_| {}), "one hook");
+    let write = |data: &'static [u8]| ChunkUpdate::Write {
+        offset: 0,
+        data,
+        chunk_size: CHUNK_SIZE,
+        crc: crc32c::crc32c(data),
+    };
+    engine.apply_committed(cid(0), 1, 1, write(b"one")).unwrap();
+    engine.inject_faults(FaultPoint::DataSync, Some(libc::EIO));
+    let failed = engine.apply_pending(cid(0), 2, 1, write(b"two"), None);
+    assert!(matches!(failed, Err(ChunkError::Io { .. })), "{failed:?}");
+    engine.inject_faults(FaultPoint::DataSync, None);
+    let reason = engine.failure().expect("out of service").to_string();
+    assert!(reason.contains("os error 5"), "{reason}");
+    let refused = engine.apply_pending(cid(1), 1, 1, write(b"new"), None);
+    assert!(
+        matches!(refused, Err(ChunkError::Failed { .. })),
+        "{refused:?}"
+    );
+    engine.fail("again".into());
+    assert_eq!(hooked.load(Ordering::SeqCst), 1, "the hook runs once");
     drop(engine);
     let engine = open(dir.path());
     let meta = engine.meta(cid(0)).unwrap().unwrap();

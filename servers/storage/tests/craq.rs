@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use r3fs_net::{CallOptions, RetryPolicy, Router, RpcClient, RpcServer, ServerConfig};
-use r3fs_storage::chunk::{ChunkEngine, ChunkError, ChunkId, ChunkUpdate};
+use r3fs_storage::chunk::{ChunkEngine, ChunkError, ChunkId, ChunkUpdate, FaultPoint};
 use r3fs_storage::craq::StorageService;
 use r3fs_wire::mgmt::*;
 use r3fs_wire::storage::*;
@@ -1295,7 +1295,9 @@ async fn a_head_whose_disk_fails_after_forwarding_leaves_service() {
     use PublicState::{Offline, Serving};
     let f = Fixture::start().await;
     f.write_to(0, 1, 0, 0, b"old").await.unwrap();
-    f.nodes[0].engine.inject_write_faults(Some(libc::EIO));
+    f.nodes[0]
+        .engine
+        .inject_faults(FaultPoint::BlockWrite, Some(libc::EIO));
     let err = f.write_to(0, 1, 0, 0, b"new").await.unwrap_err();
     assert!(matches!(err, StorageError::Io { target: 101, .. }), "{err}");
     let reason = f.nodes[0].service.failure(target_of(0)).expect("failed");
@@ -1309,7 +1311,9 @@ async fn a_head_whose_disk_fails_after_forwarding_leaves_service() {
     }
     // Out of service even once the disk writes again, for reads too: its
     // copy lacks version 2.
-    f.nodes[0].engine.inject_write_faults(None);
+    f.nodes[0]
+        .engine
+        .inject_faults(FaultPoint::BlockWrite, None);
     let read = f.read_from(0, 0).await;
     assert!(matches!(read, Err(StorageError::Io { .. })), "{read:?}");
     let write = f.write_to(0, 1, 0, 0, b"again").await;
@@ -1336,7 +1340,9 @@ async fn a_middle_whose_disk_fails_after_forwarding_leaves_service() {
     for errno in [libc::EIO, libc::ENOSPC] {
         let f = Fixture::start().await;
         f.write_to(0, 1, 0, 0, b"old").await.unwrap();
-        f.nodes[1].engine.inject_write_faults(Some(errno));
+        f.nodes[1]
+            .engine
+            .inject_faults(FaultPoint::BlockWrite, Some(errno));
         let err = f.write_to(0, 1, 0, 0, b"new").await.unwrap_err();
         assert!(
             matches!(err, StorageError::Forward { .. }),
@@ -1424,29 +1430,38 @@ async fn a_failed_target_is_reported_offline_at_once() {
             async move { sent.map(|()| 1) }
         }
     }
-    let f = Fixture::start().await;
-    let (tx, mut beats) = tokio::sync::mpsc::unbounded_channel();
-    let hour = Duration::from_secs(3600);
-    let config = NodeConfig {
-        node_id: 1,
-        heartbeat_interval: hour,
-        resync_retry: hour,
-    };
-    let _tasks = r3fs_storage::node::spawn(
-        f.nodes[0].service.clone(),
-        Beats(tx),
-        f.routing.subscribe(),
-        config,
-    );
-    let first = beats.recv().await.unwrap();
-    assert_eq!(first, vec![(target_of(0), LocalState::Online)]);
-    f.nodes[0].engine.inject_write_faults(Some(libc::EIO));
-    f.write_to(0, 1, 0, 0, b"x").await.unwrap_err();
-    let next = tokio::time::timeout(Duration::from_secs(10), beats.recv())
-        .await
-        .expect("a beat at once, not after the interval")
-        .unwrap();
-    assert_eq!(next, vec![(target_of(0), LocalState::Offline)]);
+    // The head's block write fails after it forwarded (the chain layer
+    // takes it out); the tail's fdatasync fails (the engine takes itself
+    // out, and only its failure hook tells the node).
+    for (node, point) in [(0, FaultPoint::BlockWrite), (2, FaultPoint::DataSync)] {
+        let f = Fixture::start().await;
+        let (tx, mut beats) = tokio::sync::mpsc::unbounded_channel();
+        let hour = Duration::from_secs(3600);
+        let config = NodeConfig {
+            node_id: node as u32 + 1,
+            heartbeat_interval: hour,
+            resync_retry: hour,
+        };
+        let _tasks = r3fs_storage::node::spawn(
+            f.nodes[node].service.clone(),
+            Beats(tx),
+            f.routing.subscribe(),
+            config,
+        );
+        let first = beats.recv().await.unwrap();
+        assert_eq!(first, vec![(target_of(node), LocalState::Online)]);
+        f.nodes[node].engine.inject_faults(point, Some(libc::EIO));
+        f.write_to(0, 1, 0, 0, b"x").await.unwrap_err();
+        let next = tokio::time::timeout(Duration::from_secs(10), beats.recv())
+            .await
+            .expect("a beat at once, not after the interval")
+            .unwrap();
+        assert_eq!(
+            next,
+            vec![(target_of(node), LocalState::Offline)],
+            "{point:?}"
+        );
+    }
 }
 
 /// The tail commits a forwarded version only once its predecessor's stored
@@ -1571,7 +1586,9 @@ async fn a_syncing_target_gets_a_version_only_once_every_member_stored_it() {
     let f = Fixture::start().await;
     f.write_to(0, 1, 0, 0, b"old").await.unwrap();
     f.set_states(2, &[Serving, Serving, Syncing]);
-    f.nodes[0].engine.inject_write_faults(Some(libc::EIO));
+    f.nodes[0]
+        .engine
+        .inject_faults(FaultPoint::BlockWrite, Some(libc::EIO));
     let err = f.write_to(0, 2, 0, 0, b"new").await.unwrap_err();
     assert!(matches!(err, StorageError::Io { target: 101, .. }), "{err}");
     let syncing = f.nodes[2].engine.meta(id(0)).unwrap().unwrap();
