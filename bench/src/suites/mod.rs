@@ -3,4 +3,5 @@
 pub mod channels;
 pub mod fuse;
 pub mod meta;
+pub mod relay;
 pub mod storage;

@@ -22,6 +22,11 @@
 //! written are built once, before any timing, so the bench's own buffer
 //! filling counts against neither side.
 //!
+//! A third side runs after every chain write at depth: the same blocks
+//! through a relay of three RPC servers that checksum and pass the payload
+//! on and store nothing ([`crate::suites::relay`]). Its rate bounds what
+//! any chain write could reach here (`RATIO storage relay_vs_limit`).
+//!
 //! The client and the three servers share this process, so its CPU time
 //! during a chain phase is the chain's CPU cost: the bench prints it per
 //! MiB and as a share of the machine's CPUs. A share near 100% means the
@@ -48,6 +53,7 @@ use r3fs_wire::mgmt::*;
 use tokio::sync::watch;
 
 use crate::report::{ratio, result, Phase, Table};
+use crate::suites::relay::RelayChain;
 
 const SUITE: &str = "storage";
 const BLOCK: usize = 1 << 20;
@@ -271,17 +277,24 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
         .build()?;
     let targets = dir.path().to_path_buf();
     let chain = runtime.block_on(start_chain(dir.path()))?;
+    let relay = runtime.block_on(RelayChain::start())?;
     let c = &chain.client;
     let mut write1 = Pairs::default();
     let mut write = Pairs::default();
     let mut read1 = Pairs::default();
     let mut read = Pairs::default();
+    // The storage-free relay at depth `d`, right after each chain write at
+    // that depth, against the same pair's limit.
+    let mut relay_runs = Pairs::default();
     for _ in 0..repeats {
         for (pairs, depth) in [(&mut write1, 1), (&mut write, d)] {
             let direct = direct_seq(&path, blocks, depth, true)?;
             let chain = runtime.block_on(seq(c, &data, blocks, depth, true))?;
             pairs.push(direct, chain, direct / 3.0);
         }
+        let relayed = runtime.block_on(relayed(&relay, &data, blocks, d))?;
+        let direct = *write.direct.last().expect("just measured");
+        relay_runs.push(direct, relayed, direct / 3.0);
     }
     for _ in 0..repeats {
         for (pairs, depth) in [(&mut read1, 1), (&mut read, d)] {
@@ -305,7 +318,9 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
         "columns: direct = O_DIRECT 1 MiB pwrite (+1 fdatasync) / pread of one file at the same depth; \
          chain = StorageClient through 3 replicas, reads after evicting the targets' files from the page cache; \
          limit = direct / 3 for writes (3 copies on one disk), direct for reads (one replica serves); \
-         sequential rows: median of {repeats} interleaved pairs, vs limit = median of the pairs' ratios (min..max)"
+         sequential rows: median of {repeats} interleaved pairs, vs limit = median of the pairs' ratios (min..max); \
+         relay = the same writes through 3 servers that only checksum and pass the payload on (no storage), \
+         run after each depth-{d} chain write: the most a chain write could reach on this machine's CPUs"
     );
     let mut table = Table::new(&[
         "workload (median of pairs)",
@@ -320,6 +335,7 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
         (format!("seq write MiB/s, depth {d}"), &write, 3.0),
         ("seq read MiB/s, depth 1".to_string(), &read1, 1.0),
         (format!("seq read MiB/s, depth {d}"), &read, 1.0),
+        (format!("relay, no storage, depth {d}"), &relay_runs, 3.0),
     ];
     for (name, pairs, copies) in &rows {
         let lo = pairs.ratios.iter().copied().fold(f64::INFINITY, f64::min);
@@ -382,6 +398,8 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     result(SUITE, "chain_write", median(&write.chain), "MiB/s");
     result(SUITE, "chain_read", median(&read.chain), "MiB/s");
     result(SUITE, "chain_rand4k", chain_random.ops_per_sec(), "IOPS");
+    result(SUITE, "relay_write", median(&relay_runs.chain), "MiB/s");
+    result(SUITE, "relay_cpu", relay_runs.cpu_ms_per_mib(), "ms/MiB");
     result(SUITE, "chain_rand4k_p99", chain_random.p99_us(), "us");
     result(SUITE, "chain_write_cpu", write.cpu_ms_per_mib(), "ms/MiB");
     result(SUITE, "chain_write_cpu_busy", write.cpu_busy() * 100.0, "%");
@@ -395,6 +413,7 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     ratio(SUITE, "write_depth1_vs_limit", median(&write1.ratios));
     ratio(SUITE, "write_vs_limit", median(&write.ratios));
     ratio(SUITE, "read_vs_limit", median(&read.ratios));
+    ratio(SUITE, "relay_vs_limit", median(&relay_runs.ratios));
     Ok(())
 }
 
@@ -552,23 +571,47 @@ async fn seq(
     depth: usize,
     write: bool,
 ) -> anyhow::Result<Measured> {
+    timed(blocks, depth, |i| async move {
+        if write {
+            let bytes = data[(i % PATTERNS) as usize].clone();
+            c.write(&layout(), 1, i * BLOCK as u64, bytes).await?;
+        } else {
+            let data = c.read(&layout(), 1, i * BLOCK as u64, BLOCK as u64).await?;
+            anyhow::ensure!(
+                data.len() == BLOCK && data[0] == (i % PATTERNS) as u8,
+                "block {i} read back wrong"
+            );
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// The same blocks as a sequential write, through the storage-free relay.
+async fn relayed(
+    relay: &RelayChain,
+    data: &[Bytes],
+    blocks: u64,
+    depth: usize,
+) -> anyhow::Result<Measured> {
+    timed(blocks, depth, |i| {
+        relay.send(data[(i % PATTERNS) as usize].clone())
+    })
+    .await
+}
+
+/// Runs `op` for blocks `0..blocks`, `depth` at a time, and measures the
+/// rate and this process's CPU use meanwhile.
+async fn timed<F, Fut>(blocks: u64, depth: usize, op: F) -> anyhow::Result<Measured>
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     use futures::stream::{self, StreamExt, TryStreamExt};
     let t = Instant::now();
     let (cpu, switches) = process_cpu();
     stream::iter(0..blocks)
-        .map(|i| async move {
-            if write {
-                let bytes = data[(i % PATTERNS) as usize].clone();
-                c.write(&layout(), 1, i * BLOCK as u64, bytes).await?;
-            } else {
-                let data = c.read(&layout(), 1, i * BLOCK as u64, BLOCK as u64).await?;
-                anyhow::ensure!(
-                    data.len() == BLOCK && data[0] == (i % PATTERNS) as u8,
-                    "block {i} read back wrong"
-                );
-            }
-            Ok::<_, anyhow::Error>(())
-        })
+        .map(op)
         .buffer_unordered(depth.max(1))
         .try_collect::<Vec<()>>()
         .await?;
