@@ -1975,6 +1975,39 @@ impl ChunkEngine {
     /// dropping any pending version. The bytes must match `meta.length` and
     /// `meta.crc`; `meta`'s pending fields are ignored.
     pub fn install(&self, id: ChunkId, meta: ChunkMeta, bytes: &[u8]) -> ChunkResult<ChunkMeta> {
+        let plan = self.whole_version_plan(id, &meta, bytes)?;
+        let _guard = self.lock(id);
+        let old = self.load(id)?;
+        self.store_whole(id, old, meta, plan, bytes)
+    }
+
+    /// Replace the blocks of `id`'s committed version with `bytes`, a copy
+    /// of that version from another replica, after its own blocks failed
+    /// their checksum. Only while the record is still `expected` (the
+    /// same committed version, nothing pending) and `bytes` match its
+    /// length and CRC: `Ok(false)`, with nothing done, when the record
+    /// changed meanwhile (a new version, a removal).
+    pub fn repair_committed(
+        &self,
+        id: ChunkId,
+        expected: &ChunkMeta,
+        bytes: &[u8],
+    ) -> ChunkResult<bool> {
+        let plan = self.whole_version_plan(id, expected, bytes)?;
+        let _guard = self.lock(id);
+        let Some(old) = self.load(id)? else {
+            return Ok(false);
+        };
+        if old.meta != *expected || old.meta.is_dirty() {
+            return Ok(false);
+        }
+        self.store_whole(id, Some(old), *expected, plan, bytes)?;
+        Ok(true)
+    }
+
+    /// The plan of a whole committed version `meta` with contents `bytes`,
+    /// once they match.
+    fn whole_version_plan(&self, id: ChunkId, meta: &ChunkMeta, bytes: &[u8]) -> ChunkResult<Plan> {
         if bytes.len() as u64 > u64::from(self.chunk_size_max) {
             return Err(ChunkError::OutOfRange {
                 id,
@@ -2002,8 +2035,20 @@ impl ChunkEngine {
                 expected: 1,
             });
         }
-        let _guard = self.lock(id);
-        let old = self.load(id)?;
+        Ok(plan)
+    }
+
+    /// Store `bytes` (planned by `whole_version_plan`) as `id`'s only
+    /// version, committed at `meta`, in place of `old`. The caller holds the
+    /// chunk's lock.
+    fn store_whole(
+        &self,
+        id: ChunkId,
+        old: Option<Record>,
+        meta: ChunkMeta,
+        plan: Plan,
+        bytes: &[u8],
+    ) -> ChunkResult<ChunkMeta> {
         let committed = self.write_plan(id, plan, bytes, &mut OnPrepared::none())?;
         let new = Record {
             meta: ChunkMeta {

@@ -65,17 +65,31 @@
 //! be the busiest node and a retry after a write's round trip is cheap.
 //! Listings (`ListChunks`, `QueryLastChunk`) show committed versions only.
 //!
+//! # Repair
+//! A replica whose blocks of a chunk fail their checksum answers the read
+//! with `Checksum` (the client reads another replica) and mends its copy
+//! behind it: it reads the same committed version from another SERVING
+//! replica and replaces its blocks, under the chunk's lock, only with bytes
+//! matching the length and CRC its intact record holds, and only if nothing
+//! is pending there. A chunk with a pending version, or that no peer holds
+//! at the same version, stays damaged and is logged; resync replaces it
+//! once mgmtd has taken the target out of its chain.
+//!
 //! # Resync
 //! A SYNCING target follows every SERVING target in its chain, so its
 //! predecessor is the last SERVING target. Updates reach it as whole chunk
 //! versions or removals (it may lack the base a partial update builds on)
 //! and it applies them committed at once, being the last target an update
-//! reaches. The predecessor compares chunk summaries with it, sends every
-//! chunk that differs or is missing and removes what it should not have,
-//! each under the same per-chunk lock that forwarded updates take, so no
-//! update interleaves with the copy of its chunk; then it declares the copy
-//! complete and the target reports up to date, which makes mgmtd turn it
-//! SERVING.
+//! reaches. The predecessor compares chunk summaries (metadata only) with
+//! it, reads and sends every chunk that differs or is missing and removes
+//! what it should not have, each under the same per-chunk lock that
+//! forwarded updates take, so no update interleaves with the copy of its
+//! chunk; then it declares the copy complete and the target reports up to
+//! date, which makes mgmtd turn it SERVING. A chunk the predecessor cannot
+//! read intact is repaired from another SERVING replica first (see
+//! Repair); one it can neither read nor repair is never skipped: the rest
+//! is sent, the copy is not declared complete, and the next resync tries
+//! again.
 //!
 //! Must not decide chain states (mgmtd does) or touch the namespace.
 //!
@@ -148,6 +162,8 @@ struct Inner {
     synced: Mutex<HashMap<TargetId, u64>>,
     /// Stored notices from predecessors, by the pass they name.
     notices: Mutex<Notices>,
+    /// Chunks whose damaged copy here a repair is fetching from a peer.
+    repairs: Mutex<std::collections::HashSet<ChunkAddr>>,
     /// Woken when a target fails, so the node reports it at once.
     failures: Arc<tokio::sync::Notify>,
 }
@@ -229,6 +245,9 @@ pub struct ResyncStats {
     pub installed: usize,
     pub removed: usize,
     pub bytes: u64,
+    /// Chunks whose copy here failed its checksum and was repaired from
+    /// another replica before it was compared.
+    pub repaired: usize,
 }
 
 impl StorageService {
@@ -268,6 +287,7 @@ impl StorageService {
                 synced: Mutex::new(HashMap::new()),
                 failures,
                 notices: Mutex::new(Notices::default()),
+                repairs: Mutex::new(std::collections::HashSet::new()),
             }),
         }
     }
@@ -1330,6 +1350,121 @@ impl StorageService {
         }
     }
 
+    /// Mends this target's damaged copy of `addr` in the background (see
+    /// [`StorageService::repair_locked`]); at most one repair per chunk at a
+    /// time.
+    fn spawn_repair(&self, routing: Arc<RoutingInfo>, chain: Chain, me: TargetId, addr: ChunkAddr) {
+        if !self.inner.repairs.lock().insert(addr) {
+            return;
+        }
+        let s = self.clone();
+        tokio::spawn(async move {
+            /// Forgets the repair however the task ends.
+            struct Done<'a>(&'a StorageService, ChunkAddr);
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    self.0.inner.repairs.lock().remove(&self.1);
+                }
+            }
+            let _done = Done(&s, addr);
+            let _guard = s.lock_chunk(addr).await;
+            s.repair_locked(&routing, &chain, me, addr).await;
+        });
+    }
+
+    /// Replaces this target's copy of `addr`, whose blocks failed their
+    /// checksum, with the same committed version read from another SERVING
+    /// replica of `chain`. Only a chunk with nothing pending here, and only
+    /// bytes matching the length and CRC its record holds (the record is
+    /// intact; its blocks are not). Whether it was repaired; every outcome
+    /// is logged. The caller holds the chunk's lock, so no update of it
+    /// runs meanwhile.
+    async fn repair_locked(
+        &self,
+        routing: &RoutingInfo,
+        chain: &Chain,
+        me: TargetId,
+        addr: ChunkAddr,
+    ) -> bool {
+        let engine = self.engine(me).clone();
+        let id = chunk_id(addr);
+        let meta = {
+            let engine = engine.clone();
+            blocking(move || engine.meta(id)).await
+        };
+        let meta = match meta {
+            Ok(Some(meta)) if !meta.is_dirty() && meta.commit_ver > 0 => meta,
+            Ok(other) => {
+                tracing::warn!(?addr, target = me, meta = ?other, "a damaged chunk with a pending version (or none) is not repaired from a peer; resync replaces it once this target is out of its chain");
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(?addr, target = me, error = %e, "cannot repair a damaged chunk");
+                return false;
+            }
+        };
+        let read = ReadRequest {
+            addr,
+            offset: 0,
+            length: meta.length,
+        };
+        let peers = chain
+            .targets
+            .iter()
+            .filter(|t| t.target != me && t.state == PublicState::Serving);
+        for peer in peers {
+            let (resp, data) = match self
+                .call::<Read, _>(routing, chain.id, peer.target, &read, Bytes::new())
+                .await
+            {
+                Ok(answer) => answer,
+                Err(e) => {
+                    tracing::debug!(?addr, peer = peer.target, error = %e, "peer cannot supply a damaged chunk");
+                    continue;
+                }
+            };
+            let same = resp.commit_ver == meta.commit_ver
+                && data.len() == meta.length as usize
+                && crc32c::crc32c(&data) == meta.crc;
+            if !same {
+                tracing::debug!(
+                    ?addr,
+                    peer = peer.target,
+                    peer_version = resp.commit_ver,
+                    version = meta.commit_ver,
+                    "peer holds another version of a damaged chunk"
+                );
+                continue;
+            }
+            let engine = engine.clone();
+            match blocking(move || engine.repair_committed(id, &meta, &data)).await {
+                Ok(true) => {
+                    tracing::warn!(?addr, target = me, from = peer.target, version = meta.commit_ver, "repaired a chunk whose copy here failed its checksum; check this target's disk");
+                    return true;
+                }
+                Ok(false) => {
+                    tracing::info!(
+                        ?addr,
+                        target = me,
+                        "a damaged chunk changed while it was repaired; the change replaced it"
+                    );
+                    return false;
+                }
+                Err(e) => {
+                    tracing::warn!(?addr, target = me, error = %e, "cannot store the repaired copy of a damaged chunk");
+                    return false;
+                }
+            }
+        }
+        tracing::error!(
+            ?addr,
+            target = me,
+            version = meta.commit_ver,
+            "a chunk here fails its checksum and no other SERVING replica holds the same version"
+        );
+        false
+    }
+
     /// A client read, at any SERVING replica.
     ///
     /// A head with no other SERVING target (the LASTSRV back after the whole
@@ -1355,6 +1490,10 @@ impl StorageService {
             if self.settle_if_alone(&routing, &chain, pos, req.addr).await {
                 answer = read().await;
             }
+        }
+        if let Err(ChunkError::Corrupt { .. }) = &answer {
+            // The client reads another replica; this copy is mended behind.
+            self.spawn_repair(routing.clone(), chain.clone(), me.target, req.addr);
         }
         let (data, meta, crc) = answer.map_err(|e| storage_error(e, req.addr, me.target))?;
         debug_assert!(crc == crc32c::crc32c(&data));
@@ -1590,6 +1729,8 @@ impl StorageService {
         };
         let mut stats = ResyncStats::default();
         let mut seen = std::collections::HashSet::new();
+        // Chunks whose copy here is damaged and could not be repaired.
+        let mut damaged = Vec::new();
         for (id, _) in mine {
             seen.insert((id.inode, id.index));
             let addr = ChunkAddr {
@@ -1605,18 +1746,42 @@ impl StorageService {
                 // copy never rolls the SYNCING target back behind it.
                 self.recover_pending(&routing, &chain, pos, addr).await?;
             }
-            let engine = engine.clone();
-            let current = blocking(move || committed(&engine, id))
-                .await
-                .map_err(|e| io_error(e, me.target))?;
-            let Some((meta, bytes)) = current else {
+            // Compared by metadata first: only a chunk that differs is read
+            // (and so checked) and sent.
+            let meta = {
+                let engine = engine.clone();
+                blocking(move || engine.meta(id))
+                    .await
+                    .map_err(|e| io_error(e, me.target))?
+            };
+            let Some(meta) = meta.filter(|m| m.commit_ver > 0) else {
                 continue;
             };
             stats.compared += 1;
-            let ours = summary(id, &meta);
-            if theirs.get(&(id.inode, id.index)) == Some(&ours) {
+            if theirs.get(&(id.inode, id.index)) == Some(&summary(id, &meta)) {
                 continue;
             }
+            let read = || {
+                let engine = engine.clone();
+                blocking(move || committed(&engine, id))
+            };
+            let current = match read().await {
+                Err(ChunkError::Corrupt { .. }) => {
+                    // Never sent as it is, and never skipped: the SYNCING
+                    // target would serve an older copy, or none.
+                    if !self.repair_locked(&routing, &chain, me.target, addr).await {
+                        damaged.push(addr);
+                        continue;
+                    }
+                    stats.repaired += 1;
+                    read().await
+                }
+                other => other,
+            };
+            let Some((meta, bytes)) = current.map_err(|e| io_error(e, me.target))? else {
+                continue;
+            };
+            let ours = summary(id, &meta);
             stats.installed += 1;
             stats.bytes += bytes.len() as u64;
             let install = SyncInstallRequest {
@@ -1643,6 +1808,21 @@ impl StorageService {
             };
             self.call::<SyncRemove, _>(&routing, chain_id, next.target, &remove, Bytes::new())
                 .await?;
+        }
+        if let Some(&first) = damaged.first() {
+            // Everything else was sent; the SYNCING target stays SYNCING
+            // until these are mended (a later resync tries again).
+            tracing::error!(
+                chain = chain_id,
+                to = next.target,
+                ?damaged,
+                "resync cannot finish: this target's copies of these chunks fail their \
+                 checksum and no other SERVING replica holds the same version"
+            );
+            return Err(StorageError::Checksum {
+                addr: first,
+                target: me.target,
+            });
         }
         let done = SyncDoneRequest {
             target: next.target,

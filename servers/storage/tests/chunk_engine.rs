@@ -931,6 +931,55 @@ fn flipped_byte_on_disk_is_reported_as_corrupt() {
     assert_eq!(error_name(&err), "Corrupt");
 }
 
+/// A damaged committed copy is repaired with the same version's bytes from
+/// elsewhere: only while its record is what the repairer saw, and only with
+/// bytes that match the record's length and CRC.
+#[test]
+fn a_damaged_committed_copy_is_repaired_only_as_it_was() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path());
+    let id = cid(0);
+    write_commit(&engine, id, 1, 0, b"precious bytes");
+    let seen = engine.meta(id).unwrap().unwrap();
+    flip_byte(&engine, id, 1, 3);
+    let wrong = engine.repair_committed(id, &seen, b"precious bytez");
+    assert_eq!(error_name(&wrong.unwrap_err()), "InstallMismatch");
+    let mut newer = seen;
+    newer.commit_ver = 2;
+    newer.update_ver = 2;
+    assert!(
+        !engine
+            .repair_committed(id, &newer, b"precious bytes")
+            .unwrap(),
+        "not the record"
+    );
+    assert!(engine.read(id, 0, 100).is_err(), "still damaged");
+    let before = engine.slot_stats();
+    assert!(engine
+        .repair_committed(id, &seen, b"precious bytes")
+        .unwrap());
+    assert_eq!(engine.read(id, 0, 100).unwrap().0, b"precious bytes");
+    assert_eq!(engine.meta(id).unwrap().unwrap(), seen, "the same version");
+    let taken = |s: SlotStats| s.total - s.free;
+    assert_eq!(
+        taken(engine.slot_stats()),
+        taken(before),
+        "the damaged slot was freed"
+    );
+    // A record with a pending version is not repaired that way.
+    engine.write_pending(id, 2, 1, 0, b"P", CHUNK_SIZE).unwrap();
+    let seen = engine.meta(id).unwrap().unwrap();
+    assert!(!engine
+        .repair_committed(id, &seen, b"precious bytes")
+        .unwrap());
+    drop(engine);
+    let engine = open(dir.path());
+    assert_eq!(
+        engine.read_committed_even_if_dirty(id, 0, 100).unwrap().0,
+        &b"precious bytes"[..]
+    );
+}
+
 /// Flip one bit of byte `offset` of version `ver` of `id` on disk.
 fn flip_byte(engine: &ChunkEngine, id: ChunkId, ver: u64, offset: u32) {
     let (path, pos) = engine

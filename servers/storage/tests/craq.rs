@@ -399,6 +399,85 @@ async fn a_corrupted_replica_reports_a_checksum_error() {
         "{err}"
     );
     assert_eq!(&f.read_from(0, 0).await.unwrap().1[..], b"precious bytes");
+    // The damaged copy is mended from a peer behind the failed read.
+    let repaired = async {
+        loop {
+            if let Ok((_, data)) = f.read_from(1, 0).await {
+                return data;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    let data = tokio::time::timeout(std::time::Duration::from_secs(10), repaired)
+        .await
+        .expect("repaired");
+    assert_eq!(&data[..], b"precious bytes");
+    let meta = f.nodes[1].engine.meta(id(0)).unwrap().unwrap();
+    assert_eq!((meta.commit_ver, meta.update_ver), (1, 1), "{meta:?}");
+}
+
+/// A predecessor whose copy of a chunk fails its checksum repairs it from
+/// another SERVING replica before sending it to a SYNCING target. A chunk
+/// no replica can supply is never skipped: everything else is sent, and the
+/// resync does not finish (the target stays SYNCING).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_repairs_a_damaged_chunk_from_a_peer_and_never_skips_one() {
+    use PublicState::{Offline, Serving, Syncing};
+    let f = Fixture::start().await;
+    let flip = |node: usize, index: u64, ver: u64| {
+        let (path, pos) = f.nodes[node]
+            .engine
+            .block_location(id(index), ver, 1)
+            .unwrap()
+            .expect("committed block");
+        common::flip_bits(&path, pos, 0x08);
+    };
+    f.set_states(2, &[Serving, Serving, Offline]);
+    for i in 0..4 {
+        f.write_to(0, 2, i, 0, format!("chunk {i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    flip(1, 1, 1);
+    f.set_states(3, &[Serving, Serving, Syncing]);
+    let stats = f.nodes[1].service.resync(CHAIN).await.unwrap().unwrap();
+    assert_eq!((stats.installed, stats.repaired), (4, 1), "{stats:?}");
+    assert_eq!(f.nodes[2].service.synced_at(103), Some(3));
+    f.set_states(4, &[Serving, Serving, Serving]);
+    // (The node forgets a finished sync once its target serves.)
+    f.nodes[2].service.clear_synced(103);
+    for node in 0..3 {
+        assert_eq!(&f.read_from(node, 1).await.unwrap().1[..], b"chunk 1");
+    }
+
+    // Now chunk 2 is damaged on both SERVING replicas, and the tail missed
+    // a write of chunk 3.
+    f.set_states(5, &[Serving, Serving, Offline]);
+    f.write_to(0, 5, 3, 0, b"chunk 3 again").await.unwrap();
+    flip(0, 2, 1);
+    flip(1, 2, 1);
+    f.nodes[2]
+        .engine
+        .write_pending(id(2), 2, 5, 0, b"other", CHUNK)
+        .unwrap();
+    f.nodes[2].engine.commit(id(2), 2).unwrap();
+    f.set_states(6, &[Serving, Serving, Syncing]);
+    let err = f.nodes[1].service.resync(CHAIN).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StorageError::Checksum {
+                addr: ChunkAddr { index: 2, .. },
+                target: 102
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(f.nodes[2].service.synced_at(103), None, "not finished");
+    let sent = f.nodes[2].engine.meta(id(3)).unwrap().unwrap();
+    assert_eq!(sent.commit_ver, 2, "the rest was sent: {sent:?}");
+    let kept = f.nodes[2].engine.meta(id(2)).unwrap().unwrap();
+    assert_eq!(kept.commit_ver, 2, "chunk 2 left as it was: {kept:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
