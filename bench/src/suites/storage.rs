@@ -22,6 +22,12 @@
 //! written are built once, before any timing, so the bench's own buffer
 //! filling counts against neither side.
 //!
+//! The write limit above is the disk streaming without syncs. Each round
+//! also writes directly with an `fdatasync` after every block, the
+//! durability a chain member gives every version before it is
+//! acknowledged; a third of that rate is the limit for a chain of three that
+//! keeps its promise (`RATIO storage write_vs_durable_limit`).
+//!
 //! A third side runs after every chain write at depth: the same blocks
 //! through a relay of three RPC servers that checksum and pass the payload
 //! on and store nothing ([`crate::suites::relay`]). Its rate bounds what
@@ -286,19 +292,29 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     // The storage-free relay at depth `d`, right after each chain write at
     // that depth, against the same pair's limit.
     let mut relay_runs = Pairs::default();
+    // Direct writes with an fdatasync per block at depth `d`: the limit a
+    // chain making every version durable on this disk could reach.
+    let mut durable = Pairs::default();
     for _ in 0..repeats {
         for (pairs, depth) in [(&mut write1, 1), (&mut write, d)] {
-            let direct = direct_seq(&path, blocks, depth, true)?;
+            let direct = direct_seq(&path, blocks, depth, Direct::Write)?;
             let chain = runtime.block_on(seq(c, &data, blocks, depth, true))?;
             pairs.push(direct, chain, direct / 3.0);
         }
         let relayed = runtime.block_on(relayed(&relay, &data, blocks, d))?;
         let direct = *write.direct.last().expect("just measured");
         relay_runs.push(direct, relayed, direct / 3.0);
+        // The same disk with the chain's durability (a sync per block),
+        // against the chain write at depth `d` of this round.
+        let durable_direct = direct_seq(&path, blocks, d, Direct::DurableWrite)?;
+        let chain = *write.chain.last().expect("just measured");
+        durable.direct.push(durable_direct);
+        durable.chain.push(chain);
+        durable.ratios.push(chain / (durable_direct / 3.0));
     }
     for _ in 0..repeats {
         for (pairs, depth) in [(&mut read1, 1), (&mut read, d)] {
-            let direct = direct_seq(&path, blocks, depth, false)?;
+            let direct = direct_seq(&path, blocks, depth, Direct::Read)?;
             evict(&targets)?;
             let chain = runtime.block_on(seq(c, &data, blocks, depth, false))?;
             pairs.push(direct, chain, direct);
@@ -320,7 +336,9 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
          limit = direct / 3 for writes (3 copies on one disk), direct for reads (one replica serves); \
          sequential rows: median of {repeats} interleaved pairs, vs limit = median of the pairs' ratios (min..max); \
          relay = the same writes through 3 servers that only checksum and pass the payload on (no storage), \
-         run after each depth-{d} chain write: the most a chain write could reach on this machine's CPUs"
+         run after each depth-{d} chain write: the most a chain write could reach on this machine's CPUs; \
+         'direct syncs each block' = direct writes with an fdatasync after every block (the durability every chain \
+         version has before it is acknowledged), against the chain write of the same round"
     );
     let mut table = Table::new(&[
         "workload (median of pairs)",
@@ -336,6 +354,11 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
         ("seq read MiB/s, depth 1".to_string(), &read1, 1.0),
         (format!("seq read MiB/s, depth {d}"), &read, 1.0),
         (format!("relay, no storage, depth {d}"), &relay_runs, 3.0),
+        (
+            format!("seq write MiB/s, depth {d}, direct syncs each block"),
+            &durable,
+            3.0,
+        ),
     ];
     for (name, pairs, copies) in &rows {
         let lo = pairs.ratios.iter().copied().fold(f64::INFINITY, f64::min);
@@ -374,6 +397,7 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
         "chain CPU (client + 3 servers in this process, {} CPUs): {}",
         cpus(),
         rows.iter()
+            .filter(|(_, pairs, _)| !pairs.cpu.is_empty())
             .map(|(name, pairs, _)| format!(
                 "{name}: {:.2} ms/MiB, {:.0}% busy, {:.0} switches/MiB",
                 pairs.cpu_ms_per_mib(),
@@ -399,6 +423,12 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     result(SUITE, "chain_read", median(&read.chain), "MiB/s");
     result(SUITE, "chain_rand4k", chain_random.ops_per_sec(), "IOPS");
     result(SUITE, "relay_write", median(&relay_runs.chain), "MiB/s");
+    result(
+        SUITE,
+        "direct_durable_write",
+        median(&durable.direct),
+        "MiB/s",
+    );
     result(SUITE, "relay_cpu", relay_runs.cpu_ms_per_mib(), "ms/MiB");
     result(SUITE, "chain_rand4k_p99", chain_random.p99_us(), "us");
     result(SUITE, "chain_write_cpu", write.cpu_ms_per_mib(), "ms/MiB");
@@ -414,6 +444,7 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     ratio(SUITE, "write_vs_limit", median(&write.ratios));
     ratio(SUITE, "read_vs_limit", median(&read.ratios));
     ratio(SUITE, "relay_vs_limit", median(&relay_runs.ratios));
+    ratio(SUITE, "write_vs_durable_limit", median(&durable.ratios));
     Ok(())
 }
 
@@ -435,7 +466,19 @@ fn open_direct(path: &Path, write: bool) -> std::io::Result<File> {
 
 /// MiB/s of `blocks` 1 MiB `O_DIRECT` writes (then one `fdatasync`) or
 /// reads of `path`, `depth` threads each taking every `depth`-th block.
-fn direct_seq(path: &Path, blocks: u64, depth: usize, write: bool) -> anyhow::Result<f64> {
+/// How [`direct_seq`] moves its blocks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direct {
+    Read,
+    /// One `fdatasync` after the last block.
+    Write,
+    /// An `fdatasync` after every block, as a chunk engine makes every
+    /// version durable before it is acknowledged.
+    DurableWrite,
+}
+
+fn direct_seq(path: &Path, blocks: u64, depth: usize, mode: Direct) -> anyhow::Result<f64> {
+    let write = mode != Direct::Read;
     let file = open_direct(path, write).with_context(|| format!("open {path:?} O_DIRECT"))?;
     let t = Instant::now();
     std::thread::scope(|s| {
@@ -450,6 +493,9 @@ fn direct_seq(path: &Path, blocks: u64, depth: usize, write: bool) -> anyhow::Re
                     if write {
                         buf.fill((i % PATTERNS) as u8);
                         file.write_all_at(buf, at)?;
+                        if mode == Direct::DurableWrite {
+                            file.sync_data()?;
+                        }
                     } else {
                         file.read_exact_at(buf, at)?;
                         anyhow::ensure!(buf[0] == (i % PATTERNS) as u8, "direct block {i} wrong");
