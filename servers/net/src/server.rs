@@ -313,6 +313,10 @@ async fn serve_connection<S>(
             match (&mut writer.0).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "write failed"),
+                // The runtime is shutting down: nothing went wrong.
+                Err(e) if e.is_cancelled() => {
+                    tracing::debug!(%peer, "writer task cancelled at shutdown")
+                }
                 Err(e) => tracing::warn!(%peer, error = %e, "writer task failed"),
             }
         }
