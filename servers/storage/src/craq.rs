@@ -107,7 +107,13 @@
 //! forwarded update that a successor receives only after its sender gave up
 //! on it and the chunk was removed could stage a stale version 1 there; the
 //! chunk's next write would then fail with `Forward` until resync. (The
-//! same holds for `RemoveInode`.)
+//! same holds for `RemoveInode`.) For the same reason a SYNCING target
+//! installs whole versions (forwarded or from resync) without comparing
+//! versions: a late try of an older forward that reaches it after a newer
+//! one would roll the chunk back until the next resync, and a version
+//! compare would instead keep a removed and re-created chunk's old
+//! incarnation, whose versions may be higher. Closing both needs chunk
+//! incarnations (or tombstones) in the record and on the wire.
 //!
 //! Stored notices changed the wire: `UpdateRequest` carries a `pass` and
 //! `Stored` is a new method, so a member and its successor from releases on
