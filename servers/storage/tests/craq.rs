@@ -1765,3 +1765,44 @@ async fn a_late_try_of_a_committed_version_is_answered_while_a_newer_one_is_pend
         }
     }
 }
+
+/// A notice whose forward never arrives is kept for 40 s (every try of
+/// that forward may need it), then dropped when a later notice arrives; a
+/// notice sent again is kept from its last arrival.
+#[tokio::test(start_paused = true)]
+async fn a_notice_nobody_uses_expires_after_forty_seconds() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Arc::new(ChunkEngine::open(dir.path(), CHUNK).unwrap());
+    let (_routing, rx) = watch::channel(None);
+    let service = StorageService::new(1, HashMap::from([(target_of(0), engine)]), rx);
+    let notice = |update_ver: u64| StoredNotice {
+        addr: ChunkAddr {
+            chain: CHAIN,
+            inode: 7,
+            index: 0,
+        },
+        target: target_of(0),
+        update_ver,
+        pass: 1,
+        stored: true,
+    };
+    let after = |secs: u64| tokio::time::advance(Duration::from_secs(secs));
+    service.stored(notice(1)).unwrap();
+    after(20).await;
+    service.stored(notice(2)).unwrap();
+    service.stored(notice(1)).unwrap(); // sent again: kept from now
+    after(21).await; // 41 s after the first notice of 1
+    service.stored(notice(3)).unwrap();
+    assert_eq!(
+        service.stored_notices_kept(),
+        3,
+        "none is 40 s old by its last arrival"
+    );
+    after(20).await; // 2 and the resent 1 are 41 s old
+    service.stored(notice(4)).unwrap();
+    assert_eq!(service.stored_notices_kept(), 2, "3 and 4 are kept");
+    after(41).await;
+    service.stored(notice(5)).unwrap();
+    assert_eq!(service.stored_notices_kept(), 1);
+}
