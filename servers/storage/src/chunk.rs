@@ -74,9 +74,11 @@
 //! [`SPACE_RESERVE_BYTES`] free, so the metadata store (whose journal
 //! poisons itself on a failed write) keeps room for the commits, aborts and
 //! removals that follow, and nothing committed is lost. An `ENOSPC` (or
-//! `EDQUOT`) from the data file is `NoSpace` too; one from the KV journal
-//! (another process filled the disk) arrives as `Kv` unless its message
-//! names OS error 28.
+//! `EDQUOT`) from the data file is `NoSpace` too, and so is one from the
+//! metadata store (another process filled the disk); but the store refuses
+//! every write after a failed one, so that also takes the target out of
+//! service (see `kv_write_failed`), as a failed `fdatasync` of the data
+//! file does.
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::fmt;
@@ -119,8 +121,8 @@ const DATA_DIR: &str = "data";
 const BLOCKS_FILE: &str = "blocks";
 const KEY_PREFIX: u8 = b'c';
 const KEY_BYTES: usize = 17;
-/// OS error 28 as the KV engine prints it.
-const KV_NO_SPACE_MARKER: &str = "os error 28";
+/// OS error 28 as the KV engine prints it (displayed, or debug-printed).
+const KV_NO_SPACE_MARKERS: [&str; 2] = ["os error 28", "StorageFull"];
 
 const _: () = assert!(KEY_BYTES == 1 + 8 + 8);
 const _: () = assert!(LOCK_SHARDS.is_power_of_two());
@@ -358,7 +360,7 @@ fn io_error(id: Option<ChunkId>, path: &Path, source: io::Error) -> ChunkError {
 fn with_id(id: ChunkId, meta_dir: &Path, err: ChunkError) -> ChunkError {
     match err {
         ChunkError::Kv { source, .. } => {
-            let no_space = matches!(&source, KvError::Engine(m) if m.contains(KV_NO_SPACE_MARKER));
+            let no_space = matches!(&source, KvError::Engine(m) if KV_NO_SPACE_MARKERS.iter().any(|k| m.contains(k)));
             if no_space {
                 return ChunkError::NoSpace {
                     id: Some(id),
@@ -690,14 +692,14 @@ pub struct ChunkEngine {
     /// A metadata commit failed: its batch may be visible to reads without
     /// being durable, so from then on `load` waits for durability.
     kv_in_doubt: AtomicBool,
-    /// See [`ChunkEngine::inject_faults`]: the errno per [`FaultPoint`],
-    /// 0 for none.
-    faults: [AtomicI32; FaultPoint::COUNT],
+    /// See [`ChunkEngine::inject_faults`]: the errno for
+    /// [`FaultPoint::BlockWrite`], 0 for none.
+    block_write_fault: AtomicI32,
     /// Why this target left service (see [`ChunkEngine::fail`]).
     failed: OnceLock<String>,
     /// Called once when the target leaves service (see
     /// [`ChunkEngine::on_failure`]).
-    failure_hook: OnceLock<FailureHook>,
+    failure_hook: Mutex<Option<FailureHook>>,
 }
 
 /// See [`ChunkEngine::on_failure`].
@@ -707,13 +709,9 @@ type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultPoint {
     /// Block writes to the data file.
-    BlockWrite = 0,
+    BlockWrite,
     /// The data file's `fdatasync`.
-    DataSync = 1,
-}
-
-impl FaultPoint {
-    const COUNT: usize = 2;
+    DataSync,
 }
 
 impl fmt::Debug for ChunkEngine {
@@ -770,9 +768,9 @@ impl ChunkEngine {
                 unsynced: VecDeque::new(),
             }),
             kv_in_doubt: AtomicBool::new(false),
-            faults: [AtomicI32::new(0), AtomicI32::new(0)],
+            block_write_fault: AtomicI32::new(0),
             failed: OnceLock::new(),
-            failure_hook: OnceLock::new(),
+            failure_hook: Mutex::new(None),
         };
         engine.rebuild_slots()?;
         Ok(engine)
@@ -923,8 +921,22 @@ impl ChunkEngine {
         .map_err(|e| {
             // See `load`: the batch may be visible without being durable.
             self.kv_in_doubt.store(true, Ordering::Release);
-            with_id(id, &self.meta_dir, e)
+            self.kv_write_failed(id, e)
         })
+    }
+
+    /// A metadata write (or its fsync) failed with `err`. The store refuses
+    /// every write after such a failure (fjall poisons itself), so the
+    /// target can do nothing more until it is opened again: it leaves
+    /// service, and the node reports it. The error as `with_id` maps it.
+    fn kv_write_failed(&self, id: ChunkId, err: ChunkError) -> ChunkError {
+        if let Some(KvError::Engine(message)) = err.as_kv_error() {
+            self.fail(format!(
+                "the metadata store in {} failed a write and refuses every write after it: {message}",
+                self.meta_dir.display()
+            ));
+        }
+        with_id(id, &self.meta_dir, err)
     }
 
     /// [`ChunkEngine::store`] without waiting for the fsync; returns the
@@ -943,7 +955,7 @@ impl ChunkEngine {
         if let Err(e) = committed {
             // See `load`: the batch may be visible without being durable.
             self.kv_in_doubt.store(true, Ordering::Release);
-            return Err(with_id(id, &self.meta_dir, e.into()));
+            return Err(self.kv_write_failed(id, e.into()));
         }
         Ok(self.kv.committed_version())
     }
@@ -1007,7 +1019,7 @@ impl ChunkEngine {
             drop(slots);
             self.kv
                 .sync()
-                .map_err(|e| with_id(id, &self.meta_dir, e.into()))?;
+                .map_err(|e| self.kv_write_failed(id, e.into()))?;
             synced = self.kv.synced_version();
             synced_once = true;
         };
@@ -1089,11 +1101,7 @@ impl ChunkEngine {
     /// reports a writeback error once), so no later version may be
     /// declared durable on top of them.
     fn sync_data(&self, id: ChunkId) -> ChunkResult<()> {
-        let synced = match self.injected(FaultPoint::DataSync) {
-            Some(injected) => Err(injected),
-            None => self.data.sync_data(),
-        };
-        synced.map_err(|e| {
+        self.data.sync_data().map_err(|e| {
             let e = io_error(Some(id), self.data.path(), e);
             self.fail(format!(
                 "fdatasync of the data file failed, so writes it covered may be lost: {}",
@@ -1103,16 +1111,10 @@ impl ChunkEngine {
         })
     }
 
-    /// The fault injected at `point`, if any.
-    fn injected(&self, point: FaultPoint) -> Option<io::Error> {
-        match self.faults[point as usize].load(Ordering::Relaxed) {
-            0 => None,
-            errno => Some(io::Error::from_raw_os_error(errno)),
-        }
-    }
-
     fn write_slots(&self, id: ChunkId, first: u64, bytes: &[u8]) -> ChunkResult<()> {
-        if let Some(injected) = self.injected(FaultPoint::BlockWrite) {
+        let errno = self.block_write_fault.load(Ordering::Relaxed);
+        if errno != 0 {
+            let injected = io::Error::from_raw_os_error(errno);
             return Err(io_error(Some(id), self.data.path(), injected));
         }
         self.data
@@ -1138,10 +1140,14 @@ impl ChunkEngine {
         prepared.call();
         let mut refs = Vec::with_capacity(plan.blocks.len());
         let written = self.write_blocks(id, plan, payload, &slots, &mut refs);
-        let synced = written.and_then(|()| match fresh {
-            0 => Ok(()),
-            _ => self.sync_data(id),
-        });
+        let synced = written
+            .and_then(|()| match fresh {
+                0 => Ok(()),
+                _ => self.sync_data(id),
+            })
+            // Out of service meanwhile (another writer's sync failed, say):
+            // no record may name these blocks now.
+            .and_then(|()| self.check_in_service());
         if let Err(e) = synced {
             self.release(slots);
             return Err(e);
@@ -1661,7 +1667,15 @@ impl ChunkEngine {
     /// with it, as on a failing (`EIO`) or full (`ENOSPC`) disk; metadata
     /// and reads are untouched. A relaxed load per call when unused.
     pub fn inject_faults(&self, point: FaultPoint, errno: Option<i32>) {
-        self.faults[point as usize].store(errno.unwrap_or(0), Ordering::Relaxed);
+        match point {
+            FaultPoint::BlockWrite => {
+                self.block_write_fault
+                    .store(errno.unwrap_or(0), Ordering::Relaxed);
+            }
+            // Injected under the data file's own sync lock, where a real
+            // failure is met.
+            FaultPoint::DataSync => self.data.inject_sync_faults(errno),
+        }
     }
 
     /// Takes this target out of service for good (until it is opened
@@ -1670,19 +1684,19 @@ impl ChunkEngine {
     pub fn fail(&self, reason: String) {
         if self.failed.set(reason).is_ok() {
             tracing::error!(dir = %self.dir.display(), reason = %self.failed.get().expect("set"), "chunk engine out of service");
-            if let Some(hook) = self.failure_hook.get() {
+            if let Some(hook) = &*self.failure_hook.lock() {
                 hook(self.failed.get().expect("set"));
             }
         }
     }
 
-    /// Registers what to call, with the reason, when this target leaves
-    /// service (at most one hook; `false` if one was set already). Called
-    /// from the thread that failed it, so it must not block. A target that
-    /// failed before the call does not run it: check
-    /// [`ChunkEngine::failure`] after.
-    pub fn on_failure(&self, hook: impl Fn(&str) + Send + Sync + 'static) -> bool {
-        self.failure_hook.set(Box::new(hook)).is_ok()
+    /// Sets what to call, with the reason, when this target leaves service
+    /// (in place of any earlier hook: the service that serves the target
+    /// now). Called from the thread that failed it, so it must not block
+    /// nor call into the engine. A target that failed before the call does
+    /// not run it: check [`ChunkEngine::failure`] after.
+    pub fn on_failure(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        *self.failure_hook.lock() = Some(Box::new(hook));
     }
 
     /// Why this target left service, if it did (see [`ChunkEngine::fail`]).

@@ -19,6 +19,9 @@
 //! the first write) the file falls back to buffered writes for good and
 //! says so once in the log. Either way `fdatasync` stays the durability
 //! point: it flushes the device cache and the metadata of a grown file.
+//! A failed `fdatasync` is final: the writes it covered may be lost, and a
+//! later one would succeed without saying so (the kernel reports a
+//! writeback error once), so every later sync fails too.
 //!
 //! Must not know about chunks, versions or slots' owners: it moves bytes
 //! at offsets the chunk engine chooses.
@@ -28,7 +31,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 use aligned_vec::{AVec, ConstAlign};
 use parking_lot::Mutex;
@@ -102,7 +105,11 @@ struct GroupSync {
     written: AtomicU64,
     /// Every write up to this count is durable.
     synced: AtomicU64,
-    lock: Mutex<()>,
+    /// Held while syncing; holds why a sync failed, if one did (then every
+    /// later sync fails).
+    lock: Mutex<Option<String>>,
+    /// See [`DataFile::inject_sync_faults`]: the errno, 0 for none.
+    fault: AtomicI32,
 }
 
 impl DataFile {
@@ -132,7 +139,8 @@ impl DataFile {
             sync: GroupSync {
                 written: AtomicU64::new(0),
                 synced: AtomicU64::new(0),
-                lock: Mutex::new(()),
+                lock: Mutex::new(None),
+                fault: AtomicI32::new(0),
             },
         })
     }
@@ -227,17 +235,38 @@ impl DataFile {
     }
 
     /// Makes every write that finished before this call durable, sharing one
-    /// `fdatasync` with the callers waiting at the same time.
+    /// `fdatasync` with the callers waiting at the same time. Fails for
+    /// good once one `fdatasync` failed (see the module docs).
     pub fn sync_data(&self) -> io::Result<()> {
         let mine = self.sync.written.load(Ordering::SeqCst);
-        let _guard = self.sync.lock.lock();
+        let mut failed = self.sync.lock.lock();
+        if let Some(why) = &*failed {
+            return Err(io::Error::other(format!(
+                "an earlier fdatasync of {} failed ({why}): writes it covered may be lost",
+                self.path.display()
+            )));
+        }
         if self.sync.synced.load(Ordering::SeqCst) >= mine {
             return Ok(());
         }
         let upto = self.sync.written.load(Ordering::SeqCst);
-        self.buffered.sync_data()?;
+        let synced = match self.sync.fault.load(Ordering::Relaxed) {
+            0 => self.buffered.sync_data(),
+            errno => Err(io::Error::from_raw_os_error(errno)),
+        };
+        if let Err(e) = synced {
+            *failed = Some(e.to_string());
+            return Err(e);
+        }
         self.sync.synced.fetch_max(upto, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// For fault tests: while `errno` is set, `fdatasync` fails with it (a
+    /// relaxed load per sync when unused). A failure stays, as a real one
+    /// does.
+    pub fn inject_sync_faults(&self, errno: Option<i32>) {
+        self.sync.fault.store(errno.unwrap_or(0), Ordering::Relaxed);
     }
 }
 
@@ -351,6 +380,26 @@ mod tests {
             len == expected || (!file.writes_direct() && len == expected - 4091),
             "file length {len}"
         );
+    }
+
+    #[test]
+    fn a_failed_sync_fails_every_later_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = DataFile::open(&dir.path().join("blocks")).unwrap();
+        file.write_at(&[1u8; 4096], 0).unwrap();
+        file.sync_data().unwrap();
+        file.write_at(&[2u8; 4096], 4096).unwrap();
+        file.inject_sync_faults(Some(libc::EIO));
+        let first = file.sync_data().unwrap_err();
+        assert_eq!(first.raw_os_error(), Some(libc::EIO));
+        file.inject_sync_faults(None);
+        // Another writer's write, and one with nothing new: neither may
+        // hear that its bytes are durable.
+        file.write_at(&[3u8; 4096], 8192).unwrap();
+        for _ in 0..2 {
+            let later = file.sync_data().unwrap_err().to_string();
+            assert!(later.contains("an earlier fdatasync"), "{later}");
+        }
     }
 
     #[test]

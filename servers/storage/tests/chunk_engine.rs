@@ -2042,11 +2042,11 @@ fn a_failed_data_sync_takes_the_target_out_of_service() {
     let engine = open(dir.path());
     let hooked = std::sync::Arc::new(AtomicUsize::new(0));
     let counter = hooked.clone();
-    assert!(engine.on_failure(move |reason| {
+    engine.on_failure(|_| panic!("replaced"));
+    engine.on_failure(move |reason| {
         assert!(reason.contains("fdatasync"), "{reason}");
         counter.fetch_add(1, Ordering::SeqCst);
-    }));
-    assert!(!engine.on_failure(|_| {}), "one hook");
+    });
     let write = |data: &'static [u8]| ChunkUpdate::Write {
         offset: 0,
         data,
@@ -2072,4 +2072,45 @@ fn a_failed_data_sync_takes_the_target_out_of_service() {
     let meta = engine.meta(cid(0)).unwrap().unwrap();
     assert!(!meta.is_dirty() && meta.commit_ver == 1, "{meta:?}");
     assert_eq!(engine.read(cid(0), 0, 3).unwrap().0, b"one");
+}
+
+/// A metadata write that fails (here: another process filled the disk)
+/// leaves the store refusing every later write, so the target leaves
+/// service at once, and the node can report it; a reopen, with room again,
+/// finds everything committed before.
+#[test]
+fn a_failed_metadata_write_takes_the_target_out_of_service() {
+    let guard = match common::mount_tmpfs("16m") {
+        Ok(guard) => guard,
+        Err(reason) => {
+            println!("skipped: cannot mount tmpfs ({reason})");
+            return;
+        }
+    };
+    let dir = guard.dir.path().join("t");
+    let engine = ChunkEngine::open(&dir, CHUNK_SIZE).expect("open");
+    write_commit(&engine, cid(0), 1, 0, b"kept");
+    let filler = guard.dir.path().join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    while file.write_all(&[0xaa; 4096]).is_ok() {}
+    // Chunks without blocks: each a metadata write only.
+    let failed = (1..100_000)
+        .map(|i| {
+            engine
+                .write_pending(cid(i), 1, 1, 0, b"", CHUNK_SIZE)
+                .and_then(|_| engine.commit(cid(i), 1))
+        })
+        .find_map(Result::err)
+        .expect("the metadata store must meet the full disk");
+    assert_eq!(error_name(&failed), "NoSpace", "{failed:?}");
+    let reason = engine.failure().expect("out of service").to_string();
+    assert!(reason.contains("metadata store"), "{reason}");
+    drop(file);
+    std::fs::remove_file(&filler).unwrap();
+    let refused = engine.write_pending(cid(0), 2, 1, 0, b"new", CHUNK_SIZE);
+    assert_eq!(error_name(&refused.unwrap_err()), "Failed");
+    drop(engine);
+    let engine = ChunkEngine::open(&dir, CHUNK_SIZE).expect("reopen");
+    assert_eq!(engine.read(cid(0), 0, 10).unwrap().0, b"kept");
+    write_commit(&engine, cid(0), 2, 0, b"KEPT");
 }
