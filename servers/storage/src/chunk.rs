@@ -1564,7 +1564,8 @@ impl ChunkEngine {
     /// retry rules and results of the `*_pending` calls (`Ok(None)`: the
     /// chunk is absent and stays so). `prepared`, if given, is called once
     /// every check has passed and the version's slots are taken, before
-    /// anything is written, and on every success: from that call on, the
+    /// anything is written, and on every success but a retry of the version
+    /// committed here (nothing to pass on then): from that call on, the
     /// stage can fail only as the disk does (a block write, an fsync, the
     /// metadata commit), never as a refusal of the version. A chain member
     /// forwards the version at that point, so its own disk work overlaps its
@@ -1617,9 +1618,15 @@ impl ChunkEngine {
                 sent_crc,
                 &mut prepared,
             )
-            .and_then(|staged| {
-                prepared.call();
-                self.store_pending(id, staged).map(Some)
+            .and_then(|staged| match staged {
+                // A retry of the committed version: nothing goes on.
+                Staged::Existing(record) if record.meta.commit_ver >= update_ver => {
+                    Ok(Some(record.meta))
+                }
+                staged => {
+                    prepared.call();
+                    self.store_pending(id, staged).map(Some)
+                }
             });
         if let (Err(e), true) = (&staged, prepared.called) {
             // Successors may commit this version; this copy lacks it. Out

@@ -160,9 +160,10 @@ struct Inner {
     notice_rpc: RpcClient,
     locks: ChunkLocks,
     dedup: Mutex<Dedup>,
-    /// The client request behind each pending version on this node, so the
-    /// request is remembered as done when the version is re-driven.
-    origins: Mutex<HashMap<ChunkAddr, Origin>>,
+    /// The client request behind each pending version on this node (with
+    /// that version), so the request is remembered as done when the
+    /// version is re-driven.
+    origins: Mutex<HashMap<ChunkAddr, (u64, Origin)>>,
     /// SYNCING targets whose copy a predecessor declared complete, with the
     /// chain version it was complete at.
     synced: Mutex<HashMap<TargetId, u64>>,
@@ -802,13 +803,10 @@ impl StorageService {
                 ))
             }
         };
-        let origin = self
-            .inner
-            .origins
-            .lock()
-            .get(&addr)
-            .copied()
-            .unwrap_or_default();
+        let origin = match self.inner.origins.lock().get(&addr) {
+            Some(&(version, origin)) if version == meta.update_ver => origin,
+            _ => Origin::default(),
+        };
         tracing::info!(
             ?addr,
             update_ver = meta.update_ver,
@@ -1004,7 +1002,7 @@ impl StorageService {
         let upstream = from == Origination::Forwarded;
         assert!(update_ver > 0, "versions start at 1: {req:?}");
         let origin = origin_of(&req);
-        self.inner.origins.lock().insert(addr, origin);
+        self.note_origin(addr, update_ver, origin);
         let successor = chain.targets[pos + 1..]
             .iter()
             .find(|t| matches!(t.state, PublicState::Serving | PublicState::Syncing))
@@ -1049,9 +1047,34 @@ impl StorageService {
             );
         }
         let version = chunk_version(meta.as_ref());
-        self.inner.origins.lock().remove(&addr);
+        self.forget_origin(addr, update_ver);
         self.remember(origin, addr, version);
         Ok(version)
+    }
+
+    /// Notes that `origin`'s request made version `update_ver` of `addr`,
+    /// unless a newer version is noted (a late try of an older one must not
+    /// take the pending version's request from it).
+    fn note_origin(&self, addr: ChunkAddr, update_ver: u64, origin: Origin) {
+        let mut origins = self.inner.origins.lock();
+        match origins.get(&addr) {
+            Some(&(noted, _)) if noted > update_ver => {}
+            _ => {
+                origins.insert(addr, (update_ver, origin));
+            }
+        }
+    }
+
+    /// Forgets the origin of version `update_ver` of `addr`, once it is
+    /// committed here (not a newer version's).
+    fn forget_origin(&self, addr: ChunkAddr, update_ver: u64) {
+        let mut origins = self.inner.origins.lock();
+        if origins
+            .get(&addr)
+            .is_some_and(|&(noted, _)| noted == update_ver)
+        {
+            origins.remove(&addr);
+        }
     }
 
     /// Commits `req`'s version here, once the rest of the chain has. A
@@ -1134,12 +1157,18 @@ impl StorageService {
             )
         });
         if prepared_rx.await.is_err() {
-            // Refused (or failed) before it was prepared: nothing went on.
-            let refused = joined(local).await;
-            assert!(refused.is_err(), "a stage that succeeds is prepared first");
-            return refused
-                .map(|_| Ok(()))
-                .map_err(|e| storage_error(e, addr, me));
+            // Not prepared: refused (or failed), or committed here already.
+            // Either way nothing went on.
+            return match joined(local).await {
+                Ok(held) => {
+                    assert!(
+                        committed_here(held.as_ref(), req.update_ver),
+                        "a stage that succeeds is prepared first unless it is committed: {held:?}"
+                    );
+                    Ok(Ok(()))
+                }
+                Err(e) => Err(storage_error(e, addr, me)),
+            };
         }
         // A pass of this member's own: its notice then vouches for this
         // forward only, never for a later one of the same version here
@@ -1242,6 +1271,11 @@ impl StorageService {
         })
         .await
         .map_err(|e| storage_error(e, addr, me))?;
+        if committed_here(held.as_ref(), update_ver) {
+            // A late try: the successor committed it before this member did
+            // (a SYNCING one may hold a newer version by now).
+            return Ok(Ok(()));
+        }
         // The SYNCING target commits it at once.
         if upstream && needs_notice(held.as_ref(), update_ver) {
             self.await_stored(chain_id, req).await?;
@@ -1911,6 +1945,13 @@ fn stage(
 /// with nothing to commit.
 fn needs_notice(held: Option<&ChunkMeta>, update_ver: u64) -> bool {
     held.is_some_and(|m| m.commit_ver < update_ver)
+}
+
+/// Whether a member holding `held` after staging `update_ver` has that
+/// version committed already (a late try of it): every member after it
+/// committed it before, so it goes no further.
+fn committed_here(held: Option<&ChunkMeta>, update_ver: u64) -> bool {
+    held.is_some_and(|m| m.commit_ver >= update_ver)
 }
 
 /// Stages and commits `req` on `engine` in one metadata commit; `None` when

@@ -1986,6 +1986,10 @@ fn apply_pending_is_prepared_only_past_every_refusal() {
         assert_eq!(calls, 0, "{what}");
     }
     engine.commit(cid(0), 1).unwrap();
+    // A retry of the committed version succeeds and is not prepared:
+    // nothing goes on from here.
+    let (meta, calls) = apply(1, 2, ok(b"one"));
+    assert_eq!((meta.unwrap().unwrap().commit_ver, calls), (1, 0));
     // Zeroing a missing chunk keeps it missing: a success, prepared.
     let mut calls = 0;
     let zero = ChunkUpdate::Zero { offset: 0, len: 3 };

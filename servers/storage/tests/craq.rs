@@ -1702,6 +1702,8 @@ async fn a_late_try_of_a_committed_version_is_answered_while_a_newer_one_is_pend
             let req = UpdateRequest {
                 addr,
                 pass,
+                client: 1,
+                request: 100 + pass,
                 ..f.forwarded(
                     target_of(node),
                     ver,
@@ -1764,6 +1766,63 @@ async fn a_late_try_of_a_committed_version_is_answered_while_a_newer_one_is_pend
             );
         }
     }
+    // The late try left version 2's request to it: when the middle becomes
+    // head and that request is retried, version 2 is re-driven and the
+    // retry answered by it, not applied again as version 3.
+    use PublicState::{Offline, Serving};
+    f.set_states(2, &[Offline, Serving, Serving]);
+    let retried = f.write_req(1, 2, 1, 0, b"two", 102).await.unwrap();
+    assert_eq!(retried.commit_ver, 2);
+    for n in 1..3 {
+        let meta = f.nodes[n].engine.meta(id(1)).unwrap().unwrap();
+        assert_eq!((meta.commit_ver, meta.update_ver), (2, 2), "node {n}");
+    }
+}
+
+/// A late try of a version a member has committed goes no further: its
+/// successor committed it before, and a SYNCING successor may hold a newer
+/// version by now, which a whole copy of the old one would roll back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_try_never_rolls_a_syncing_successor_back() {
+    use PublicState::{Serving, Syncing};
+    let f = Fixture::start().await;
+    f.set_states(2, &[Serving, Serving, Syncing]);
+    f.write_to(0, 2, 0, 0, b"one").await.unwrap();
+    // Version 2 reached the SYNCING tail, whose answer the middle never
+    // got: pending there, committed at the tail.
+    f.nodes[1]
+        .engine
+        .write_pending(id(0), 2, 2, 0, b"two", CHUNK)
+        .unwrap();
+    f.nodes[2]
+        .engine
+        .write_pending(id(0), 2, 2, 0, b"two", CHUNK)
+        .unwrap();
+    f.nodes[2].engine.commit(id(0), 2).unwrap();
+    let late = UpdateRequest {
+        pass: 7,
+        ..f.forwarded(
+            target_of(1),
+            1,
+            UpdateOp::Write { offset: 0 },
+            crc32c::crc32c(b"one"),
+        )
+    };
+    let (answer, _) = f
+        .rpc
+        .call_with_payload::<Update>(
+            f.nodes[1].addr,
+            &late,
+            Bytes::from_static(b"one"),
+            Fixture::opts(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer.unwrap().commit_ver, 1);
+    let tail = f.nodes[2].engine.meta(id(0)).unwrap().unwrap();
+    assert_eq!(tail.commit_ver, 2, "not rolled back: {tail:?}");
+    let bytes = f.nodes[2].engine.read(id(0), 0, 3).unwrap().0;
+    assert_eq!(bytes, b"two");
 }
 
 /// A notice whose forward never arrives is kept for 40 s (every try of
