@@ -302,6 +302,12 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
             pairs.push(direct, chain, direct / 3.0);
         }
         let relayed = runtime.block_on(relayed(&relay, &data, blocks, d))?;
+        let rounds = relay_runs.chain.len() as u64 + 1;
+        anyhow::ensure!(
+            relay.passed() == [rounds * blocks; 3],
+            "every relay server passes every block on: {:?}",
+            relay.passed()
+        );
         let direct = *write.direct.last().expect("just measured");
         relay_runs.push(direct, relayed, direct / 3.0);
         // The same disk with the chain's durability (a sync per block),
