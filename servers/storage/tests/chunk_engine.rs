@@ -2029,10 +2029,17 @@ fn apply_pending_is_prepared_only_past_every_refusal() {
     }
     // What it holds is the committed version 1, as a reopen shows.
     drop(engine);
-    let engine = open(dir.path());
-    let meta = engine.meta(cid(0)).unwrap().unwrap();
-    assert!(!meta.is_dirty() && meta.commit_ver == 1, "{meta:?}");
-    assert_eq!(engine.read(cid(0), 0, 3).unwrap().0, b"one");
+    reopens_with_only_committed(dir.path(), cid(0), 1, b"one");
+}
+
+/// After a reopen of `dir`, `id` holds version `ver` committed, with
+/// nothing pending, and reads `bytes`.
+fn reopens_with_only_committed(dir: &Path, id: ChunkId, ver: u64, bytes: &[u8]) {
+    let engine = open(dir);
+    let meta = engine.meta(id).unwrap().unwrap();
+    assert!(!meta.is_dirty() && meta.commit_ver == ver, "{meta:?}");
+    let len = bytes.len() as u32;
+    assert_eq!(engine.read(id, 0, len).unwrap().0, bytes);
 }
 
 /// A failed `fdatasync` of the data file takes the target out of service:
@@ -2072,10 +2079,7 @@ fn a_failed_data_sync_takes_the_target_out_of_service() {
     engine.fail("again".into());
     assert_eq!(hooked.load(Ordering::SeqCst), 1, "the hook runs once");
     drop(engine);
-    let engine = open(dir.path());
-    let meta = engine.meta(cid(0)).unwrap().unwrap();
-    assert!(!meta.is_dirty() && meta.commit_ver == 1, "{meta:?}");
-    assert_eq!(engine.read(cid(0), 0, 3).unwrap().0, b"one");
+    reopens_with_only_committed(dir.path(), cid(0), 1, b"one");
 }
 
 /// A metadata write that fails (here: another process filled the disk)
