@@ -695,6 +695,8 @@ pub struct ChunkEngine {
     /// See [`ChunkEngine::inject_faults`]: the errno for
     /// [`FaultPoint::BlockWrite`], 0 for none.
     block_write_fault: AtomicI32,
+    /// The errno for [`FaultPoint::UnsyncedCommit`], 0 for none.
+    unsynced_commit_fault: AtomicI32,
     /// Why this target left service (see [`ChunkEngine::fail`]).
     failed: OnceLock<String>,
     /// Called once when the target leaves service (see
@@ -712,6 +714,9 @@ pub enum FaultPoint {
     BlockWrite,
     /// The data file's `fdatasync`.
     DataSync,
+    /// The metadata write of [`ChunkEngine::commit_unsynced`] (a chain
+    /// member's commit once its successor committed).
+    UnsyncedCommit,
 }
 
 impl fmt::Debug for ChunkEngine {
@@ -769,6 +774,7 @@ impl ChunkEngine {
             }),
             kv_in_doubt: AtomicBool::new(false),
             block_write_fault: AtomicI32::new(0),
+            unsynced_commit_fault: AtomicI32::new(0),
             failed: OnceLock::new(),
             failure_hook: Mutex::new(None),
         };
@@ -947,11 +953,18 @@ impl ChunkEngine {
         // Records are written only under their chunk's lock and read without
         // conflict ranges, so this write never conflicts: one attempt.
         let mut txn = self.kv.begin_unsynced();
-        let committed = match &value {
-            Some(v) => txn.set(&key, v),
-            None => txn.clear(&key),
-        }
-        .and_then(|()| txn.commit());
+        let committed = match self.unsynced_commit_fault.load(Ordering::Relaxed) {
+            0 => match &value {
+                Some(v) => txn.set(&key, v),
+                None => txn.clear(&key),
+            }
+            .and_then(|()| txn.commit()),
+            // As the store reports a failed journal write.
+            errno => Err(KvError::Engine(format!(
+                "write batch (injected): {}",
+                io::Error::from_raw_os_error(errno)
+            ))),
+        };
         if let Err(e) = committed {
             // See `load`: the batch may be visible without being durable.
             self.kv_in_doubt.store(true, Ordering::Release);
@@ -1682,6 +1695,10 @@ impl ChunkEngine {
             // Injected under the data file's own sync lock, where a real
             // failure is met.
             FaultPoint::DataSync => self.data.inject_sync_faults(errno),
+            FaultPoint::UnsyncedCommit => {
+                self.unsynced_commit_fault
+                    .store(errno.unwrap_or(0), Ordering::Relaxed);
+            }
         }
     }
 

@@ -69,9 +69,10 @@
 //! A replica whose blocks of a chunk fail their checksum answers the read
 //! with `Checksum` (the client reads another replica) and mends its copy
 //! behind it: it reads the same committed version from another SERVING
-//! replica and replaces its blocks, under the chunk's lock, only with bytes
-//! matching the length and CRC its intact record holds, and only if nothing
-//! is pending there. A chunk with a pending version, or that no peer holds
+//! replica and replaces its blocks only with bytes matching the length and
+//! CRC its intact record holds, only if nothing is pending there, and only
+//! while the record is still the one it read (no chunk lock is held while
+//! the peer answers). A chunk with a pending version, or that no peer holds
 //! at the same version, stays damaged and is logged; resync replaces it
 //! once mgmtd has taken the target out of its chain.
 //!
@@ -142,6 +143,8 @@ use crate::chunk_locks::{ChunkGuard, ChunkLocks};
 pub const DEDUP_ENTRIES_MAX: usize = 65_536;
 /// Deadline of one forwarded update or sync call.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of one try to read a peer's copy of a damaged chunk.
+const REPAIR_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The CRAQ service of one storage node. Cheap to clone.
 #[derive(Clone)]
@@ -1002,7 +1005,6 @@ impl StorageService {
         let upstream = from == Origination::Forwarded;
         assert!(update_ver > 0, "versions start at 1: {req:?}");
         let origin = origin_of(&req);
-        self.note_origin(addr, update_ver, origin);
         let successor = chain.targets[pos + 1..]
             .iter()
             .find(|t| matches!(t.state, PublicState::Serving | PublicState::Syncing))
@@ -1013,9 +1015,13 @@ impl StorageService {
             None if upstream => {
                 let held = self.stage_here(me, &req, data).await?;
                 if needs_notice(held.as_ref(), update_ver) {
+                    self.note_origin(addr, update_ver, origin);
                     self.await_stored(chain.id, &req).await?;
                 }
-                let meta = self.commit_here(me, &req).await?;
+                let meta = self
+                    .commit_here(me, &req)
+                    .await
+                    .map_err(|e| commit_in_doubt(e, me, &req))?;
                 self.forget_notice(&req);
                 meta
             }
@@ -1027,7 +1033,10 @@ impl StorageService {
                     .await?;
                 let redrive = from == Origination::Redrive;
                 self.after_forward(me, addr, sent, redrive).await?;
-                let meta = self.commit_here(me, &req).await?;
+                let meta = self
+                    .commit_here(me, &req)
+                    .await
+                    .map_err(|e| commit_in_doubt(e, me, &req))?;
                 if upstream {
                     self.forget_notice(&req);
                 }
@@ -1053,12 +1062,15 @@ impl StorageService {
     }
 
     /// Notes that `origin`'s request made version `update_ver` of `addr`,
-    /// unless a newer version is noted (a late try of an older one must not
-    /// take the pending version's request from it).
+    /// once this member holds that version from it (a try it refused must
+    /// leave the note alone): unless a newer version is noted (a late try
+    /// of an older one must not take the pending version's request from
+    /// it), and never the unknown origin of a re-drive over a known one.
     fn note_origin(&self, addr: ChunkAddr, update_ver: u64, origin: Origin) {
         let mut origins = self.inner.origins.lock();
         match origins.get(&addr) {
             Some(&(noted, _)) if noted > update_ver => {}
+            Some(&(noted, _)) if noted == update_ver && origin == Origin::default() => {}
             _ => {
                 origins.insert(addr, (update_ver, origin));
             }
@@ -1170,6 +1182,8 @@ impl StorageService {
                 Err(e) => Err(storage_error(e, addr, me)),
             };
         }
+        // Held here from this request from now on (see `note_origin`).
+        self.note_origin(addr, req.update_ver, origin_of(req));
         // A pass of this member's own: its notice then vouches for this
         // forward only, never for a later one of the same version here
         // (say after a `NoSpace` refusal dropped this member's copy).
@@ -1275,6 +1289,9 @@ impl StorageService {
             // A late try: the successor committed it before this member did
             // (a SYNCING one may hold a newer version by now).
             return Ok(Ok(()));
+        }
+        if held.is_some() {
+            self.note_origin(addr, update_ver, origin_of(req));
         }
         // The SYNCING target commits it at once.
         if upstream && needs_notice(held.as_ref(), update_ver) {
@@ -1390,24 +1407,26 @@ impl StorageService {
     }
 
     /// Mends this target's damaged copy of `addr` in the background (see
-    /// [`StorageService::repair_locked`]); at most one repair per chunk at a
+    /// [`StorageService::repair`]); at most one repair per chunk at a
     /// time.
     fn spawn_repair(&self, routing: Arc<RoutingInfo>, chain: Chain, me: TargetId, addr: ChunkAddr) {
         if !self.inner.repairs.lock().insert(addr) {
             return;
         }
-        let s = self.clone();
-        tokio::spawn(async move {
-            /// Forgets the repair however the task ends.
-            struct Done<'a>(&'a StorageService, ChunkAddr);
-            impl Drop for Done<'_> {
-                fn drop(&mut self) {
-                    self.0.inner.repairs.lock().remove(&self.1);
-                }
+        /// Forgets the repair however its task ends (or if it never runs).
+        struct Done(StorageService, ChunkAddr);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.inner.repairs.lock().remove(&self.1);
             }
-            let _done = Done(&s, addr);
-            let _guard = s.lock_chunk(addr).await;
-            s.repair_locked(&routing, &chain, me, addr).await;
+        }
+        let done = Done(self.clone(), addr);
+        // Without the chunk's lock: a peer that is slow to answer must not
+        // hold up the chunk's updates, and `repair_committed` installs only
+        // over the very record this repair saw.
+        tokio::spawn(async move {
+            let s = &done.0;
+            s.repair(&routing, &chain, me, addr).await;
         });
     }
 
@@ -1416,9 +1435,10 @@ impl StorageService {
     /// replica of `chain`. Only a chunk with nothing pending here, and only
     /// bytes matching the length and CRC its record holds (the record is
     /// intact; its blocks are not). Whether it was repaired; every outcome
-    /// is logged. The caller holds the chunk's lock, so no update of it
-    /// runs meanwhile.
-    async fn repair_locked(
+    /// is logged. Safe with or without the chunk's lock held: the bytes
+    /// replace the blocks only while the record is still the one this
+    /// repair read (see `ChunkEngine::repair_committed`).
+    async fn repair(
         &self,
         routing: &RoutingInfo,
         chain: &Chain,
@@ -1453,7 +1473,14 @@ impl StorageService {
             .filter(|t| t.target != me && t.state == PublicState::Serving);
         for peer in peers {
             let (resp, data) = match self
-                .call::<Read, _>(routing, chain.id, peer.target, &read, Bytes::new())
+                .call_with::<Read, _>(
+                    routing,
+                    chain.id,
+                    peer.target,
+                    &read,
+                    Bytes::new(),
+                    REPAIR_READ_TIMEOUT,
+                )
                 .await
             {
                 Ok(answer) => answer,
@@ -1808,7 +1835,7 @@ impl StorageService {
                 Err(ChunkError::Corrupt { .. }) => {
                     // Never sent as it is, and never skipped: the SYNCING
                     // target would serve an older copy, or none.
-                    if !self.repair_locked(&routing, &chain, me.target, addr).await {
+                    if !self.repair(&routing, &chain, me.target, addr).await {
                         damaged.push(addr);
                         continue;
                     }
@@ -1945,6 +1972,23 @@ fn stage(
 /// with nothing to commit.
 fn needs_notice(held: Option<&ChunkMeta>, update_ver: u64) -> bool {
     held.is_some_and(|m| m.commit_ver < update_ver)
+}
+
+/// A commit that failed after the version went on (every successor
+/// committed it; at the tail, every member stored it) is in doubt, never a
+/// refusal: a `NoSpace` answer would make the predecessors drop a version
+/// their successors hold.
+fn commit_in_doubt(e: StorageError, me: TargetId, req: &UpdateRequest) -> StorageError {
+    match e {
+        StorageError::NoSpace { .. } => StorageError::Io {
+            target: me,
+            reason: format!(
+                "no space to commit {:?} version {} after the chain took it",
+                req.addr, req.update_ver
+            ),
+        },
+        other => other,
+    }
 }
 
 /// Whether a member holding `held` after staging `update_ver` has that

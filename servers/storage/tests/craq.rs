@@ -1757,6 +1757,10 @@ async fn a_late_try_of_a_committed_version_is_answered_while_a_newer_one_is_pend
             }),
             "node {node}"
         );
+        // A try of version 2 with other bytes (another request's, delayed)
+        // is refused, and must not take version 2's request either.
+        let other = update(2, 4, b"TWO").await.unwrap();
+        assert!(other.is_err(), "node {node}: {other:?}");
         for n in node..3 {
             let meta = f.nodes[n].engine.meta(id(index)).unwrap().unwrap();
             assert_eq!(
@@ -1766,9 +1770,10 @@ async fn a_late_try_of_a_committed_version_is_answered_while_a_newer_one_is_pend
             );
         }
     }
-    // The late try left version 2's request to it: when the middle becomes
-    // head and that request is retried, version 2 is re-driven and the
-    // retry answered by it, not applied again as version 3.
+    // The late and the refused tries left version 2's request to it: when
+    // the middle becomes head and that request is retried, version 2 is
+    // re-driven and the retry answered by it, not applied again as
+    // version 3.
     use PublicState::{Offline, Serving};
     f.set_states(2, &[Offline, Serving, Serving]);
     let retried = f.write_req(1, 2, 1, 0, b"two", 102).await.unwrap();
@@ -1864,4 +1869,28 @@ async fn a_notice_nobody_uses_expires_after_forty_seconds() {
     after(41).await;
     service.stored(notice(5)).unwrap();
     assert_eq!(service.stored_notices_kept(), 1);
+}
+
+/// A member whose commit fails for lack of space after its successor
+/// committed the version answers in doubt, never `NoSpace`: a refusal would
+/// make every member before it drop the version the tail already serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_fails_after_the_successor_committed_is_in_doubt() {
+    let f = Fixture::start().await;
+    f.write_to(0, 1, 0, 0, b"one").await.unwrap();
+    f.nodes[1]
+        .engine
+        .inject_faults(FaultPoint::UnsyncedCommit, Some(libc::ENOSPC));
+    let err = f.write_to(0, 1, 0, 0, b"two").await.unwrap_err();
+    assert!(!matches!(err, StorageError::NoSpace { .. }), "{err}");
+    let tail = f.nodes[2].engine.meta(id(0)).unwrap().unwrap();
+    assert_eq!(tail.commit_ver, 2, "{tail:?}");
+    let head = f.nodes[0].engine.meta(id(0)).unwrap().unwrap();
+    assert_eq!(
+        (head.commit_ver, head.update_ver),
+        (1, 2),
+        "the head keeps it pending, to re-drive"
+    );
+    let reason = f.nodes[1].engine.failure().expect("out of service");
+    assert!(reason.contains("metadata store"), "{reason}");
 }
