@@ -1684,8 +1684,8 @@ impl ChunkEngine {
     }
 
     /// For fault tests: while `errno` is set, every call at `point` fails
-    /// with it, as on a failing (`EIO`) or full (`ENOSPC`) disk; metadata
-    /// and reads are untouched. A relaxed load per call when unused.
+    /// with it, as on a failing (`EIO`) or full (`ENOSPC`) disk; nothing
+    /// else is touched. A relaxed load per call when unused.
     pub fn inject_faults(&self, point: FaultPoint, errno: Option<i32>) {
         match point {
             FaultPoint::BlockWrite => {

@@ -727,7 +727,21 @@ impl StorageService {
         // dropped: a successor may have committed it and serve it. Drive it
         // down the current chain first, then check again whether this very
         // request was that update.
-        let meta = self.recover_pending(&routing, &chain, pos, addr).await?;
+        let meta = match self.recover_pending(&routing, &chain, pos, addr).await {
+            // The version stays pending and may still commit: a refusal
+            // would tell its own client (retrying, or unknown) its write
+            // failed.
+            Err(StorageError::NoSpace { .. }) if self.may_be_pending_from(addr, origin) => {
+                return Err(StorageError::Io {
+                    target: me.target,
+                    reason: format!(
+                        "{addr:?} holds a pending version a successor has no space for; \
+                         it stays pending and is re-driven by the next update"
+                    ),
+                });
+            }
+            other => other?,
+        };
         if let Some(done) = self.done(origin, addr) {
             return Ok(done);
         }
@@ -1077,6 +1091,15 @@ impl StorageService {
         }
     }
 
+    /// Whether the pending version of `addr` may be `origin`'s write: its
+    /// noted origin is that request, or unknown.
+    fn may_be_pending_from(&self, addr: ChunkAddr, origin: Origin) -> bool {
+        match self.inner.origins.lock().get(&addr) {
+            Some(&(_, noted)) => noted == origin || noted == Origin::default(),
+            None => true,
+        }
+    }
+
     /// Forgets the origin of version `update_ver` of `addr`, once it is
     /// committed here (not a newer version's).
     fn forget_origin(&self, addr: ChunkAddr, update_ver: u64) {
@@ -1182,8 +1205,6 @@ impl StorageService {
                 Err(e) => Err(storage_error(e, addr, me)),
             };
         }
-        // Held here from this request from now on (see `note_origin`).
-        self.note_origin(addr, req.update_ver, origin_of(req));
         // A pass of this member's own: its notice then vouches for this
         // forward only, never for a later one of the same version here
         // (say after a `NoSpace` refusal dropped this member's copy).
@@ -1195,6 +1216,12 @@ impl StorageService {
         let forward = self.call::<Update, _>(routing, chain_id, next.target, &forwarded, data);
         let here = async {
             let stored = joined(local).await;
+            if let Ok(Some(held)) = &stored {
+                if held.is_dirty() && held.update_ver == req.update_ver {
+                    // Held here from this request (see `note_origin`).
+                    self.note_origin(addr, req.update_ver, origin_of(req));
+                }
+            }
             let upstream = match (&stored, upstream) {
                 (Ok(held), true) if needs_notice(held.as_ref(), req.update_ver) => {
                     self.await_stored(chain_id, req).await
@@ -1281,7 +1308,8 @@ impl StorageService {
         let (held, whole) = blocking(move || {
             let id = chunk_id(addr);
             let held = stage(&engine, id, &staged, &data, None)?;
-            Ok((held, engine.read_version(id, update_ver)?))
+            // Read apart: a failed read must not hide that it is held now.
+            Ok((held, engine.read_version(id, update_ver)))
         })
         .await
         .map_err(|e| storage_error(e, addr, me))?;
@@ -1293,6 +1321,7 @@ impl StorageService {
         if held.is_some() {
             self.note_origin(addr, update_ver, origin_of(req));
         }
+        let whole = whole.map_err(|e| storage_error(e, addr, me))?;
         // The SYNCING target commits it at once.
         if upstream && needs_notice(held.as_ref(), update_ver) {
             self.await_stored(chain_id, req).await?;
@@ -1512,7 +1541,7 @@ impl StorageService {
                     tracing::info!(
                         ?addr,
                         target = me,
-                        "a damaged chunk changed while it was repaired; the change replaced it"
+                        "a damaged chunk changed while it was repaired (a new version, or removed); not repaired now, a read that meets it again retries"
                     );
                     return false;
                 }

@@ -1352,6 +1352,10 @@ async fn a_re_driven_version_a_successor_has_no_space_for_stays_pending() {
         matches!(read, Err(StorageError::NotCommitted { .. })),
         "{read:?}"
     );
+    // A write meanwhile may be the pending version's own client retrying
+    // (its origin is unknown here): in doubt, never refused for space.
+    let err = f.write_to(0, 3, 0, 0, b"retry?").await.unwrap_err();
+    assert!(matches!(err, StorageError::Io { .. }), "{err}");
     let meta = f.nodes[0].engine.meta(id(0)).unwrap().expect("kept");
     assert!(meta.is_dirty() && meta.update_ver == 1, "{meta:?}");
     // With space back, the next read settles it on both.
