@@ -73,8 +73,9 @@
 //! CRC its intact record holds, only if nothing is pending there, and only
 //! while the record is still the one it read (no chunk lock is held while
 //! the peer answers). A chunk with a pending version, or that no peer holds
-//! at the same version, stays damaged and is logged; resync replaces it
-//! once mgmtd has taken the target out of its chain.
+//! at the same version, stays damaged and is logged at error; where another
+//! replica holds it intact, an operator who moves this target aside gets it
+//! back through resync.
 //!
 //! # Resync
 //! A SYNCING target follows every SERVING target in its chain, so its
