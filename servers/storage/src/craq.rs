@@ -1046,7 +1046,10 @@ impl StorageService {
                 let sent = self
                     .stage_and_forward(routing, chain.id, me, next, &req, data, upstream)
                     .await?;
-                let redrive = from == Origination::Redrive;
+                // A head's re-drive reaches the members after it as a whole
+                // `Replace`, which no client update is: they keep it too.
+                let redrive =
+                    from == Origination::Redrive || (upstream && req.op == UpdateOp::Replace);
                 self.after_forward(me, addr, sent, redrive).await?;
                 let meta = self
                     .commit_here(me, &req)

@@ -1898,3 +1898,44 @@ async fn a_commit_that_fails_after_the_successor_committed_is_in_doubt() {
     let reason = f.nodes[1].engine.failure().expect("out of service");
     assert!(reason.contains("metadata store"), "{reason}");
 }
+
+/// A head's re-drive that the tail has no space for leaves the version
+/// pending at every member it reached, the middle too: it may have been
+/// acknowledged, and only a first forward's `NoSpace` lets a member drop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_drive_the_tail_has_no_space_for_stays_pending_in_the_middle() {
+    let tmpfs = match common::mount_tmpfs("16m") {
+        Ok(guard) => guard,
+        Err(reason) => {
+            println!("skipped: cannot mount tmpfs ({reason})");
+            return;
+        }
+    };
+    let f = Fixture::start_on([None, None, Some(tmpfs.dir.path())]).await;
+    // A write reached the head and the middle only (its forward to the
+    // tail failed): pending on both.
+    let data = vec![6u8; CHUNK as usize];
+    for node in 0..2 {
+        f.nodes[node]
+            .engine
+            .write_pending(id(0), 1, 1, 0, &data, CHUNK)
+            .unwrap();
+    }
+    let filler = common::fill_leaving(tmpfs.dir.path(), 1024 * 1024);
+    let err = f.write_to(0, 1, 0, 0, b"next").await.unwrap_err();
+    assert!(!matches!(err, StorageError::NoSpace { .. }), "{err}");
+    for node in 0..2 {
+        let meta = f.nodes[node].engine.meta(id(0)).unwrap().expect("kept");
+        assert!(
+            meta.is_dirty() && meta.update_ver == 1,
+            "node {node}: {meta:?}"
+        );
+    }
+    // With space back, the next write settles version 1, then applies.
+    std::fs::remove_file(filler).unwrap();
+    let done = f.write_to(0, 1, 0, 0, b"next").await.unwrap();
+    assert_eq!(done.commit_ver, 2);
+    let mut expect = data.clone();
+    expect[..4].copy_from_slice(b"next");
+    f.check_replicas(0, Some(&expect)).await;
+}
