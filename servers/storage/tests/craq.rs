@@ -1875,28 +1875,37 @@ async fn a_notice_nobody_uses_expires_after_forty_seconds() {
     assert_eq!(service.stored_notices_kept(), 1);
 }
 
-/// A member whose commit fails for lack of space after its successor
-/// committed the version answers in doubt, never `NoSpace`: a refusal would
-/// make every member before it drop the version the tail already serves.
+/// A member whose commit fails for lack of space after the version went on
+/// (its successor committed it; at the tail, every member stored it) answers
+/// in doubt, never `NoSpace`: a refusal would make every member before it
+/// drop a version the tail serves or may commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_commit_that_fails_after_the_successor_committed_is_in_doubt() {
-    let f = Fixture::start().await;
-    f.write_to(0, 1, 0, 0, b"one").await.unwrap();
-    f.nodes[1]
-        .engine
-        .inject_faults(FaultPoint::UnsyncedCommit, Some(libc::ENOSPC));
-    let err = f.write_to(0, 1, 0, 0, b"two").await.unwrap_err();
-    assert!(!matches!(err, StorageError::NoSpace { .. }), "{err}");
-    let tail = f.nodes[2].engine.meta(id(0)).unwrap().unwrap();
-    assert_eq!(tail.commit_ver, 2, "{tail:?}");
-    let head = f.nodes[0].engine.meta(id(0)).unwrap().unwrap();
-    assert_eq!(
-        (head.commit_ver, head.update_ver),
-        (1, 2),
-        "the head keeps it pending, to re-drive"
-    );
-    let reason = f.nodes[1].engine.failure().expect("out of service");
-    assert!(reason.contains("metadata store"), "{reason}");
+async fn a_commit_that_fails_after_the_version_went_on_is_in_doubt() {
+    for node in [1, 2] {
+        let f = Fixture::start().await;
+        f.write_to(0, 1, 0, 0, b"one").await.unwrap();
+        f.nodes[node]
+            .engine
+            .inject_faults(FaultPoint::UnsyncedCommit, Some(libc::ENOSPC));
+        let err = f.write_to(0, 1, 0, 0, b"two").await.unwrap_err();
+        assert!(
+            !matches!(err, StorageError::NoSpace { .. }),
+            "node {node}: {err}"
+        );
+        let reason = f.nodes[node].engine.failure().expect("out of service");
+        assert!(reason.contains("metadata store"), "{reason}");
+        for other in (0..3).filter(|&n| n != node) {
+            let meta = f.nodes[other].engine.meta(id(0)).unwrap().unwrap();
+            // Before the failed member: kept pending, to re-drive; after
+            // it: committed.
+            let commit_ver = if other < node { 1 } else { 2 };
+            assert_eq!(
+                (meta.commit_ver, meta.update_ver),
+                (commit_ver, 2),
+                "node {other} when node {node} failed"
+            );
+        }
+    }
 }
 
 /// A head's re-drive that the tail has no space for leaves the version
