@@ -1028,7 +1028,7 @@ impl StorageService {
             // The last member of a forwarded version: it stores it, then
             // commits once every member before it has stored it too.
             None if upstream => {
-                let held = self.stage_here(me, &req, data).await?;
+                let held = self.stage_on_target(me, &req, data, stage_plain).await?;
                 if needs_notice(held.as_ref(), update_ver) {
                     self.note_origin(addr, update_ver, origin);
                     self.await_stored(chain.id, &req).await?;
@@ -1041,7 +1041,12 @@ impl StorageService {
                 meta
             }
             // The head alone: staged and committed in one metadata commit.
-            None => self.stage_committed_here(me, &req, data).await?,
+            // A crash leaves the old committed version or this one, never a
+            // pending copy.
+            None => {
+                self.stage_on_target(me, &req, data, stage_committed)
+                    .await?
+            }
             Some(next) => {
                 let sent = self
                     .stage_and_forward(routing, chain.id, me, next, &req, data, upstream)
@@ -1258,36 +1263,19 @@ impl StorageService {
         Ok(sent.map(drop))
     }
 
-    /// Stages `req` on this node's target as committed at once (the last
-    /// member of the chain): one metadata commit, so a crash leaves the
-    /// old committed version or this one, never a pending copy.
-    async fn stage_committed_here(
+    /// Runs `stage_fn` (`stage` or `stage_committed`) for `req` on this
+    /// node's target, on the blocking pool; what it holds of the chunk then.
+    async fn stage_on_target(
         &self,
         me: TargetId,
         req: &UpdateRequest,
         data: Bytes,
+        stage_fn: StageFn,
     ) -> StorageResult<Option<ChunkMeta>> {
         let engine = self.engine(me).clone();
         let addr = req.addr;
         let staged = req.clone();
-        let meta = blocking(move || stage_committed(&engine, chunk_id(addr), &staged, &data))
-            .await
-            .map_err(|e| storage_error(e, addr, me))?;
-        Ok(meta)
-    }
-
-    /// Stages `req` as the pending version on this node's target; what it
-    /// holds of the chunk then.
-    async fn stage_here(
-        &self,
-        me: TargetId,
-        req: &UpdateRequest,
-        data: Bytes,
-    ) -> StorageResult<Option<ChunkMeta>> {
-        let engine = self.engine(me).clone();
-        let addr = req.addr;
-        let staged = req.clone();
-        blocking(move || stage(&engine, chunk_id(addr), &staged, &data, None))
+        blocking(move || stage_fn(&engine, chunk_id(addr), &staged, &data))
             .await
             .map_err(|e| storage_error(e, addr, me))
     }
@@ -1984,6 +1972,21 @@ fn committed(engine: &ChunkEngine, id: ChunkId) -> Result<Option<(ChunkMeta, Byt
         Err(ChunkError::NotFound { .. }) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// A way to stage an update on a target's engine, for
+/// `StorageService::stage_on_target`.
+type StageFn =
+    fn(&ChunkEngine, ChunkId, &UpdateRequest, &[u8]) -> Result<Option<ChunkMeta>, ChunkError>;
+
+/// [`stage`] with no `prepared` callback.
+fn stage_plain(
+    engine: &ChunkEngine,
+    id: ChunkId,
+    req: &UpdateRequest,
+    data: &[u8],
+) -> Result<Option<ChunkMeta>, ChunkError> {
+    stage(engine, id, req, data, None)
 }
 
 /// Stages `req` as the pending version on `engine`, calling `prepared` as
