@@ -11,7 +11,8 @@
 //! offset size field
 //!      0    4 magic        FRAME_MAGIC (b"R3FS")
 //!      4    2 flags        bit 0 response, bit 1 error (only with bit 0),
-//!                          bit 2 payload CRC in body (only without bit 0)
+//!                          bit 2 payload CRC in body (never with bit 1),
+//!                          bit 3 payload in shared memory (never with bit 1)
 //!      6    2 msg_type     Method::ID
 //!      8    8 request_id
 //!     16    4 body_len
@@ -19,7 +20,7 @@
 //!     24    4 body_crc     CRC32C of the body
 //!     28    4 payload_crc  CRC32C of the payload (0 when empty or when
 //!                          bit 2 is set)
-//!     32      body, then payload
+//!     32      body, then payload (with bit 3: an 8-byte slot reference)
 //! ```
 //!
 //! A request of a method whose body carries the CRC32C of its payload
@@ -38,6 +39,18 @@
 //! server refuses bit 2 on a request of a method without a request payload
 //! CRC.) A caller refuses the bit on an answer of any other method, and an
 //! error response never sets it.
+//!
+//! # Shared payloads
+//! Two processes on one host that agreed on it (the RPC layer's
+//! `ShareRegion` handshake, see `r3fs-net`'s `shared` module) pass a
+//! payload through a slot of the sender's shared-memory region instead of
+//! the byte stream: the frame sets [`FLAG_PAYLOAD_SHARED`], its header
+//! still gives the payload's real length and CRC (0 with bit 2), and the
+//! stream carries a [`SharedRef`] in the payload's place. Whoever reads
+//! such a frame copies the payload out of the slot, frees the slot, and
+//! then checks the payload as for any frame. A decoder with no region
+//! ([`Decoder::decode`] here) refuses the frame; only
+//! [`FrameCodec::decode_head`] hands it on.
 //!
 //! # Limits
 //! A body is at most `FrameLimits::body_bytes_max` (default
@@ -66,6 +79,34 @@ pub const FLAG_ERROR: u16 = 1 << 1;
 /// asks for an answer flagged so, where the method allows (see the module
 /// docs). Never with [`FLAG_ERROR`].
 pub const FLAG_PAYLOAD_CRC_IN_BODY: u16 = 1 << 2;
+/// Flag bit: the payload lies in a slot of the sender's shared-memory
+/// region and the stream carries a [`SharedRef`] in its place. Never with
+/// [`FLAG_ERROR`]; see the module docs.
+pub const FLAG_PAYLOAD_SHARED: u16 = 1 << 3;
+/// Bytes of a [`SharedRef`] on the stream.
+pub const SHARED_REF_BYTES: usize = 8;
+
+/// Where a shared payload lies: a slot of the sender's region, and the
+/// payload's length (equal to the header's `payload_len`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedRef {
+    pub slot: u32,
+    pub len: u32,
+}
+
+impl SharedRef {
+    fn write(&self, dst: &mut BytesMut) {
+        dst.put_u32_le(self.slot);
+        dst.put_u32_le(self.len);
+    }
+
+    fn read(mut src: &[u8]) -> SharedRef {
+        SharedRef {
+            slot: src.get_u32_le(),
+            len: src.get_u32_le(),
+        }
+    }
+}
 
 /// What a frame is, as its flags say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -98,17 +139,18 @@ impl FrameKind {
     }
 }
 
-/// Splits flag bits into the frame's kind and whether its payload CRC is
-/// left to the body ([`FLAG_PAYLOAD_CRC_IN_BODY`], never on an error
-/// response).
-fn parse_flags(flags: u16) -> Result<(FrameKind, bool), FrameError> {
+/// Splits flag bits into the frame's kind, whether its payload CRC is
+/// left to the body ([`FLAG_PAYLOAD_CRC_IN_BODY`]) and whether its payload
+/// is shared ([`FLAG_PAYLOAD_SHARED`]); neither on an error response.
+fn parse_flags(flags: u16) -> Result<(FrameKind, bool, bool), FrameError> {
     let crc_in_body = flags & FLAG_PAYLOAD_CRC_IN_BODY != 0;
-    let kind = FrameKind::from_flags(flags & !FLAG_PAYLOAD_CRC_IN_BODY)
+    let shared = flags & FLAG_PAYLOAD_SHARED != 0;
+    let kind = FrameKind::from_flags(flags & !(FLAG_PAYLOAD_CRC_IN_BODY | FLAG_PAYLOAD_SHARED))
         .map_err(|_| FrameError::UnknownFlags { flags })?;
-    if crc_in_body && kind == FrameKind::ErrorResponse {
+    if (crc_in_body || shared) && kind == FrameKind::ErrorResponse {
         return Err(FrameError::UnknownFlags { flags });
     }
-    Ok((kind, crc_in_body))
+    Ok((kind, crc_in_body, shared))
 }
 
 /// Largest body and payload a codec accepts or emits.
@@ -165,6 +207,8 @@ pub enum FrameError {
         "frame payload crc mismatch: header says {expected:#010x}, payload has {actual:#010x}"
     )]
     PayloadCrcMismatch { expected: u32, actual: u32 },
+    #[error("shared payload refused: {reason}")]
+    SharedPayload { reason: String },
     #[error("stream ended inside a frame ({buffered} bytes buffered)")]
     Truncated { buffered: usize },
     #[error("i/o error: {0}")]
@@ -184,6 +228,9 @@ pub struct Header {
     pub payload_crc: u32,
     /// [`FLAG_PAYLOAD_CRC_IN_BODY`]: `payload_crc` is 0 and not checked here.
     pub payload_crc_in_body: bool,
+    /// [`FLAG_PAYLOAD_SHARED`]: a [`SharedRef`] stands in for the payload
+    /// on the stream.
+    pub payload_shared: bool,
 }
 
 impl Header {
@@ -197,7 +244,7 @@ impl Header {
         if magic != FRAME_MAGIC {
             return Err(FrameError::BadMagic { found: magic });
         }
-        let (kind, payload_crc_in_body) = parse_flags(b.get_u16_le())?;
+        let (kind, payload_crc_in_body, payload_shared) = parse_flags(b.get_u16_le())?;
         let msg_type = b.get_u16_le();
         let request_id = b.get_u64_le();
         let body_len = b.get_u32_le();
@@ -214,6 +261,7 @@ impl Header {
             body_crc,
             payload_crc,
             payload_crc_in_body,
+            payload_shared,
         })
     }
 
@@ -226,7 +274,12 @@ impl Header {
         } else {
             0
         };
-        dst.put_u16_le(self.kind.flags() | crc_flag);
+        let shared_flag = if self.payload_shared {
+            FLAG_PAYLOAD_SHARED
+        } else {
+            0
+        };
+        dst.put_u16_le(self.kind.flags() | crc_flag | shared_flag);
         dst.put_u16_le(self.msg_type);
         dst.put_u64_le(self.request_id);
         dst.put_u32_le(self.body_len);
@@ -235,9 +288,19 @@ impl Header {
         dst.put_u32_le(self.payload_crc);
     }
 
-    /// Bytes of body plus payload following the header.
+    /// Bytes of body plus payload (or its [`SharedRef`]) following the
+    /// header on the stream.
     pub fn rest_len(&self) -> usize {
-        self.body_len as usize + self.payload_len as usize
+        self.body_len as usize + self.stream_payload_len()
+    }
+
+    /// Bytes on the stream for the payload.
+    fn stream_payload_len(&self) -> usize {
+        if self.payload_shared {
+            SHARED_REF_BYTES
+        } else {
+            self.payload_len as usize
+        }
     }
 }
 
@@ -274,6 +337,7 @@ impl Frame {
                 payload_crc(&self.payload)
             },
             payload_crc_in_body: self.payload_crc_in_body,
+            payload_shared: false,
         }
     }
 
@@ -283,6 +347,28 @@ impl Frame {
         dst.reserve(FRAME_HEADER_BYTES + self.body.len());
         self.header().write(dst);
         dst.extend_from_slice(&self.body);
+    }
+
+    /// Writes the whole frame for a payload the sender put in `slot` of its
+    /// shared region: header (the payload's real length and CRC), body,
+    /// then the [`SharedRef`]. Not for an error response.
+    pub fn encode_shared(&self, slot: u32, dst: &mut BytesMut) {
+        assert!(
+            self.kind != FrameKind::ErrorResponse,
+            "an error response carries no shared payload"
+        );
+        let header = Header {
+            payload_shared: true,
+            ..self.header()
+        };
+        dst.reserve(FRAME_HEADER_BYTES + self.body.len() + SHARED_REF_BYTES);
+        header.write(dst);
+        dst.extend_from_slice(&self.body);
+        SharedRef {
+            slot,
+            len: header.payload_len,
+        }
+        .write(dst);
     }
 
     /// Total bytes on the wire.
@@ -310,12 +396,19 @@ pub const LARGE_PAYLOAD_BYTES_MIN: usize = 64 * 1024;
 pub struct FrameHead {
     header: Header,
     body: Bytes,
+    shared: Option<SharedRef>,
 }
 
 impl FrameHead {
     /// Bytes of payload still to come (all of it).
     pub fn payload_len(&self) -> usize {
         self.header.payload_len as usize
+    }
+
+    /// Where the payload lies in the sender's shared region, if it does;
+    /// then none of it comes on the stream.
+    pub fn shared(&self) -> Option<SharedRef> {
+        self.shared
     }
 
     /// The frame, once the caller has all `payload_len()` payload bytes;
@@ -366,13 +459,37 @@ impl FrameCodec {
     /// [`LARGE_PAYLOAD_BYTES_MIN`] bytes that has not fully arrived: once
     /// its header and body are in `src`, removes them (body CRC checked,
     /// limits enforced) and returns them; the payload's first bytes may
-    /// follow in `src`. `None` when the front frame is small, complete, or
-    /// its header or body is still incomplete: use [`Decoder::decode`].
+    /// follow in `src`. For a frame with a shared payload
+    /// ([`FrameHead::shared`]): once all of it arrived, removes it and
+    /// returns it. `None` when the front frame is small, complete, or its
+    /// header or body is still incomplete: use [`Decoder::decode`].
     pub fn decode_head(&mut self, src: &mut BytesMut) -> Result<Option<FrameHead>, FrameError> {
         let Some(header) = self.front_header(src)? else {
             return Ok(None);
         };
         let head_len = FRAME_HEADER_BYTES + header.body_len as usize;
+        if header.payload_shared {
+            if src.len() < head_len + SHARED_REF_BYTES {
+                return Ok(None);
+            }
+            let mut body = src.split_to(head_len).freeze();
+            body.advance(FRAME_HEADER_BYTES);
+            let shared = SharedRef::read(&src.split_to(SHARED_REF_BYTES));
+            check_body(&header, &body)?;
+            if shared.len != header.payload_len {
+                return Err(FrameError::SharedPayload {
+                    reason: format!(
+                        "slot reference names {} bytes, the header {}",
+                        shared.len, header.payload_len
+                    ),
+                });
+            }
+            return Ok(Some(FrameHead {
+                header,
+                body,
+                shared: Some(shared),
+            }));
+        }
         let large = header.payload_len as usize >= LARGE_PAYLOAD_BYTES_MIN;
         let complete = src.len() >= head_len + header.payload_len as usize;
         if !large || complete || src.len() < head_len {
@@ -381,7 +498,11 @@ impl FrameCodec {
         let mut body = src.split_to(head_len).freeze();
         body.advance(FRAME_HEADER_BYTES);
         check_body(&header, &body)?;
-        Ok(Some(FrameHead { header, body }))
+        Ok(Some(FrameHead {
+            header,
+            body,
+            shared: None,
+        }))
     }
 
     /// The parsed header at the front of `src`, once all of it arrived.
@@ -421,12 +542,25 @@ impl Decoder for FrameCodec {
             src.reserve(total - src.len());
             return Ok(None);
         }
+        if header.payload_shared {
+            return Err(FrameError::SharedPayload {
+                reason: "the payload is in the sender's shared memory, \
+                         and this connection maps none"
+                    .to_string(),
+            });
+        }
         let mut rest = src.split_to(total).freeze();
         rest.advance(FRAME_HEADER_BYTES);
         let body = rest.split_to(header.body_len as usize);
         let payload = rest;
         check_body(&header, &body)?;
-        FrameHead { header, body }.finish(payload).map(Some)
+        FrameHead {
+            header,
+            body,
+            shared: None,
+        }
+        .finish(payload)
+        .map(Some)
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
@@ -528,7 +662,15 @@ mod tests {
     #[test]
     fn unknown_flags_rejected() {
         let crc_in_body_on_an_error = FLAG_RESPONSE | FLAG_ERROR | FLAG_PAYLOAD_CRC_IN_BODY;
-        for flags in [FLAG_ERROR, 1 << 3, 0x8001, 0xffff, crc_in_body_on_an_error] {
+        let shared_on_an_error = FLAG_RESPONSE | FLAG_ERROR | FLAG_PAYLOAD_SHARED;
+        for flags in [
+            FLAG_ERROR,
+            1 << 4,
+            0x8001,
+            0xffff,
+            crc_in_body_on_an_error,
+            shared_on_an_error,
+        ] {
             let mut buf = encoded(&frame(b"x", b""));
             buf[4..6].copy_from_slice(&flags.to_le_bytes());
             check(&buf, FrameLimits::default(), "UnknownFlags");
@@ -562,6 +704,52 @@ mod tests {
         let last = buf.len() - 1;
         buf[last] ^= 0x01;
         check(&buf, FrameLimits::default(), "PayloadCrcMismatch");
+    }
+
+    #[test]
+    fn a_shared_payload_travels_as_a_slot_reference() {
+        let mut f = frame(b"body", &[9u8; 100_000]);
+        f.payload_crc_in_body = true;
+        let mut buf = BytesMut::new();
+        f.encode_shared(5, &mut buf);
+        assert_eq!(buf.len(), FRAME_HEADER_BYTES + 4 + SHARED_REF_BYTES);
+        let flags = u16::from_le_bytes([buf[4], buf[5]]);
+        assert_eq!(flags, FLAG_PAYLOAD_CRC_IN_BODY | FLAG_PAYLOAD_SHARED);
+        // The header keeps the real length, checked against the limits.
+        assert_eq!(&buf[20..24], &100_000u32.to_le_bytes());
+        let mut codec = FrameCodec::default();
+        // Nothing until the reference arrived.
+        let mut partial = BytesMut::from(&buf[..buf.len() - 1]);
+        assert!(codec.decode_head(&mut partial).unwrap().is_none());
+        let mut whole = buf.clone();
+        let head = codec.decode_head(&mut whole).unwrap().unwrap();
+        assert!(whole.is_empty());
+        assert_eq!(
+            head.shared(),
+            Some(SharedRef {
+                slot: 5,
+                len: 100_000
+            })
+        );
+        assert_eq!(head.payload_len(), 100_000);
+        let got = head.finish(f.payload.clone()).unwrap();
+        assert_eq!(got, f);
+        // A decoder that maps no region refuses it.
+        check(&buf, FrameLimits::default(), "SharedPayload");
+        // A reference that disagrees with the header is refused.
+        let mut bad = buf.clone();
+        let at = bad.len() - 4;
+        bad[at..].copy_from_slice(&7u32.to_le_bytes());
+        let err = codec.decode_head(&mut bad).unwrap_err();
+        assert!(matches!(err, FrameError::SharedPayload { .. }), "{err}");
+        // The header's CRC still covers the real payload.
+        let mut f = frame(b"body", b"real payload");
+        let mut buf = BytesMut::new();
+        f.encode_shared(0, &mut buf);
+        let head = codec.decode_head(&mut buf).unwrap().unwrap();
+        f.payload = Bytes::from_static(b"other payloa");
+        let err = head.finish(f.payload.clone()).unwrap_err();
+        assert!(matches!(err, FrameError::PayloadCrcMismatch { .. }));
     }
 
     #[test]
