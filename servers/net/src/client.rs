@@ -1,6 +1,11 @@
 //! The RPC client: pooled connections per address, each multiplexing many
 //! calls by request id, with per-attempt timeouts and retries.
 //!
+//! A new connection first offers the server a shared-memory region for
+//! large payloads and asks for one ([`crate::shared`]); a server on another
+//! host, or one that does not know the handshake, refuses, and the
+//! connection carries every payload on the stream.
+//!
 //! Never picks servers; callers pass the address (routing is the client
 //! libraries' job).
 
@@ -14,6 +19,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use r3fs_wire::body;
 use r3fs_wire::frame::{Frame, FrameKind, FrameLimits};
+use r3fs_wire::share::{ConfirmShared, ShareRegion, ShareRequest};
 use r3fs_wire::{ErrorBody, Method};
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
@@ -23,6 +29,7 @@ use tokio::time::Instant;
 use crate::error::RpcError;
 use crate::frame_reader::FrameReader;
 use crate::io::write_frames;
+use crate::shared::{RegionCell, SharedRegion, REGION_SLOTS, SLOT_BYTES};
 use crate::transport::{TcpTransport, Transport};
 
 /// Default connections kept per server address.
@@ -46,6 +53,9 @@ pub struct ClientConfig {
     pub connections_per_addr: usize,
     pub connect_timeout: Duration,
     pub frame_limits: FrameLimits,
+    /// Offer every new connection's server shared-memory payload regions
+    /// (used only where the server is on this host and accepts).
+    pub share_payloads: bool,
 }
 
 impl Default for ClientConfig {
@@ -54,6 +64,7 @@ impl Default for ClientConfig {
             connections_per_addr: CONNECTIONS_PER_ADDR,
             connect_timeout: CONNECT_TIMEOUT,
             frame_limits: FrameLimits::default(),
+            share_payloads: true,
         }
     }
 }
@@ -346,8 +357,116 @@ impl<T: Transport> RpcClient<T> {
             }
         };
         let conn = Conn::start(stream, addr, self.inner.config.frame_limits);
+        if self.inner.config.share_payloads {
+            self.share_regions(&conn, addr).await;
+        }
         *slot.conn.lock() = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// Runs the shared-memory handshake (`r3fs_wire::share`) on a new
+    /// connection before anyone else uses it. Best effort: whatever fails
+    /// leaves that direction on the stream, and says why at debug level.
+    async fn share_regions(&self, conn: &Conn, addr: SocketAddr) {
+        let own = match SharedRegion::create(REGION_SLOTS, SLOT_BYTES) {
+            Ok(own) => own,
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "no shared payload region for this connection");
+                return;
+            }
+        };
+        let request = ShareRequest {
+            offer: own.offer(),
+            wants_answers: true,
+        };
+        let answer = match self.setup_call::<ShareRegion>(conn, addr, &request).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "server shares no payload memory");
+                return;
+            }
+        };
+        match answer.refused {
+            None => {
+                let _ = conn.out_region.set(own);
+            }
+            Some(reason) => {
+                tracing::debug!(%addr, reason, "server refused this connection's payload region");
+            }
+        }
+        let Some(offer) = answer.offer else { return };
+        match SharedRegion::attach(&offer) {
+            Ok(region) => {
+                // Mapped before the server hears so: it shares answers only
+                // after reading the confirmation.
+                let _ = conn.in_region.set(region);
+                match self
+                    .setup_call::<ConfirmShared>(conn, addr, &offer.token)
+                    .await
+                {
+                    Ok(true) => tracing::debug!(%addr, "payloads go through shared memory"),
+                    Ok(false) => tracing::debug!(%addr, "server withdrew its payload region"),
+                    Err(e) => {
+                        tracing::debug!(%addr, error = %e, "confirming the payload region failed")
+                    }
+                }
+            }
+            Err(reason) => {
+                tracing::debug!(%addr, reason, "cannot map the server's payload region");
+            }
+        }
+    }
+
+    /// One call of `M` on `conn` itself, within the connect timeout.
+    async fn setup_call<M: Method>(
+        &self,
+        conn: &Conn,
+        addr: SocketAddr,
+        req: &M::Request,
+    ) -> Result<M::Response, RpcError> {
+        let method = M::NAME;
+        let request_id = self.inner.request_id_next.fetch_add(1, Ordering::Relaxed);
+        let lost = || RpcError::ConnectionLost { method, addr };
+        let answer = conn.shared.register(request_id).ok_or_else(lost)?;
+        let frame = Frame {
+            kind: FrameKind::Request,
+            msg_type: M::ID,
+            request_id,
+            body: body::encode(req),
+            payload: Bytes::new(),
+            payload_crc_in_body: false,
+        };
+        conn.tx.send(frame).await.map_err(|_| lost())?;
+        let timeout = self.inner.config.connect_timeout;
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(frame)) => decode_answer::<M>(addr, frame).map(|(resp, _)| resp),
+            Ok(Err(_)) => Err(lost()),
+            Err(_) => {
+                conn.shared.forget(request_id);
+                Err(RpcError::Timeout {
+                    method,
+                    addr,
+                    after: timeout,
+                })
+            }
+        }
+    }
+
+    /// Payloads this client's live connections moved through shared
+    /// memory, both ways.
+    pub fn shared_payloads(&self) -> u64 {
+        let pools = self.inner.pools.read();
+        let conns = pools.values().flat_map(|pool| {
+            pool.slots
+                .iter()
+                .filter_map(|slot| slot.conn.lock().clone())
+        });
+        conns
+            .map(|conn| {
+                let moved = |cell: &RegionCell| cell.get().map_or(0, SharedRegion::moved);
+                moved(&conn.out_region) + moved(&conn.in_region)
+            })
+            .sum()
     }
 
     fn pool(&self, addr: SocketAddr) -> Arc<Pool> {
@@ -454,6 +573,10 @@ impl Slot {
 struct Conn {
     tx: mpsc::Sender<Frame>,
     shared: Arc<ConnShared>,
+    /// This client's region for request payloads, once the server mapped it.
+    out_region: RegionCell,
+    /// The server's region for answer payloads, once mapped here.
+    in_region: RegionCell,
 }
 
 impl Conn {
@@ -463,6 +586,7 @@ impl Conn {
     {
         let (rd, wr) = tokio::io::split(stream);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_FRAMES_MAX);
+        let (out_region, in_region) = (RegionCell::default(), RegionCell::default());
         let shared = Arc::new(ConnShared {
             addr,
             pending: Mutex::new(Pending {
@@ -473,8 +597,9 @@ impl Conn {
         });
         let writer = {
             let shared = shared.clone();
+            let out_region = out_region.clone();
             tokio::spawn(async move {
-                if let Err(e) = write_frames(wr, rx).await {
+                if let Err(e) = write_frames(wr, rx, out_region).await {
                     tracing::debug!(addr = %shared.addr, error = %e, "rpc connection write failed");
                 }
                 shared.close();
@@ -482,15 +607,21 @@ impl Conn {
         };
         let reader = {
             let shared = shared.clone();
+            let reader = FrameReader::with_region(limits, in_region.clone());
             tokio::spawn(async move {
-                read_answers(rd, FrameReader::new(limits), &shared).await;
+                read_answers(rd, reader, &shared).await;
                 shared.close();
             })
         };
         let _ = shared
             .tasks
             .set([reader.abort_handle(), writer.abort_handle()]);
-        Arc::new(Conn { tx, shared })
+        Arc::new(Conn {
+            tx,
+            shared,
+            out_region,
+            in_region,
+        })
     }
 }
 

@@ -8,6 +8,11 @@
 //! [`PayloadBuf`], and further reads go into that buffer directly until the
 //! payload is complete.
 //!
+//! A frame whose payload the sender put in its shared-memory region
+//! ([`crate::shared`]) is resolved here: the payload is copied out of the
+//! region this connection mapped, into a pooled buffer, before the frame is
+//! returned; a connection that maps no region refuses such a frame.
+//!
 //! [`FrameReader::fill`] is cancel safe (a read that did not complete
 //! consumed nothing), so callers may race it against timers and shutdown.
 
@@ -17,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::codec::Decoder;
 
 use crate::payload::PayloadBuf;
+use crate::shared::RegionCell;
 
 /// Read buffer reserved per read of small frames.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
@@ -28,6 +34,8 @@ pub(crate) struct FrameReader {
     codec: FrameCodec,
     buf: BytesMut,
     large: Option<LargePayload>,
+    /// The peer's region, once the handshake mapped it.
+    region: RegionCell,
 }
 
 /// A frame whose payload is being read into its own buffer.
@@ -38,11 +46,19 @@ struct LargePayload {
 }
 
 impl FrameReader {
+    #[cfg(test)]
     pub(crate) fn new(limits: FrameLimits) -> FrameReader {
+        FrameReader::with_region(limits, RegionCell::default())
+    }
+
+    /// A reader that resolves shared payloads through the region `region`
+    /// holds once it is set.
+    pub(crate) fn with_region(limits: FrameLimits, region: RegionCell) -> FrameReader {
         FrameReader {
             codec: FrameCodec::new(limits),
             buf: BytesMut::with_capacity(READ_BUFFER_BYTES),
             large: None,
+            region,
         }
     }
 
@@ -56,6 +72,18 @@ impl FrameReader {
             return large.head.finish(large.payload.freeze()).map(Some);
         }
         if let Some(head) = self.codec.decode_head(&mut self.buf)? {
+            if let Some(at) = head.shared() {
+                let Some(region) = self.region.get() else {
+                    return Err(FrameError::SharedPayload {
+                        reason: "the peer sent a shared payload before any region was agreed"
+                            .to_string(),
+                    });
+                };
+                let payload = region
+                    .take(at)
+                    .map_err(|reason| FrameError::SharedPayload { reason })?;
+                return head.finish(payload).map(Some);
+            }
             let len = head.payload_len();
             let mut payload = PayloadBuf::with_len(len);
             let arrived = self.buf.split_to(self.buf.len().min(len));

@@ -21,6 +21,13 @@
 //!   connections; each multiplexes calls by request id with one reader and one
 //!   batching writer task. A broken connection fails all its pending calls at
 //!   once and is replaced on the next call.
+//! - Same host: a client opening a connection offers a shared-memory
+//!   region and asks for one ([`shared`], handshake in `r3fs_wire::share`);
+//!   where both ends map each other's, payloads of 64 KiB and more go
+//!   through a region's slots instead of the stream, both ways, with a
+//!   copy on each side and no TCP work per byte. Elsewhere the offer is
+//!   refused and nothing changes (`ClientConfig::share_payloads`,
+//!   `ServerConfig::share_payloads` turn it off).
 //!
 //! # Limits
 //! - Frames: [`FrameLimits`](r3fs_wire::frame::FrameLimits) on both sides.
@@ -37,6 +44,7 @@ mod frame_reader;
 mod io;
 pub mod payload;
 mod server;
+pub mod shared;
 pub mod transport;
 
 pub use client::{

@@ -1,6 +1,9 @@
 //! The RPC server: a [`Router`] of handlers per method, and [`RpcServer`]
 //! accepting connections and running them.
 //!
+//! The server answers the RPC layer's own shared-memory handshake
+//! (`r3fs_wire::share`, [`crate::shared`]) itself, never through the router.
+//!
 //! Never interprets request bodies beyond decoding them as the registered
 //! method's request type.
 
@@ -15,8 +18,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::FutureExt;
+use parking_lot::Mutex;
 use r3fs_wire::body;
 use r3fs_wire::frame::{Frame, FrameKind, FrameLimits};
+use r3fs_wire::share::{
+    ConfirmShared, ShareAnswer, ShareRegion, ShareRequest, CONFIRM_SHARED_ID, SHARE_REGION_ID,
+};
 use r3fs_wire::{ErrorBody, ErrorCode, Method};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -25,6 +32,7 @@ use tokio::time::Instant;
 
 use crate::frame_reader::FrameReader;
 use crate::io::write_frames;
+use crate::shared::{RegionCell, SharedRegion, REGION_SLOTS, SLOT_BYTES};
 use crate::transport::{Listener, TcpTransport, Transport};
 
 /// Default requests running at once per connection; the reader stops
@@ -57,6 +65,9 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     pub in_flight_max: usize,
     pub connections_max: usize,
+    /// Accept clients' offers of shared-memory payload regions (possible
+    /// only for clients on this host, run by the same user).
+    pub share_payloads: bool,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +79,7 @@ impl Default for ServerConfig {
             drain_timeout: DRAIN_TIMEOUT,
             in_flight_max: IN_FLIGHT_MAX,
             connections_max: CONNECTIONS_MAX,
+            share_payloads: true,
         }
     }
 }
@@ -295,13 +307,17 @@ async fn serve_connection<S>(
     let (rd, wr) = tokio::io::split(stream);
     let in_flight_max = shared.config.in_flight_max;
     let (tx, rx) = mpsc::channel(in_flight_max + WRITE_QUEUE_SLACK_FRAMES);
-    let mut writer = AbortOnDrop(tokio::spawn(write_frames(wr, rx)));
+    let out_region = RegionCell::default();
+    let mut writer = AbortOnDrop(tokio::spawn(write_frames(wr, rx, out_region.clone())));
     let mut conn = Connection {
         peer,
         shared,
         tx,
         in_flight: Arc::new(Semaphore::new(in_flight_max)),
         stop,
+        in_region: RegionCell::default(),
+        out_region,
+        offered: Mutex::new(None),
     };
     match conn.read_loop(rd).await {
         ReadEnd::Fatal => {}
@@ -329,13 +345,20 @@ struct Connection {
     tx: mpsc::Sender<Frame>,
     in_flight: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
+    /// The client's region for request payloads, once mapped here.
+    in_region: RegionCell,
+    /// This server's region for answer payloads, once the client confirmed
+    /// it mapped it.
+    out_region: RegionCell,
+    /// This server's region offered to the client, not yet confirmed.
+    offered: Mutex<Option<SharedRegion>>,
 }
 
 impl Connection {
     async fn read_loop<R: AsyncRead + Unpin>(&mut self, mut rd: R) -> ReadEnd {
         let peer = self.peer;
         let config = &self.shared.config;
-        let mut reader = FrameReader::new(config.frame_limits);
+        let mut reader = FrameReader::with_region(config.frame_limits, self.in_region.clone());
         let mut last_read = Instant::now();
         // When the first byte of the frame now being read arrived.
         let mut frame_started = last_read;
@@ -414,6 +437,11 @@ impl Connection {
             tracing::warn!(%peer, kind = ?frame.kind, "closing connection: peer sent a response frame");
             return Err(ReadEnd::Fatal);
         }
+        match frame.msg_type {
+            SHARE_REGION_ID => return self.share_region(frame).await,
+            CONFIRM_SHARED_ID => return self.confirm_shared(frame).await,
+            _ => {}
+        }
         let Some(route) = self.shared.router.routes.get(&frame.msg_type) else {
             tracing::debug!(%peer, msg_type = frame.msg_type, "unknown method");
             let error = ErrorBody {
@@ -481,6 +509,107 @@ impl Connection {
             drop(permit);
         });
         Ok(())
+    }
+}
+
+impl Connection {
+    /// Step 2 of the shared-memory handshake: maps the client's region if
+    /// it can and offers one of this server's if asked.
+    async fn share_region(&self, frame: Frame) -> Result<(), ReadEnd> {
+        let answer = match body::decode::<ShareRequest>(&frame.body) {
+            Ok(request) => Ok(body::encode(&self.answer_share(request))),
+            Err(e) => Err(ErrorBody {
+                code: ErrorCode::BadRequest,
+                message: format!("{}: bad request body: {e}", ShareRegion::NAME),
+            }),
+        };
+        self.send_setup_answer(&frame, answer).await
+    }
+
+    fn answer_share(&self, request: ShareRequest) -> ShareAnswer {
+        let peer = self.peer;
+        let refuse = |reason: String| ShareAnswer {
+            refused: Some(reason),
+            offer: None,
+        };
+        if !self.shared.config.share_payloads {
+            return refuse("this server keeps payloads on the stream".to_string());
+        }
+        if self.in_region.get().is_some() {
+            return refuse("this connection shares a region already".to_string());
+        }
+        let region = match SharedRegion::attach(&request.offer) {
+            Ok(region) => region,
+            Err(reason) => {
+                tracing::debug!(%peer, reason, "not mapping a client's payload region");
+                return refuse(reason);
+            }
+        };
+        let _ = self.in_region.set(region);
+        let offer = match request.wants_answers {
+            false => None,
+            true => match SharedRegion::create(REGION_SLOTS, SLOT_BYTES) {
+                Ok(own) => {
+                    let offer = own.offer();
+                    *self.offered.lock() = Some(own);
+                    Some(offer)
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "no payload region for answers");
+                    None
+                }
+            },
+        };
+        tracing::debug!(%peer, answers = offer.is_some(), "client's payloads come through shared memory");
+        ShareAnswer {
+            refused: None,
+            offer,
+        }
+    }
+
+    /// Step 3: the client mapped the region offered to it, so answers may
+    /// go through it from now on (it reads them after this frame).
+    async fn confirm_shared(&self, frame: Frame) -> Result<(), ReadEnd> {
+        let answer = match body::decode::<u128>(&frame.body) {
+            Ok(token) => {
+                let mut offered = self.offered.lock();
+                match offered.take() {
+                    Some(own) if own.offer().token == token => {
+                        let _ = self.out_region.set(own);
+                        Ok(body::encode(&true))
+                    }
+                    other => {
+                        *offered = other;
+                        Ok(body::encode(&false))
+                    }
+                }
+            }
+            Err(e) => Err(ErrorBody {
+                code: ErrorCode::BadRequest,
+                message: format!("{}: bad request body: {e}", ConfirmShared::NAME),
+            }),
+        };
+        self.send_setup_answer(&frame, answer).await
+    }
+
+    /// Queues the answer (an encoded body, or an error) to a setup call.
+    async fn send_setup_answer(
+        &self,
+        frame: &Frame,
+        answer: Result<Bytes, ErrorBody>,
+    ) -> Result<(), ReadEnd> {
+        let reply = match answer {
+            Ok(body) => Frame {
+                kind: FrameKind::Response,
+                msg_type: frame.msg_type,
+                request_id: frame.request_id,
+                body,
+                payload: Bytes::new(),
+                payload_crc_in_body: false,
+            },
+            Err(error) => error_frame(frame.msg_type, frame.request_id, &error),
+        };
+        self.tx.send(reply).await.map_err(|_| ReadEnd::Fatal)
     }
 }
 

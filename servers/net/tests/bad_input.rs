@@ -322,6 +322,11 @@ async fn a_response_payload_crc_in_the_body_is_only_for_callers_that_check_it() 
         stream.write_all(&encode(answer)).await.unwrap();
         stream
     });
+    // (This peer answers only one frame: no shared-memory handshake first.)
+    let rpc = RpcClient::new(ClientConfig {
+        share_payloads: false,
+        ..ClientConfig::default()
+    });
     let refused = rpc
         .call_with_payload::<UncheckedBlob>(peer, &text, Bytes::new(), opts)
         .await;
@@ -330,4 +335,58 @@ async fn a_response_payload_crc_in_the_body_is_only_for_callers_that_check_it() 
         "{refused:?}"
     );
     drop(fake.await.unwrap());
+}
+
+/// A client's region the server cannot map (another host's, say) is
+/// refused with a reason, a confirmation of a region never offered is
+/// answered `false`, a malformed offer is a bad request, and a shared
+/// payload on a connection that agreed on no region closes it.
+#[tokio::test]
+async fn shared_memory_handshake_refuses_what_it_cannot_map() {
+    use r3fs_wire::share::{ConfirmShared, RegionOffer, ShareAnswer, ShareRegion, ShareRequest};
+    let (server, _) = server(short_timeouts()).await;
+    let addr = server.local_addr();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    // An fd of this process that is no payload region: what a peer on
+    // another host, whose pid and fd mean something else here, looks like.
+    let offer = RegionOffer {
+        pid: std::process::id(),
+        fd: 0,
+        token: 1,
+        slots: 8,
+        slot_bytes: 1024 * 1024,
+    };
+    let share = ShareRequest {
+        offer,
+        wants_answers: true,
+    };
+    let answer = exchange(&mut stream, request::<ShareRegion>(1, body::encode(&share))).await;
+    assert_eq!(answer.kind, FrameKind::Response);
+    let answer: ShareAnswer = body::decode(&answer.body).unwrap();
+    let reason = answer.refused.expect("refused");
+    assert!(reason.contains("not a payload region"), "{reason}");
+    assert_eq!(answer.offer, None, "no region for answers either");
+    let confirmed = exchange(
+        &mut stream,
+        request::<ConfirmShared>(2, body::encode(&7u128)),
+    )
+    .await;
+    assert!(!body::decode::<bool>(&confirmed.body).unwrap());
+    check_error_answer(
+        addr,
+        request::<ShareRegion>(3, Bytes::from_static(b"\xff")),
+        ErrorCode::BadRequest,
+    )
+    .await;
+    // A shared payload anyway.
+    let frame = Frame {
+        payload: payload(100_000),
+        ..request::<Blob>(4, body::encode(&()))
+    };
+    let mut bytes = BytesMut::new();
+    frame.encode_shared(0, &mut bytes);
+    stream.write_all(&bytes).await.unwrap();
+    expect_closed(&mut stream).await;
+    expect_others_served(&server).await;
+    server.shutdown().await;
 }
