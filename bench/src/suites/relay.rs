@@ -2,8 +2,9 @@
 //! loopback that only checksum a 1 MiB payload and pass it on, with no
 //! storage at all.
 //!
-//! A chain write moves every byte through three TCP hops (client to head,
-//! head to middle, middle to tail) and checksums it four times (the client
+//! A chain write moves every byte through three RPC hops (client to head,
+//! head to middle, middle to tail; on one host through shared memory, see
+//! `r3fs_net::shared`, else TCP) and checksums it four times (the client
 //! once, every member once), all on this machine's CPUs. The relay does
 //! exactly that and nothing else: no chunk engine, no disk, no versions,
 //! no stored notices. Each server checksums on the blocking pool, as a
@@ -93,7 +94,7 @@ impl RelayChain {
     /// Sends `payload` down the relay, checksummed as a chain client does.
     pub async fn send(&self, payload: Bytes) -> anyhow::Result<()> {
         let req = RelayRequest {
-            crc: crc32c::crc32c(&payload),
+            crc: crc_fast::crc32_iscsi(&payload),
         };
         self.client
             .call_with_payload::<Relay>(self.head, &req, payload, CallOptions::default())
@@ -115,7 +116,7 @@ async fn relay(
     // stages, so the relay gets no more CPUs for checksums than a chain.
     let computed = {
         let payload = payload.clone();
-        tokio::task::spawn_blocking(move || crc32c::crc32c(&payload))
+        tokio::task::spawn_blocking(move || crc_fast::crc32_iscsi(&payload))
             .await
             .map_err(|e| ErrorBody {
                 code: ErrorCode::Unavailable,

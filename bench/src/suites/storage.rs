@@ -36,8 +36,13 @@
 //! The client and the three servers share this process, so its CPU time
 //! during a chain phase is the chain's CPU cost: the bench prints it per
 //! MiB and as a share of the machine's CPUs. A share near 100% means the
-//! chain is bound by CPU (checksums, copies, loopback TCP for three hops,
-//! syscalls), not by the disk the limit describes.
+//! chain is bound by CPU (checksums, copies, three RPC hops, syscalls), not
+//! by the disk the limit describes.
+//!
+//! The RPC hops pass payloads through shared memory, as any two r3fs
+//! processes on one host do (`r3fs_net::shared`); the bench prints how many
+//! did. `R3FS_SHARED_PAYLOADS=off` keeps them on loopback TCP, the path
+//! between hosts, for comparison.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -271,9 +276,15 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     let repeats = args.repeats.max(1);
     println!(
         "storage suite: {blocks} MiB sequential in 1 MiB blocks at depth 1 and {d}, {} random 4 KiB reads at concurrency {}; \
-         StorageClient -> chain of 3 on 127.0.0.1 (chunk 1 MiB, every version fdatasynced) vs O_DIRECT I/O on the same disk ({}); \
+         StorageClient -> chain of 3 on 127.0.0.1 (chunk 1 MiB, every version fdatasynced; payloads {}) vs O_DIRECT I/O on the same disk ({}); \
          sequential figures are medians of {repeats} interleaved direct/chain pairs; unpinned",
-        args.random_reads, args.concurrency, dir.path().display()
+        args.random_reads,
+        args.concurrency,
+        match r3fs_net::shared::allowed_by_env() {
+            true => "through shared memory between RPC peers",
+            false => "on loopback TCP (R3FS_SHARED_PAYLOADS=off)",
+        },
+        dir.path().display()
     );
     let path = dir.path().join("direct");
     let data = blocks_by_pattern();
@@ -445,6 +456,19 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
         "chain_write_switches",
         write.switches_per_mib(),
         "per MiB",
+    );
+    let shared = r3fs_net::shared::totals();
+    println!(
+        "payloads through shared memory (all sides, both ways): {}; on the stream although a region was mapped \
+         (no free slot, or larger than a slot): {}",
+        shared.shared, shared.fallbacks
+    );
+    result(SUITE, "shared_payloads", shared.shared as f64, "payloads");
+    result(
+        SUITE,
+        "shared_fallbacks",
+        shared.fallbacks as f64,
+        "payloads",
     );
     ratio(SUITE, "write_depth1_vs_limit", median(&write1.ratios));
     ratio(SUITE, "write_vs_limit", median(&write.ratios));

@@ -516,7 +516,7 @@ impl StorageClient {
             chain_ver: 0,
             offset: piece.chunk_offset,
             chunk_size,
-            crc: crc32c::crc32c(&data),
+            crc: crc_fast::crc32_iscsi(&data),
             client: self.inner.client_id,
             request: self.next_request(),
         };
@@ -1037,7 +1037,7 @@ impl StorageClient {
             Err(e) if is_missing_chunk(&e) => return Ok(Bytes::new()),
             Err(e) => return Err(e.into()),
         };
-        let computed = crc32c::crc32c(&data);
+        let computed = crc_fast::crc32_iscsi(&data);
         if computed != resp.crc {
             return Err(AttemptError::ReadChecksum {
                 target,

@@ -357,7 +357,7 @@ impl<T: Transport> RpcClient<T> {
             }
         };
         let conn = Conn::start(stream, addr, self.inner.config.frame_limits);
-        if self.inner.config.share_payloads {
+        if self.inner.config.share_payloads && crate::shared::allowed_by_env() {
             self.share_regions(&conn, addr).await;
         }
         *slot.conn.lock() = Some(conn.clone());

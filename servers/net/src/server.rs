@@ -532,7 +532,7 @@ impl Connection {
             refused: Some(reason),
             offer: None,
         };
-        if !self.shared.config.share_payloads {
+        if !self.shared.config.share_payloads || !crate::shared::allowed_by_env() {
             return refuse("this server keeps payloads on the stream".to_string());
         }
         if self.in_region.get().is_some() {

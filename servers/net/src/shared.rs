@@ -34,6 +34,12 @@
 //! it sends, which every payload's CRC (in the frame header or the body)
 //! catches, and can only exhaust its own slots.
 //!
+//! # Turning it off
+//! `ClientConfig::share_payloads` and `ServerConfig::share_payloads` turn
+//! it off per client or server; the environment variable [`SWITCH_ENV`]
+//! set to `off` (or `0`, `no`, `false`) turns it off for the whole process,
+//! both as client and as server, whatever the configs say.
+//!
 //! Must not know about methods or frames beyond the slot reference; the
 //! reader and writer decide which payloads to share.
 
@@ -60,6 +66,8 @@ pub const SLOT_BYTES: u32 = 4 * 1024 * 1024;
 pub const SHARED_PAYLOAD_BYTES_MIN: usize = 64 * 1024;
 /// The name every region's memfd has (`/memfd:<name>` in `/proc`).
 pub const MEMFD_NAME: &str = "r3fs-payloads";
+/// The environment variable that turns sharing off for a whole process.
+pub const SWITCH_ENV: &str = "R3FS_SHARED_PAYLOADS";
 /// The most slots, and the largest slot, a peer's offer may announce.
 const OFFER_SLOTS_MAX: u32 = 64;
 const OFFER_SLOT_BYTES_MAX: u32 = 64 * 1024 * 1024;
@@ -89,6 +97,30 @@ pub struct SharedStats {
 
 static SHARED_TOTAL: AtomicU64 = AtomicU64::new(0);
 static FALLBACKS_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+/// Whether [`SWITCH_ENV`] leaves sharing on (read once per process).
+pub fn allowed_by_env() -> bool {
+    static ALLOWED: OnceLock<bool> = OnceLock::new();
+    *ALLOWED.get_or_init(|| {
+        let value = std::env::var(SWITCH_ENV).ok();
+        let allowed = switch_allows(value.as_deref());
+        if !allowed {
+            tracing::info!("{SWITCH_ENV}={value:?}: payloads stay on the stream");
+        }
+        allowed
+    })
+}
+
+/// Whether a value of [`SWITCH_ENV`] (`None`: unset) leaves sharing on.
+fn switch_allows(value: Option<&str>) -> bool {
+    let off = value.is_some_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "off" | "0" | "no" | "false"
+        )
+    });
+    !off
+}
 
 /// What every connection of this process has moved so far, both ways.
 pub fn totals() -> SharedStats {
@@ -457,6 +489,17 @@ mod tests {
         };
         let err = SharedRegion::attach(&bad_geometry).unwrap_err();
         assert!(err.contains("out of range"), "{err}");
+    }
+
+    #[test]
+    fn the_switch_turns_sharing_off_only_when_it_says_so() {
+        assert!(switch_allows(None));
+        for on in ["on", "1", "yes", ""] {
+            assert!(switch_allows(Some(on)), "{on:?}");
+        }
+        for off in ["off", "OFF", "0", "no", "false", " off "] {
+            assert!(!switch_allows(Some(off)), "{off:?}");
+        }
     }
 
     fn tempfile_in_proc() -> File {

@@ -418,9 +418,9 @@ fn version_crc(blocks: &[BlockRef], length: u32) -> u32 {
 fn zero_crc(len: u32) -> u32 {
     static FULL: OnceLock<u32> = OnceLock::new();
     if len == BLOCK_BYTES {
-        return *FULL.get_or_init(|| crc32c::crc32c(zeros()));
+        return *FULL.get_or_init(|| crc_fast::crc32_iscsi(zeros()));
     }
-    crc32c::crc32c(&zeros()[..len as usize])
+    crc_fast::crc32_iscsi(&zeros()[..len as usize])
 }
 
 fn zeros() -> &'static [u8] {
@@ -1264,7 +1264,7 @@ impl ChunkEngine {
                 continue;
             }
             let bytes = &buf[at(i)..at(i) + block_len(length, i) as usize];
-            let actual = crc32c::crc32c(bytes);
+            let actual = crc_fast::crc32_iscsi(bytes);
             if actual != b.crc {
                 return Err(ChunkError::Corrupt {
                     id,
@@ -1284,7 +1284,7 @@ impl ChunkEngine {
         let out = buf
             .freeze()
             .slice((u64::from(start) - base) as usize..(u64::from(end) - base) as usize);
-        let crc = crc32c::crc32c(&out);
+        let crc = crc_fast::crc32_iscsi(&out);
         Ok((out, crc))
     }
 
@@ -1359,7 +1359,7 @@ impl ChunkEngine {
             let block = match overlay {
                 Overlay::Bytes { offset, data } if os == bs && oe == be => {
                     let (start, end) = ((bs - offset) as usize, (be - offset) as usize);
-                    let crc = crc32c::crc32c(&data[start..end]);
+                    let crc = crc_fast::crc32_iscsi(&data[start..end]);
                     payload_crc = crc::combine(payload_crc, crc, end - start);
                     (Content::Payload { start, end }, crc)
                 }
@@ -1376,14 +1376,14 @@ impl ChunkEngine {
                     match overlay {
                         Overlay::Bytes { offset, data } if touched => {
                             let src = &data[(os - offset) as usize..(oe - offset) as usize];
-                            let crc = crc32c::crc32c(src);
+                            let crc = crc_fast::crc32_iscsi(src);
                             payload_crc = crc::combine(payload_crc, crc, src.len());
                             bytes[piece].copy_from_slice(src);
                         }
                         Overlay::Zeros { .. } => bytes[piece].fill(0),
                         _ => {}
                     }
-                    let crc = crc32c::crc32c(&bytes);
+                    let crc = crc_fast::crc32_iscsi(&bytes);
                     (Content::Owned(bytes), crc)
                 }
             };
@@ -1807,7 +1807,7 @@ impl ChunkEngine {
             if let (Some(sent), Change::Write { data, .. } | Change::Replace { data }) =
                 (sent_crc, &change)
             {
-                check_payload(id, sent, crc32c::crc32c(data))?;
+                check_payload(id, sent, crc_fast::crc32_iscsi(data))?;
             }
             return self
                 .check_committed_retry(id, record, update_ver, &change)
@@ -2372,11 +2372,11 @@ mod tests {
             .chunks(BLOCK_BYTES as usize)
             .map(|c| BlockRef {
                 block: 0,
-                crc: crc32c::crc32c(c),
+                crc: crc_fast::crc32_iscsi(c),
             })
             .collect();
-        assert_eq!(version_crc(&blocks, length), crc32c::crc32c(&bytes));
-        assert_eq!(zero_crc(10), crc32c::crc32c(&[0u8; 10]));
+        assert_eq!(version_crc(&blocks, length), crc_fast::crc32_iscsi(&bytes));
+        assert_eq!(zero_crc(10), crc_fast::crc32_iscsi(&[0u8; 10]));
     }
 
     #[test]
@@ -2388,7 +2388,7 @@ mod tests {
             offset: 0,
             data,
             chunk_size: BLOCK_BYTES,
-            crc: crc32c::crc32c(data),
+            crc: crc_fast::crc32_iscsi(data),
         };
         engine
             .apply_committed(id, 1, 1, update(b"one"))

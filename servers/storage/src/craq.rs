@@ -630,7 +630,7 @@ impl StorageService {
                 op,
                 chunk_size: meta.length,
                 data: Bytes::new(),
-                crc: crc32c::crc32c(&[]),
+                crc: crc_fast::crc32_iscsi(&[]),
             })
         };
         self.at_head(req.addr, req.chain_ver, origin, plan).await
@@ -684,7 +684,7 @@ impl StorageService {
                     op: UpdateOp::Remove,
                     chunk_size: 0,
                     data: Bytes::new(),
-                    crc: crc32c::crc32c(&[]),
+                    crc: crc_fast::crc32_iscsi(&[]),
                 })
             };
             self.at_head(addr, req.chain_ver, origin, plan).await?;
@@ -838,7 +838,7 @@ impl StorageService {
             update_ver: meta.update_ver,
             op,
             chunk_size: engine.chunk_size_max(),
-            crc: crc32c::crc32c(&data),
+            crc: crc_fast::crc32_iscsi(&data),
             client: origin.client,
             request: origin.request,
             // Chosen by each member as it forwards (`stage_and_forward`).
@@ -1326,7 +1326,7 @@ impl StorageService {
         let forwarded = UpdateRequest {
             target: next,
             op,
-            crc: crc32c::crc32c(&payload),
+            crc: crc_fast::crc32_iscsi(&payload),
             ..req.clone()
         };
         let sent = self
@@ -1512,7 +1512,7 @@ impl StorageService {
             };
             let same = resp.commit_ver == meta.commit_ver
                 && data.len() == meta.length as usize
-                && crc32c::crc32c(&data) == meta.crc;
+                && crc_fast::crc32_iscsi(&data) == meta.crc;
             if !same {
                 tracing::debug!(
                     ?addr,
@@ -1583,7 +1583,7 @@ impl StorageService {
             self.spawn_repair(routing.clone(), chain.clone(), me.target, req.addr);
         }
         let (data, meta, crc) = answer.map_err(|e| storage_error(e, req.addr, me.target))?;
-        debug_assert!(crc == crc32c::crc32c(&data));
+        debug_assert!(crc == crc_fast::crc32_iscsi(&data));
         let resp = ReadResponse {
             commit_ver: meta.commit_ver,
             chunk_length: meta.length,
@@ -1951,7 +1951,7 @@ fn summary(id: ChunkId, m: &ChunkMeta) -> ChunkSummary {
 
 /// The committed meta of a chunk installed whole at `version`.
 fn installed_meta(version: u64, chain_ver: u64, data: &[u8]) -> ChunkMeta {
-    let crc = crc32c::crc32c(data);
+    let crc = crc_fast::crc32_iscsi(data);
     let length = data.len() as u32;
     ChunkMeta {
         update_ver: version,
@@ -2107,7 +2107,7 @@ fn chunk_version(meta: Option<&ChunkMeta>) -> ChunkVersion {
 }
 
 fn check_payload(sent: u32, data: &[u8]) -> StorageResult<()> {
-    let computed = crc32c::crc32c(data);
+    let computed = crc_fast::crc32_iscsi(data);
     if computed != sent {
         return Err(StorageError::PayloadChecksum { sent, computed });
     }

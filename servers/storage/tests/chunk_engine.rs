@@ -153,7 +153,7 @@ fn run_op(engine: &ChunkEngine, op: &Op) -> String {
                 offset: off,
                 data,
                 chunk_size: CHUNK_SIZE,
-                crc: crc32c::crc32c(data),
+                crc: crc_fast::crc32_iscsi(data),
             };
             engine
                 .apply_committed(cid(chunk), ver, chain, update)
@@ -402,7 +402,7 @@ fn apply_committed_frees_the_replaced_blocks_at_once() {
             offset: 0,
             data,
             chunk_size: 4 * BLOCK_BYTES,
-            crc: crc32c::crc32c(data),
+            crc: crc_fast::crc32_iscsi(data),
         };
         engine.apply_committed(id, ver, 1, update).expect("apply")
     };
@@ -1024,7 +1024,7 @@ fn a_flipped_byte_fails_only_reads_of_its_block() {
     let mut want = data.clone();
     want[b..2 * b].copy_from_slice(&fresh);
     assert_eq!(all, want);
-    assert_eq!(meta.crc, crc32c::crc32c(&want));
+    assert_eq!(meta.crc, crc_fast::crc32_iscsi(&want));
 }
 
 #[test]
@@ -1034,13 +1034,21 @@ fn a_write_with_a_bad_payload_crc_changes_nothing() {
     let id = cid(0);
     let data = b"payload";
     let err = engine
-        .write_pending_checked(id, 1, 1, 3, data, CHUNK_SIZE, crc32c::crc32c(data) ^ 1)
+        .write_pending_checked(
+            id,
+            1,
+            1,
+            3,
+            data,
+            CHUNK_SIZE,
+            crc_fast::crc32_iscsi(data) ^ 1,
+        )
         .expect_err("bad crc");
     assert_eq!(error_name(&err), "PayloadChecksum");
     assert_eq!(engine.meta(id).unwrap(), None);
     assert_eq!(engine.slot_stats().total - engine.slot_stats().free, 0);
     engine
-        .write_pending_checked(id, 1, 1, 3, data, CHUNK_SIZE, crc32c::crc32c(data))
+        .write_pending_checked(id, 1, 1, 3, data, CHUNK_SIZE, crc_fast::crc32_iscsi(data))
         .unwrap();
     engine.commit(id, 1).unwrap();
     assert_eq!(engine.read(id, 0, 100).unwrap().0, b"\0\0\0payload");
@@ -1132,7 +1140,7 @@ fn listing_install_and_inode_removal() {
         commit_ver: 9,
         chain_ver: 3,
         length: bytes.len() as u32,
-        crc: crc32c::crc32c(&bytes),
+        crc: crc_fast::crc32_iscsi(&bytes),
         ..ChunkMeta::default()
     };
     let bad = engine
@@ -1257,7 +1265,7 @@ fn crash_child_applies_committed_until_killed() {
             offset: crash_offset(ver),
             data: &data,
             chunk_size: CHUNK_SIZE,
-            crc: crc32c::crc32c(&data),
+            crc: crc_fast::crc32_iscsi(&data),
         };
         let meta = engine
             .apply_committed(cid(chunk), ver, 1, update)
@@ -1754,7 +1762,7 @@ mod model {
                             .read_committed_even_if_dirty(cid(c), 0, size)
                             .expect("committed");
                         prop_assert_eq!(&bytes, &m.committed);
-                        prop_assert_eq!(meta.crc, crc32c::crc32c(&bytes));
+                        prop_assert_eq!(meta.crc, crc_fast::crc32_iscsi(&bytes));
                     }
                     if let Some(p) = &m.pending {
                         let bytes = engine
@@ -1957,7 +1965,7 @@ fn apply_pending_is_prepared_only_past_every_refusal() {
         chunk_size: CHUNK_SIZE,
         crc,
     };
-    let ok = |data: &'static [u8]| write(0, data, crc32c::crc32c(data));
+    let ok = |data: &'static [u8]| write(0, data, crc_fast::crc32_iscsi(data));
     let apply = |ver: u64, chain: u64, update: ChunkUpdate<'_>| {
         let mut calls = 0;
         let result = engine.apply_pending(cid(0), ver, chain, update, Some(&mut || calls += 1));
@@ -2062,7 +2070,7 @@ fn a_failed_data_sync_takes_the_target_out_of_service() {
         offset: 0,
         data,
         chunk_size: CHUNK_SIZE,
-        crc: crc32c::crc32c(data),
+        crc: crc_fast::crc32_iscsi(data),
     };
     engine.apply_committed(cid(0), 1, 1, write(b"one")).unwrap();
     engine.inject_faults(FaultPoint::DataSync, Some(libc::EIO));

@@ -180,7 +180,7 @@ impl Fixture {
             chain_ver,
             offset,
             chunk_size: CHUNK,
-            crc: crc32c::crc32c(data),
+            crc: crc_fast::crc32_iscsi(data),
             client: 1,
             request,
         };
@@ -232,7 +232,7 @@ async fn a_write_through_the_head_commits_on_every_replica() {
         assert_eq!(&data[..], b"hello CRAQ!", "node {node}");
         assert_eq!(
             (resp.commit_ver, resp.crc),
-            (2, crc32c::crc32c(b"hello CRAQ!"))
+            (2, crc_fast::crc32_iscsi(b"hello CRAQ!"))
         );
         let meta = f.nodes[node].engine.meta(id(0)).unwrap().unwrap();
         assert_eq!(
@@ -1181,7 +1181,7 @@ async fn a_forwarded_update_whose_payload_does_not_match_its_crc_is_refused_ever
     use PublicState::{Serving, Syncing};
     let f = Fixture::start().await;
     let payload = Bytes::from_static(b"bytes damaged on the way");
-    let meant = crc32c::crc32c(b"the bytes the sender meant");
+    let meant = crc_fast::crc32_iscsi(b"the bytes the sender meant");
     let update = |target, op| f.forwarded(target, 1, op, meant);
     let send = |node: usize, req: UpdateRequest| {
         let rpc = f.rpc.clone();
@@ -1286,7 +1286,7 @@ async fn resync_from_a_returning_lastsrv_keeps_versions_it_holds_only_as_pending
         offset: 0,
         data,
         chunk_size: CHUNK,
-        crc: crc32c::crc32c(data),
+        crc: crc_fast::crc32_iscsi(data),
     };
     for node in &f.nodes {
         node.engine.apply_committed(id(1), 1, 1, write(v1)).unwrap();
@@ -1472,14 +1472,14 @@ async fn a_version_a_member_refuses_goes_no_further() {
                 .0
         }
     };
-    let got = send(crc32c::crc32c(b"new")).await;
+    let got = send(crc_fast::crc32_iscsi(b"new")).await;
     assert!(matches!(got, Err(StorageError::Io { .. })), "{got:?}");
     let text = got.unwrap_err().to_string();
     assert!(
         text.contains("already pending"),
         "a version conflict: {text}"
     );
-    let got = send(crc32c::crc32c(b"damaged")).await;
+    let got = send(crc_fast::crc32_iscsi(b"damaged")).await;
     assert!(
         matches!(got, Err(StorageError::PayloadChecksum { .. })),
         "{got:?}"
@@ -1561,7 +1561,7 @@ async fn the_tail_commits_a_forwarded_version_only_after_its_stored_notice() {
         let op = UpdateOp::Write { offset: 0 };
         let req = UpdateRequest {
             pass,
-            ..f.forwarded(target_of(tail), ver, op, crc32c::crc32c(data))
+            ..f.forwarded(target_of(tail), ver, op, crc_fast::crc32_iscsi(data))
         };
         let (rpc, addr) = (f.rpc.clone(), f.nodes[tail].addr);
         tokio::spawn(async move {
@@ -1712,7 +1712,7 @@ async fn a_late_try_of_a_committed_version_is_answered_while_a_newer_one_is_pend
                     target_of(node),
                     ver,
                     UpdateOp::Write { offset: 0 },
-                    crc32c::crc32c(data),
+                    crc_fast::crc32_iscsi(data),
                 )
             };
             let (rpc, to) = (f.rpc.clone(), f.nodes[node].addr);
@@ -1814,7 +1814,7 @@ async fn a_late_try_never_rolls_a_syncing_successor_back() {
             target_of(1),
             1,
             UpdateOp::Write { offset: 0 },
-            crc32c::crc32c(b"one"),
+            crc_fast::crc32_iscsi(b"one"),
         )
     };
     let (answer, _) = f

@@ -209,7 +209,7 @@ async fn a_large_unaligned_write_reads_back_byte_for_byte_across_chunks_and_chai
         .await
         .unwrap();
     assert_eq!(back.len(), data.len());
-    assert_eq!(crc32c::crc32c(&back), crc32c::crc32c(&data));
+    assert_eq!(crc_fast::crc32_iscsi(&back), crc_fast::crc32_iscsi(&data));
     assert!(back == data, "bytes differ");
     // Placement: chunk i on chain CHAINS[i % 2], on every replica.
     let first = offset / u64::from(CHUNK);
@@ -456,7 +456,7 @@ async fn sequential_one_mib_writes_and_reads_report_throughput() {
             .read(&layout, INODE, i * 1024 * 1024, 1024 * 1024)
             .await
             .unwrap();
-        assert_eq!(crc32c::crc32c(&back), crc32c::crc32c(&block));
+        assert_eq!(crc_fast::crc32_iscsi(&back), crc_fast::crc32_iscsi(&block));
     }
     let read = start.elapsed();
     let mib = BLOCKS as f64;

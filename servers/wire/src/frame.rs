@@ -330,7 +330,7 @@ impl Frame {
             request_id: self.request_id,
             body_len,
             payload_len,
-            body_crc: crc32c::crc32c(&self.body),
+            body_crc: crc_fast::crc32_iscsi(&self.body),
             payload_crc: if self.payload_crc_in_body {
                 0
             } else {
@@ -381,7 +381,7 @@ fn payload_crc(payload: &[u8]) -> u32 {
     if payload.is_empty() {
         0
     } else {
-        crc32c::crc32c(payload)
+        crc_fast::crc32_iscsi(payload)
     }
 }
 
@@ -519,7 +519,7 @@ impl FrameCodec {
 }
 
 fn check_body(header: &Header, body: &[u8]) -> Result<(), FrameError> {
-    let actual = crc32c::crc32c(body);
+    let actual = crc_fast::crc32_iscsi(body);
     if actual != header.body_crc {
         return Err(FrameError::BodyCrcMismatch {
             expected: header.body_crc,

@@ -126,7 +126,7 @@ pub fn router(counter: &Counter) -> Router {
         })
         .register_with_payload::<CheckedBlob, _, _>(|text: String, _ctx| async move {
             let payload = Bytes::from(text);
-            Ok((crc32c::crc32c(&payload), payload))
+            Ok((crc_fast::crc32_iscsi(&payload), payload))
         });
     let count = counter.clone();
     router.register::<Fail, _, _>(move |code: Option<ErrorCode>, _ctx| {
