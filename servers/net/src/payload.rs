@@ -88,6 +88,19 @@ impl PayloadBuf {
         &mut buf[filled.min(want)..want]
     }
 
+    /// All of the payload's memory at once, for a caller that fills every
+    /// byte itself (a direct read): zeroed where this buffer was never
+    /// used, else holding what its last payload left there.
+    pub fn whole_mut(&mut self) -> &mut [u8] {
+        let len = self.len;
+        let buf = self.buf.as_mut().expect("live buffer");
+        if buf.len() < len {
+            // Within the capacity reserved at creation: no reallocation.
+            buf.resize(len, 0);
+        }
+        &mut buf[..len]
+    }
+
     /// Zero-copy `Bytes` over the payload, once all of it was read; the
     /// buffer returns to the pool when the last clone is dropped.
     pub fn freeze(mut self) -> Bytes {

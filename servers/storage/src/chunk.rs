@@ -89,11 +89,12 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::OnceLock;
 
 use crate::crc;
-use crate::data_file::{Aligned, DataFile};
+use crate::data_file::DataFile;
 use bytes::Bytes;
 use parking_lot::{Mutex, MutexGuard};
 use r3fs_kv::embedded::{EmbeddedConfig, EmbeddedEngine};
 use r3fs_kv::{AsKvError, KvEngine, KvError, RangeOptions, RetryPolicy};
+use r3fs_net::payload::PayloadBuf;
 use serde::{Deserialize, Serialize};
 
 /// Largest chunk any target accepts.
@@ -1235,11 +1236,16 @@ impl ChunkEngine {
         let base = first as u64 * u64::from(BLOCK_BYTES);
         let span_end = (last as u64 + 1) * u64::from(BLOCK_BYTES);
         let span_end = span_end.min(length.into());
-        let mut buf = Aligned::zeroed((span_end - base) as usize);
+        // From the payload pool: memory a recent payload already faulted in,
+        // not a fresh zeroed allocation per read. Every byte of the span is
+        // written below (read, or zeroed for a block with no slot).
+        let mut payload = PayloadBuf::with_len((span_end - base) as usize);
+        let buf = payload.whole_mut();
         let at = |i: usize| (i as u64 * u64::from(BLOCK_BYTES) - base) as usize;
         let mut i = first;
         while i <= last {
             if blocks[i].block == BLOCK_ZERO {
+                buf[at(i)..at(i) + block_len(length, i) as usize].fill(0);
                 i += 1;
                 continue;
             }
@@ -1279,9 +1285,9 @@ impl ChunkEngine {
             for (i, b) in blocks.iter().enumerate().take(last + 1).skip(first) {
                 crc = crc::combine(crc, b.crc, block_len(length, i) as usize);
             }
-            return Ok((buf.freeze(), crc));
+            return Ok((payload.freeze(), crc));
         }
-        let out = buf
+        let out = payload
             .freeze()
             .slice((u64::from(start) - base) as usize..(u64::from(end) - base) as usize);
         let crc = crc_fast::crc32_iscsi(&out);

@@ -46,42 +46,6 @@ const _: () = assert!(DIRECT_WRITE_BYTES_MAX.is_multiple_of(DIRECT_ALIGN));
 
 type Bounce = AVec<u8, ConstAlign<DIRECT_ALIGN>>;
 
-/// A zeroed buffer of `len` bytes at a [`DIRECT_ALIGN`] boundary, so direct
-/// reads land in it without a bounce copy; [`Aligned::freeze`] hands it on
-/// as `Bytes` without a copy either.
-pub struct Aligned(Bounce);
-
-impl Aligned {
-    pub fn zeroed(len: usize) -> Aligned {
-        let mut buf = Bounce::with_capacity(DIRECT_ALIGN, len);
-        buf.resize(len, 0);
-        Aligned(buf)
-    }
-
-    pub fn freeze(self) -> bytes::Bytes {
-        bytes::Bytes::from_owner(self)
-    }
-}
-
-impl AsRef<[u8]> for Aligned {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl std::ops::Deref for Aligned {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Aligned {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.0
-    }
-}
-
 thread_local! {
     /// One bounce buffer per thread that writes (the blocking pool's threads).
     static BOUNCE: RefCell<Bounce> = RefCell::new(Bounce::new(DIRECT_ALIGN));
@@ -479,9 +443,10 @@ mod tests {
         file.sync_data().unwrap();
         for want in [4096, 5000, DIRECT_WRITE_BYTES_MAX, len] {
             for at in [0, 4096, DIRECT_WRITE_BYTES_MAX] {
-                let mut buf = Aligned::zeroed(want);
+                let mut payload = r3fs_net::payload::PayloadBuf::with_len(want);
+                let buf = payload.whole_mut();
                 let fits = at + want <= len;
-                match file.read_exact_at(&mut buf, at as u64) {
+                match file.read_exact_at(buf, at as u64) {
                     Ok(()) => {
                         assert!(fits, "{want} at {at} read past the end");
                         assert!(buf[..] == bytes[at..at + want], "{want} at {at}");
