@@ -356,9 +356,18 @@ impl<T: Transport> RpcClient<T> {
                 });
             }
         };
+        let same_host = T::same_host(&stream);
         let conn = Conn::start(stream, addr, self.inner.config.frame_limits);
-        if self.inner.config.share_payloads && crate::shared::allowed_by_env() {
-            self.share_regions(&conn, addr).await;
+        if same_host && self.inner.config.share_payloads && crate::shared::allowed_by_env() {
+            // Bounded as a whole: a server that does not answer the handshake
+            // costs the first call at most one connect timeout more.
+            let timeout = self.inner.config.connect_timeout;
+            if tokio::time::timeout(timeout, self.share_regions(&conn, addr))
+                .await
+                .is_err()
+            {
+                tracing::debug!(%addr, ?timeout, "shared-memory handshake timed out; payloads stay on the stream");
+            }
         }
         *slot.conn.lock() = Some(conn.clone());
         Ok(conn)
@@ -386,14 +395,12 @@ impl<T: Transport> RpcClient<T> {
                 return;
             }
         };
-        match answer.refused {
-            None => {
-                let _ = conn.out_region.set(own);
-            }
-            Some(reason) => {
-                tracing::debug!(%addr, reason, "server refused this connection's payload region");
-            }
+        if let Some(reason) = answer.refused {
+            tracing::debug!(%addr, reason, "server refused this connection's payload region");
+            return;
         }
+        own.peer_mapped();
+        let _ = conn.out_region.set(own);
         let Some(offer) = answer.offer else { return };
         match SharedRegion::attach(&offer) {
             Ok(region) => {

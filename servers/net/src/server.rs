@@ -159,6 +159,12 @@ impl Router {
     }
 
     fn insert<M: Method>(&mut self, handler: Handler) -> &mut Self {
+        assert!(
+            M::ID != SHARE_REGION_ID && M::ID != CONFIRM_SHARED_ID,
+            "method id {:#06x} ({}) is the RPC layer's own, answered before any route",
+            M::ID,
+            M::NAME
+        );
         let route = Route {
             name: M::NAME,
             handler,
@@ -256,7 +262,8 @@ async fn accept_loop<L: Listener>(
                         tracing::warn!(%peer, max = shared.config.connections_max, "too many connections, closing new one");
                         continue;
                     }
-                    connections.spawn(serve_connection(stream, peer, shared.clone(), stop.clone()));
+                    let same_host = L::same_host(&stream);
+                    connections.spawn(serve_connection(stream, peer, same_host, shared.clone(), stop.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -299,6 +306,7 @@ enum ReadEnd {
 async fn serve_connection<S>(
     stream: S,
     peer: SocketAddr,
+    same_host: bool,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
 ) where
@@ -315,9 +323,11 @@ async fn serve_connection<S>(
         tx,
         in_flight: Arc::new(Semaphore::new(in_flight_max)),
         stop,
+        same_host,
         in_region: RegionCell::default(),
         out_region,
         offered: Mutex::new(None),
+        share_asked: Default::default(),
     };
     match conn.read_loop(rd).await {
         ReadEnd::Fatal => {}
@@ -345,6 +355,8 @@ struct Connection {
     tx: mpsc::Sender<Frame>,
     in_flight: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
+    /// Whether the client is on this host (see `Transport::same_host`).
+    same_host: bool,
     /// The client's region for request payloads, once mapped here.
     in_region: RegionCell,
     /// This server's region for answer payloads, once the client confirmed
@@ -352,6 +364,8 @@ struct Connection {
     out_region: RegionCell,
     /// This server's region offered to the client, not yet confirmed.
     offered: Mutex<Option<SharedRegion>>,
+    /// The client asked to share regions (once per connection).
+    share_asked: std::sync::atomic::AtomicBool,
 }
 
 impl Connection {
@@ -532,17 +546,25 @@ impl Connection {
             refused: Some(reason),
             offer: None,
         };
+        // Reasons go to a peer that may be anyone: they say nothing about
+        // this host; the detail stays in this log.
         if !self.shared.config.share_payloads || !crate::shared::allowed_by_env() {
             return refuse("this server keeps payloads on the stream".to_string());
         }
-        if self.in_region.get().is_some() {
-            return refuse("this connection shares a region already".to_string());
+        if !self.same_host {
+            return refuse("the client is not on this server's host".to_string());
+        }
+        if self
+            .share_asked
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return refuse("this connection asked to share a region already".to_string());
         }
         let region = match SharedRegion::attach(&request.offer) {
             Ok(region) => region,
             Err(reason) => {
                 tracing::debug!(%peer, reason, "not mapping a client's payload region");
-                return refuse(reason);
+                return refuse("the offered region cannot be mapped here".to_string());
             }
         };
         let _ = self.in_region.set(region);
@@ -575,6 +597,7 @@ impl Connection {
                 let mut offered = self.offered.lock();
                 match offered.take() {
                     Some(own) if own.offer().token == token => {
+                        own.peer_mapped();
                         let _ = self.out_region.set(own);
                         Ok(body::encode(&true))
                     }

@@ -13,26 +13,40 @@
 //! does to the slot afterwards can change what the receiver took.
 //!
 //! The peers agree on regions with the handshake in `r3fs_wire::share`,
-//! run by the client when it opens a connection. A peer finds the region
-//! at `/proc/<pid>/fd/<fd>` and accepts it only if it is a memfd named
-//! [`MEMFD_NAME`], owned by its own user, of the announced size, and starts
-//! with the announced random token; anything else (another host, another
-//! user, a reused pid) leaves the connection on the byte stream.
+//! run by the client when it opens a connection to a server on its own
+//! host (`Transport::same_host`). A peer finds the region at
+//! `/proc/<pid>/fd/<fd>` and accepts it only if it is a memfd named
+//! [`MEMFD_NAME`], sealed against resizing, owned by its own user, of the
+//! announced size, and starts with the announced random token; anything
+//! else (another user, another pid namespace, a reused pid) leaves the
+//! connection on the byte stream. Once the peer mapped it, neither side
+//! keeps the memfd open: the mappings hold the memory.
 //!
 //! # Slots
 //! The region holds [`REGION_SLOTS`] slots of [`SLOT_BYTES`], each with a
-//! state word in the region's header: the owner (the only writer of
-//! payloads) marks a free slot busy, copies the payload in and sends the
-//! reference; the peer checks the slot is busy, copies it out and marks it
-//! free. A payload larger than a slot, or one sent while every slot is
-//! busy (the peer has not read that far yet), goes on the stream as
-//! before: sharing never makes a sender wait.
+//! state word in the region's header: free, being filled, or holding a
+//! payload of a given length. The owner (the only writer of payloads)
+//! claims the lowest free slot, copies the payload in, publishes its length
+//! (release) and sends the reference; the peer checks (acquire) that the
+//! slot holds exactly the referenced length, copies it out and marks it
+//! free (release). So the atomics alone order every access to a slot's
+//! bytes between correct peers, and a stale or forged reference is refused.
+//! A payload larger than a slot, or one sent while every slot is busy (the
+//! peer has not read that far yet), goes on the stream as before: sharing
+//! never makes a sender wait. Taking the lowest free slot keeps the memory
+//! a connection touches to what it has in flight at once.
 //!
 //! # Trust
 //! The region is writable by both processes, so the receiver never hands
 //! the slot's memory on: a buggy or hostile peer can only change the bytes
 //! it sends, which every payload's CRC (in the frame header or the body)
-//! catches, and can only exhaust its own slots.
+//! catches, and can only exhaust its own slots. The seals keep either side
+//! from resizing the region under the other (a shrink would kill it with
+//! `SIGBUS`). A peer that writes a slot while the other copies it races in
+//! a way the language leaves undefined; both sides only copy through raw
+//! pointers into or out of memory of their own and never form references
+//! into a slot, and a peer able to do this runs as the same user, who can
+//! write this process's memory through `/proc` anyway.
 //!
 //! # Turning it off
 //! `ClientConfig::share_payloads` and `ServerConfig::share_payloads` turn
@@ -40,18 +54,26 @@
 //! set to `off` (or `0`, `no`, `false`) turns it off for the whole process,
 //! both as client and as server, whatever the configs say.
 //!
+//! # Limits
+//! A connection between two processes of one host maps two regions (one
+//! per direction) of [`REGION_SLOTS`] × [`SLOT_BYTES`]; only the slots its
+//! payloads in flight at once have used are ever touched, and they stay
+//! resident while the connection lives.
+//!
 //! Must not know about methods or frames beyond the slot reference; the
 //! reader and writer decide which payloads to share.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use memmap2::{MmapOptions, MmapRaw};
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use parking_lot::Mutex;
 use r3fs_wire::frame::SharedRef;
 use r3fs_wire::share::RegionOffer;
 
@@ -76,19 +98,26 @@ const HEADER_BYTES: usize = 4096;
 const MAGIC: u64 = u64::from_le_bytes(*b"R3FSSHM1");
 /// Where the slot state words start in the header.
 const STATES_AT: usize = 64;
+/// A slot's state word: free, being filled by its owner, or (any other
+/// value) holding a payload of `value - 1` bytes.
 const FREE: u32 = 0;
-const BUSY: u32 = 1;
+const FILLING: u32 = u32::MAX;
+/// The seals every region carries: its size never changes.
+const REGION_SEALS: SealFlag = SealFlag::F_SEAL_SHRINK.union(SealFlag::F_SEAL_GROW);
 
 const _: () = assert!(STATES_AT + 4 * OFFER_SLOTS_MAX as usize <= HEADER_BYTES);
 const _: () = assert!(geometry_ok(REGION_SLOTS, SLOT_BYTES));
+// A held length + 1 never reads as FILLING.
+const _: () = assert!(OFFER_SLOT_BYTES_MAX < u32::MAX - 1);
 
 /// A region slot shared between a connection's setup and its reader or
 /// writer task: empty until the handshake filled it.
 pub(crate) type RegionCell = Arc<OnceLock<SharedRegion>>;
 
-/// Payloads moved through shared memory by this process, and payloads that
-/// went on the stream although a region was there (too large, or no free
-/// slot).
+/// Payloads moved through shared memory by this process (counted by each
+/// end: a client and a server in one process count a payload twice), and
+/// payloads that went on the stream although a region was there (too
+/// large, or no free slot).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SharedStats {
     pub shared: u64,
@@ -134,11 +163,10 @@ pub fn totals() -> SharedStats {
 /// peer's (it takes payloads out).
 pub struct SharedRegion {
     map: MmapRaw,
-    /// The memfd; kept open so the peer can find it through `/proc`.
-    _file: File,
+    /// The owner's memfd, open until the peer mapped the region (it finds
+    /// it through `/proc`); then closed, as the mappings hold the memory.
+    file: Mutex<Option<File>>,
     offer: RegionOffer,
-    /// Where the owner looks for a free slot first.
-    cursor: AtomicU32,
     /// Payloads put or taken through this region.
     moved: AtomicU64,
 }
@@ -167,18 +195,27 @@ fn region_len(slots: u32, slot_bytes: u32) -> usize {
 }
 
 impl SharedRegion {
-    /// A new region of this process's, every slot free.
+    /// A new region of this process's, every slot free, sealed against
+    /// resizing.
     pub fn create(slots: u32, slot_bytes: u32) -> io::Result<SharedRegion> {
         assert!(
             geometry_ok(slots, slot_bytes),
             "region geometry {slots} x {slot_bytes} out of range"
         );
-        let fd: OwnedFd =
-            nix::sys::memfd::memfd_create(MEMFD_NAME, nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-                .map_err(io::Error::from)?;
+        use nix::sys::memfd::{memfd_create, MFdFlags};
+        let fd: OwnedFd = memfd_create(
+            MEMFD_NAME,
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .map_err(io::Error::from)?;
         let file = File::from(fd);
         let len = region_len(slots, slot_bytes);
         file.set_len(len as u64)?;
+        fcntl(
+            file.as_fd(),
+            FcntlArg::F_ADD_SEALS(REGION_SEALS | SealFlag::F_SEAL_SEAL),
+        )
+        .map_err(io::Error::from)?;
         let map = MmapOptions::new().len(len).map_raw(&file)?;
         let offer = RegionOffer {
             pid: std::process::id(),
@@ -198,15 +235,19 @@ impl SharedRegion {
         }
         Ok(SharedRegion {
             map,
-            _file: file,
+            file: Mutex::new(Some(file)),
             offer,
-            cursor: AtomicU32::new(0),
             moved: AtomicU64::new(0),
         })
     }
 
+    /// Closes the owner's memfd once the peer has mapped the region.
+    pub(crate) fn peer_mapped(&self) {
+        self.file.lock().take();
+    }
+
     /// Maps a peer's region, after checking it is what `offer` says; the
-    /// error says why not (for the peer's log).
+    /// error says why not (for this process's log: it names local paths).
     pub fn attach(offer: &RegionOffer) -> Result<SharedRegion, String> {
         let RegionOffer {
             pid,
@@ -222,21 +263,33 @@ impl SharedRegion {
         }
         let path = format!("/proc/{pid}/fd/{fd}");
         // Only a memfd of ours: opening a FIFO or a device found at a
-        // reused pid's fd could block or have side effects.
-        let target = std::fs::read_link(&path).map_err(|e| format!("{path}: {e}"))?;
-        let expected = format!("/memfd:{MEMFD_NAME}");
-        if !target.to_string_lossy().starts_with(&expected) {
-            return Err(format!(
-                "{path} is {}, not a payload region",
-                target.display()
-            ));
-        }
+        // reused pid's fd could block or have side effects. Checked again
+        // on what was opened, as the fd may change in between.
+        let expected = format!("/memfd:{MEMFD_NAME} (deleted)");
+        let is_region = |link: &str| -> Result<(), String> {
+            let target = std::fs::read_link(link).map_err(|e| format!("{link}: {e}"))?;
+            match target.to_string_lossy() == expected {
+                true => Ok(()),
+                false => Err(format!(
+                    "{path} is {}, not a payload region",
+                    target.display()
+                )),
+            }
+        };
+        is_region(&path)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc_flags())
             .open(&path)
             .map_err(|e| format!("{path}: {e}"))?;
+        is_region(&format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+        let seals = fcntl(file.as_fd(), FcntlArg::F_GET_SEALS)
+            .map(SealFlag::from_bits_truncate)
+            .map_err(|e| format!("{path}: seals: {e}"))?;
+        if !seals.contains(REGION_SEALS) {
+            return Err(format!("{path} is not sealed against resizing"));
+        }
         let meta = file.metadata().map_err(|e| format!("{path}: {e}"))?;
         let len = region_len(slots, slot_bytes);
         if !meta.is_file() || meta.len() != len as u64 {
@@ -274,11 +327,11 @@ impl SharedRegion {
                 "{path} is not the offered region (token or geometry differ)"
             ));
         }
+        // The mapping holds the memory; the fd is not needed any more.
         Ok(SharedRegion {
             map,
-            _file: file,
+            file: Mutex::new(None),
             offer: *offer,
-            cursor: AtomicU32::new(0),
             moved: AtomicU64::new(0),
         })
     }
@@ -317,33 +370,34 @@ impl SharedRegion {
         }
     }
 
-    /// Copies `payload` into a free slot of this (own) region and marks it
-    /// busy; `None` when it does not fit a slot or no slot is free, and the
-    /// payload goes on the stream.
+    /// Copies `payload` into the lowest free slot of this (own) region and
+    /// publishes it; `None` when it does not fit a slot or no slot is free,
+    /// and the payload goes on the stream.
     pub fn put(&self, payload: &[u8]) -> Option<u32> {
-        let slots = self.offer.slots;
         if payload.len() > self.offer.slot_bytes as usize {
             FALLBACKS_TOTAL.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        let start = self.cursor.load(Ordering::Relaxed);
-        for i in 0..slots {
-            let slot = (start + i) % slots;
+        let held = u32::try_from(payload.len() + 1).expect("a slot's length fits u32");
+        for slot in 0..self.offer.slots {
             let state = self.state(slot);
+            // Acquire: the peer's copy out of this slot (released with
+            // FREE) is over before this copy in starts.
             if state
-                .compare_exchange(FREE, BUSY, Ordering::Acquire, Ordering::Relaxed)
+                .compare_exchange(FREE, FILLING, Ordering::Acquire, Ordering::Relaxed)
                 .is_err()
             {
                 continue;
             }
             // SAFETY: the slot holds `slot_bytes` >= `payload.len()` bytes
-            // and is ours while busy; the peer reads it only after the
-            // reference reached it. A peer that writes it anyway cannot make
-            // this copy unsound: it writes, never reads the slot back.
+            // and is this side's while FILLING: a correct peer reads it only
+            // once it holds a length. A raw copy from memory of our own, no
+            // reference into the slot (see the module docs on trust).
             unsafe {
                 std::ptr::copy_nonoverlapping(payload.as_ptr(), self.slot_ptr(slot), payload.len());
             }
-            self.cursor.store((slot + 1) % slots, Ordering::Relaxed);
+            // Release: the bytes are in before the peer sees the length.
+            state.store(held, Ordering::Release);
             self.moved.fetch_add(1, Ordering::Relaxed);
             SHARED_TOTAL.fetch_add(1, Ordering::Relaxed);
             return Some(slot);
@@ -363,24 +417,21 @@ impl SharedRegion {
             ));
         }
         let state = self.state(slot);
-        if state.load(Ordering::Acquire) != BUSY {
-            return Err(format!("slot {slot} is not marked busy by its owner"));
+        // Acquire: pairs with the owner's release of the length, so all of
+        // the payload's bytes are visible.
+        let held = state.load(Ordering::Acquire);
+        if held != len + 1 {
+            return Err(format!(
+                "slot {slot} does not hold the {len} bytes referenced (state {held:#x})"
+            ));
         }
-        let len = len as usize;
-        let mut buf = PayloadBuf::with_len(len);
-        let from = self.slot_ptr(slot);
-        let mut filled = 0;
-        while filled < len {
-            let spare = buf.spare(filled);
-            let n = spare.len().min(len - filled);
-            // SAFETY: `from + filled .. + n` lies in the slot (len <=
-            // slot_bytes) and `spare` is this process's own memory. The
-            // owner does not write a busy slot; if it does anyway, this
-            // copies whatever bytes are there, and the payload's CRC
-            // catches them.
-            unsafe { std::ptr::copy_nonoverlapping(from.add(filled), spare.as_mut_ptr(), n) };
-            filled += n;
-        }
+        let mut buf = PayloadBuf::with_len(len as usize);
+        let to = buf.whole_mut();
+        // SAFETY: the slot holds `slot_bytes` >= `len` bytes and `to` is
+        // this process's own memory; a correct owner does not write a slot
+        // holding a payload (see the module docs on trust).
+        unsafe { std::ptr::copy_nonoverlapping(self.slot_ptr(slot), to.as_mut_ptr(), to.len()) };
+        // Release: the copy is over before the owner may fill the slot again.
         state.store(FREE, Ordering::Release);
         self.moved.fetch_add(1, Ordering::Relaxed);
         SHARED_TOTAL.fetch_add(1, Ordering::Relaxed);
@@ -442,7 +493,7 @@ mod tests {
         let own = SharedRegion::create(2, 64 * 1024).unwrap();
         let peer = SharedRegion::attach(&own.offer()).unwrap();
         let err = peer.take(SharedRef { slot: 0, len: 10 }).unwrap_err();
-        assert!(err.contains("not marked busy"), "{err}");
+        assert!(err.contains("does not hold"), "{err}");
         let err = peer.take(SharedRef { slot: 2, len: 10 }).unwrap_err();
         assert!(err.contains("outside the region"), "{err}");
         let slot = own.put(&payload(100, 3)).unwrap();
@@ -453,6 +504,44 @@ mod tests {
             })
             .unwrap_err();
         assert!(err.contains("outside the region"), "{err}");
+        // A reference naming another length than the slot holds.
+        let err = peer.take(SharedRef { slot, len: 99 }).unwrap_err();
+        assert!(err.contains("does not hold the 99 bytes"), "{err}");
+        let got = peer.take(SharedRef { slot, len: 100 }).unwrap();
+        assert_eq!(&got[..], &payload(100, 3)[..]);
+        // Taken once: a replayed reference is refused.
+        let err = peer.take(SharedRef { slot, len: 100 }).unwrap_err();
+        assert!(err.contains("does not hold"), "{err}");
+    }
+
+    #[test]
+    fn a_memfd_that_could_be_resized_is_refused() {
+        use nix::sys::memfd::{memfd_create, MFdFlags};
+        let fd = memfd_create(MEMFD_NAME, MFdFlags::MFD_CLOEXEC).unwrap();
+        let file = File::from(fd);
+        file.set_len(region_len(2, 64 * 1024) as u64).unwrap();
+        let offer = RegionOffer {
+            pid: std::process::id(),
+            fd: file.as_raw_fd(),
+            token: 1,
+            slots: 2,
+            slot_bytes: 64 * 1024,
+        };
+        let err = SharedRegion::attach(&offer).unwrap_err();
+        assert!(err.contains("not sealed"), "{err}");
+    }
+
+    #[test]
+    fn the_owner_closes_its_memfd_once_the_peer_mapped_it() {
+        let own = SharedRegion::create(2, 64 * 1024).unwrap();
+        let peer = SharedRegion::attach(&own.offer()).unwrap();
+        own.peer_mapped();
+        // Nobody can attach through the offer any more ...
+        assert!(SharedRegion::attach(&own.offer()).is_err());
+        // ... and the two mappings still work.
+        let slot = own.put(&payload(5000, 9)).unwrap();
+        let got = peer.take(SharedRef { slot, len: 5000 }).unwrap();
+        assert_eq!(&got[..], &payload(5000, 9)[..]);
     }
 
     #[test]
@@ -477,6 +566,18 @@ mod tests {
             ..own.offer()
         };
         let err = SharedRegion::attach(&not_memfd).unwrap_err();
+        assert!(err.contains("not a payload region"), "{err}");
+        // A memfd of another name.
+        let other = nix::sys::memfd::memfd_create(
+            "r3fs-payloads-not",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        )
+        .unwrap();
+        let other_name = RegionOffer {
+            fd: other.as_raw_fd(),
+            ..own.offer()
+        };
+        let err = SharedRegion::attach(&other_name).unwrap_err();
         assert!(err.contains("not a payload region"), "{err}");
         let no_such_fd = RegionOffer {
             fd: 1_000_000,

@@ -25,6 +25,12 @@ pub trait Transport: Clone + Send + Sync + 'static {
 
     /// Listens on `addr` (port 0 picks a free port).
     fn bind(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Listener>> + Send;
+
+    /// Whether both ends of `stream` are on this host, so payloads may go
+    /// through shared memory (`crate::shared`). `false` when unknown.
+    fn same_host(_stream: &Self::Stream) -> bool {
+        false
+    }
 }
 
 /// The accepting side of a [`Transport`].
@@ -36,6 +42,11 @@ pub trait Listener: Send + 'static {
 
     /// The address actually bound.
     fn local_addr(&self) -> io::Result<SocketAddr>;
+
+    /// As [`Transport::same_host`], for an accepted stream.
+    fn same_host(_stream: &Self::Stream) -> bool {
+        false
+    }
 }
 
 /// TCP with `TCP_NODELAY` on both ends.
@@ -50,6 +61,10 @@ impl Transport for TcpTransport {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         Ok(stream)
+    }
+
+    fn same_host(stream: &TcpStream) -> bool {
+        tcp_same_host(stream)
     }
 
     async fn bind(&self, addr: SocketAddr) -> io::Result<TcpTransportListener> {
@@ -77,5 +92,18 @@ impl Listener for TcpTransportListener {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    fn same_host(stream: &TcpStream) -> bool {
+        tcp_same_host(stream)
+    }
+}
+
+/// Loopback, or a connection to this host's own address (the kernel then
+/// uses that address as the source too).
+fn tcp_same_host(stream: &TcpStream) -> bool {
+    match (stream.local_addr(), stream.peer_addr()) {
+        (Ok(local), Ok(peer)) => peer.ip().is_loopback() || local.ip() == peer.ip(),
+        _ => false,
     }
 }

@@ -364,7 +364,8 @@ async fn shared_memory_handshake_refuses_what_it_cannot_map() {
     assert_eq!(answer.kind, FrameKind::Response);
     let answer: ShareAnswer = body::decode(&answer.body).unwrap();
     let reason = answer.refused.expect("refused");
-    assert!(reason.contains("not a payload region"), "{reason}");
+    // A fixed reason: nothing about this host's files goes to the peer.
+    assert_eq!(reason, "the offered region cannot be mapped here");
     assert_eq!(answer.offer, None, "no region for answers either");
     let confirmed = exchange(
         &mut stream,
@@ -372,6 +373,13 @@ async fn shared_memory_handshake_refuses_what_it_cannot_map() {
     )
     .await;
     assert!(!body::decode::<bool>(&confirmed.body).unwrap());
+    // One try per connection: no probing of other pids and fds.
+    let again = exchange(&mut stream, request::<ShareRegion>(5, body::encode(&share))).await;
+    let again: ShareAnswer = body::decode(&again.body).unwrap();
+    assert_eq!(
+        again.refused.as_deref(),
+        Some("this connection asked to share a region already")
+    );
     check_error_answer(
         addr,
         request::<ShareRegion>(3, Bytes::from_static(b"\xff")),
@@ -388,5 +396,85 @@ async fn shared_memory_handshake_refuses_what_it_cannot_map() {
     stream.write_all(&bytes).await.unwrap();
     expect_closed(&mut stream).await;
     expect_others_served(&server).await;
+    server.shutdown().await;
+}
+
+/// TCP that never vouches for the peer's host: how a connection from
+/// another host looks to the RPC layer.
+#[derive(Clone)]
+struct ElsewhereTransport;
+
+struct ElsewhereListener(r3fs_net::transport::TcpTransportListener);
+
+impl r3fs_net::Transport for ElsewhereTransport {
+    type Stream = TcpStream;
+    type Listener = ElsewhereListener;
+
+    async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        r3fs_net::TcpTransport.connect(addr).await
+    }
+
+    async fn bind(&self, addr: SocketAddr) -> std::io::Result<ElsewhereListener> {
+        Ok(ElsewhereListener(r3fs_net::TcpTransport.bind(addr).await?))
+    }
+}
+
+impl r3fs_net::Listener for ElsewhereListener {
+    type Stream = TcpStream;
+
+    async fn accept(&mut self) -> std::io::Result<(TcpStream, SocketAddr)> {
+        self.0.accept().await
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+/// A peer on another host is refused before the server looks for its
+/// region, and a client that cannot tell the server is on its host does
+/// not offer one.
+#[tokio::test]
+async fn peers_on_other_hosts_share_no_memory() {
+    use r3fs_net::shared::SharedRegion;
+    use r3fs_wire::share::{ShareAnswer, ShareRegion, ShareRequest};
+    let elsewhere = RpcServer::bind_with(
+        ElsewhereTransport,
+        localhost(),
+        router(&Counter::default()),
+        ServerConfig::default(),
+    )
+    .await
+    .unwrap();
+    // A region this process could map: only the host check refuses it.
+    let region = SharedRegion::create(2, 64 * 1024).unwrap();
+    let share = ShareRequest {
+        offer: region.offer(),
+        wants_answers: true,
+    };
+    let mut stream = TcpStream::connect(elsewhere.local_addr()).await.unwrap();
+    let answer = exchange(&mut stream, request::<ShareRegion>(1, body::encode(&share))).await;
+    let answer: ShareAnswer = body::decode(&answer.body).unwrap();
+    assert_eq!(
+        answer.refused.as_deref(),
+        Some("the client is not on this server's host")
+    );
+    assert_eq!(answer.offer, None);
+    elsewhere.shutdown().await;
+
+    let (server, _) = server(ServerConfig::default()).await;
+    let client = RpcClient::with_transport(ElsewhereTransport, ClientConfig::default());
+    let sent = payload(1 << 20);
+    let (_, back) = client
+        .call_with_payload::<Blob>(
+            server.local_addr(),
+            &(),
+            sent.clone(),
+            CallOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(back, sent);
+    assert_eq!(client.shared_payloads(), 0);
     server.shutdown().await;
 }

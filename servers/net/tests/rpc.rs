@@ -350,3 +350,16 @@ async fn pending_calls_fail_promptly_when_connection_drops() {
     assert!(start.elapsed() < Duration::from_secs(2));
     assert_eq!(counter.get(), 4, "not idempotent, so not retried");
 }
+
+#[test]
+#[should_panic(expected = "the RPC layer's own")]
+fn a_method_may_not_take_the_rpc_layers_own_ids() {
+    struct Squatter;
+    impl r3fs_wire::Method for Squatter {
+        const ID: u16 = r3fs_wire::share::SHARE_REGION_ID;
+        const NAME: &'static str = "test.squatter";
+        type Request = ();
+        type Response = ();
+    }
+    r3fs_net::Router::new().register::<Squatter, _, _>(|(), _ctx| async { Ok(()) });
+}
