@@ -464,17 +464,7 @@ async fn peers_on_other_hosts_share_no_memory() {
 
     let (server, _) = server(ServerConfig::default()).await;
     let client = RpcClient::with_transport(ElsewhereTransport, ClientConfig::default());
-    let sent = payload(1 << 20);
-    let (_, back) = client
-        .call_with_payload::<Blob>(
-            server.local_addr(),
-            &(),
-            sent.clone(),
-            CallOptions::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(back, sent);
+    echo_blob(&client, server.local_addr(), &payload(1 << 20), "1 MiB").await;
     assert_eq!(client.shared_payloads(), 0);
     server.shutdown().await;
 }

@@ -75,18 +75,13 @@ async fn payload_round_trip() {
     let (server, _) = server(ServerConfig::default()).await;
     let client = RpcClient::new(ClientConfig::default());
     for len in [0, 1, 100_000, 4 * 1024 * 1024 + 7] {
-        let sent = payload(len);
-        let (n, back) = client
-            .call_with_payload::<Blob>(
-                server.local_addr(),
-                &(),
-                sent.clone(),
-                CallOptions::default(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(n, len as u64);
-        assert_eq!(back, sent);
+        echo_blob(
+            &client,
+            server.local_addr(),
+            &payload(len),
+            &format!("{len} bytes"),
+        )
+        .await;
     }
     server.shutdown().await;
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use r3fs_net::shared::{allowed_by_env, SHARED_PAYLOAD_BYTES_MIN, SLOT_BYTES, SWITCH_ENV};
-use r3fs_net::{CallOptions, ClientConfig, RpcClient, ServerConfig};
+use r3fs_net::{ClientConfig, RpcClient, ServerConfig};
 
 /// Whether this run lets payloads be shared (an operator may have set
 /// `R3FS_SHARED_PAYLOADS=off` for the whole test run).
@@ -55,13 +55,7 @@ async fn same_host_payloads_go_through_shared_memory_both_ways() {
     .into_iter()
     .enumerate()
     {
-        let sent = varied(len, seed);
-        let (n, back) = client
-            .call_with_payload::<Blob>(addr, &(), sent.clone(), CallOptions::default())
-            .await
-            .unwrap();
-        assert_eq!(n, len as u64);
-        assert_eq!(back, sent, "payload of {len} bytes");
+        echo_blob(&client, addr, &varied(len, seed), &format!("{len} bytes")).await;
         if (SHARED_PAYLOAD_BYTES_MIN..=slot).contains(&len) {
             // The request, and the echo back.
             shared += 2;
@@ -82,12 +76,13 @@ async fn more_payloads_in_flight_than_slots_all_arrive_intact() {
     let calls = (0..48).map(|seed| {
         let client = client.clone();
         async move {
-            let sent = varied(1 << 20, seed);
-            let (_, back) = client
-                .call_with_payload::<Blob>(addr, &(), sent.clone(), CallOptions::default())
-                .await
-                .unwrap();
-            assert!(back == sent, "call {seed} came back changed");
+            echo_blob(
+                &client,
+                addr,
+                &varied(1 << 20, seed),
+                &format!("call {seed}"),
+            )
+            .await;
         }
     });
     futures::future::join_all(calls).await;
@@ -112,16 +107,7 @@ async fn either_side_may_keep_payloads_on_the_stream() {
     ] {
         let (server, _) = server(server_config).await;
         let client = RpcClient::new(client_config);
-        let (_, back) = client
-            .call_with_payload::<Blob>(
-                server.local_addr(),
-                &(),
-                sent.clone(),
-                CallOptions::default(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(back, sent);
+        echo_blob(&client, server.local_addr(), &sent, "1 MiB").await;
         assert_eq!(client.shared_payloads(), 0);
         server.shutdown().await;
     }
@@ -199,12 +185,13 @@ async fn payloads_cross_processes_through_shared_memory() {
         .unwrap();
     let client = RpcClient::new(ClientConfig::default());
     for seed in 0..8 {
-        let sent = varied(1 << 20, seed);
-        let (_, back) = client
-            .call_with_payload::<Blob>(addr, &(), sent.clone(), CallOptions::default())
-            .await
-            .unwrap();
-        assert!(back == sent, "call {seed} came back changed");
+        echo_blob(
+            &client,
+            addr,
+            &varied(1 << 20, seed),
+            &format!("call {seed}"),
+        )
+        .await;
     }
     assert_eq!(
         client.shared_payloads(),

@@ -174,3 +174,19 @@ pub fn init_tracing() {
 pub fn payload(len: usize) -> Bytes {
     Bytes::from((0..len).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>())
 }
+
+/// Sends `sent` to [`Blob`] at `addr` and checks it comes back unchanged
+/// (and that the server saw all of it); `what` names the call in a failure.
+pub async fn echo_blob<T: r3fs_net::Transport>(
+    client: &r3fs_net::RpcClient<T>,
+    addr: SocketAddr,
+    sent: &Bytes,
+    what: &str,
+) {
+    let (seen, back) = client
+        .call_with_payload::<Blob>(addr, &(), sent.clone(), r3fs_net::CallOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(seen, sent.len() as u64, "{what}: length the server saw");
+    assert!(back == *sent, "{what}: the payload came back changed");
+}
