@@ -37,8 +37,11 @@
 //!   batch, so a commit is never half applied; a complete batch whose checksum
 //!   fails makes `open` fail with `Engine` rather than drop data silently.
 //!
-//! An fsync failure poisons fjall: that commit and every later one fail with
-//! `Engine`; reopen the directory to recover what reached the disk.
+//! The fsync runs outside fjall's journal lock, so commits keep writing
+//! their batches while a group commit's fsync is under way (module
+//! `journal_sync` says why that covers every earlier batch). An fsync
+//! failure is final: that commit and every later one fail with `Engine`;
+//! reopen the directory to recover what reached the disk.
 //!
 //! Versions live in memory only; reopening starts a new version sequence.
 //! Because `begin` reads the version before opening the snapshot, a snapshot
@@ -54,6 +57,9 @@
 
 mod buffer;
 mod history;
+mod journal_sync;
+#[cfg(test)]
+mod tests;
 
 use crate::limits::{check_key, check_range, WriteBudget};
 use std::cmp::Ordering as CmpOrdering;
@@ -72,6 +78,7 @@ pub use history::{HISTORY_AGE_MAX, HISTORY_BYTES_MAX, HISTORY_COMMITS_MAX};
 use crate::{AtomicOp, KeyValue, KvEngine, KvError, RangeOptions, RangeResult, Transaction};
 use buffer::{apply_atomics, Pending, WriteBuffer, ATOMIC_OPERAND_BYTES};
 use history::{History, KeyRange};
+use journal_sync::JournalSync;
 
 /// The one fjall keyspace holding all keys.
 const KEYSPACE_NAME: &str = "kv";
@@ -168,6 +175,8 @@ pub struct EmbeddedEngine {
 
 struct Inner {
     db: Database,
+    /// Fsyncs the journal (outside fjall's journal lock).
+    journal: JournalSync,
     keyspace: Keyspace,
     durability: Durability,
     /// Newest version whose batch is in fjall. Stored after the batch is applied.
@@ -220,8 +229,10 @@ impl EmbeddedEngine {
             }
             Durability::Sync => Durability::Sync,
         };
+        let journal = JournalSync::open(&config.path);
         let inner = Arc::new(Inner {
             db,
+            journal,
             keyspace,
             durability,
             committed_version: AtomicU64::new(version),
@@ -378,13 +389,13 @@ impl Inner {
                 self.gather_writers();
                 // Every version up to `target` has its batch in the OS already.
                 let target = self.committed_version.load(Ordering::Acquire);
-                (target, self.db.persist(PersistMode::SyncData))
+                (target, self.journal.sync(&self.db))
             });
             assert!(target >= version, "waiting for a version not yet committed");
             self.fsyncs.fetch_add(1, Ordering::Relaxed);
             state.syncing = false;
             self.synced.notify_all();
-            result.map_err(|e| engine_error("fsync journal", e))?;
+            result?;
             if target > state.synced_version {
                 state.synced_version = target;
             }
@@ -425,6 +436,11 @@ impl Inner {
         reads: &[KeyRange],
         buffer: WriteBuffer,
     ) -> Result<u64, KvError> {
+        // After a failed journal fsync nothing may commit on top of what it
+        // may have lost (see `journal_sync`).
+        if let Some(e) = self.journal.failure() {
+            return Err(e);
+        }
         let mut history = self.commit.lock();
         if let Err(e) = history.check(read_version, reads) {
             let counter = match e {
