@@ -80,6 +80,17 @@ use buffer::{apply_atomics, Pending, WriteBuffer, ATOMIC_OPERAND_BYTES};
 use history::{History, KeyRange};
 use journal_sync::JournalSync;
 
+/// Below these counts of sealed memtables and level-0 tables a commit does
+/// not meet fjall's write backpressure (see
+/// [`EmbeddedEngine::writes_may_wait`]).
+const SEALED_MEMTABLES_CALM_MAX: usize = 2;
+const L0_TABLES_CALM_MAX: usize = 16;
+
+/// See [`EmbeddedEngine::writes_may_wait`].
+fn backlog_may_hold_writes(sealed_memtables: usize, l0_tables: usize) -> bool {
+    sealed_memtables >= SEALED_MEMTABLES_CALM_MAX || l0_tables >= L0_TABLES_CALM_MAX
+}
+
 /// The one fjall keyspace holding all keys.
 const KEYSPACE_NAME: &str = "kv";
 /// Byte stored in front of every user key: fjall rejects empty keys (it
@@ -316,6 +327,21 @@ impl EmbeddedEngine {
     /// Every commit up to this version is fsynced.
     pub fn synced_version(&self) -> u64 {
         self.inner.sync.lock().synced_version
+    }
+
+    /// Whether a commit now might be made to wait by fjall's write
+    /// backpressure, which sleeps a committing thread while sealed memtables
+    /// or level-0 tables pile up ahead of flushes and compactions. A caller
+    /// that must not block (an async task) commits on a thread that may
+    /// then. The limits sit below fjall's (it halts writers at 4 sealed
+    /// memtables and slows them from 20 level-0 runs; a run holds at least
+    /// one table), so `false` stays true for a commit made right after: the
+    /// counts climb by one per memtable flush, not per commit.
+    pub fn writes_may_wait(&self) -> bool {
+        backlog_may_hold_writes(
+            self.inner.keyspace.sealed_memtable_count(),
+            self.inner.keyspace.l0_table_count(),
+        )
     }
 
     /// Fsync the journal now, whatever the durability mode.

@@ -830,10 +830,14 @@ impl ChunkEngine {
     }
 
     fn lock(&self, id: ChunkId) -> MutexGuard<'_, ()> {
+        self.lock_of(id).lock()
+    }
+
+    fn lock_of(&self, id: ChunkId) -> &Mutex<()> {
         let hash = (id.inode.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ id.index)
             .wrapping_mul(0xbf58_476d_1ce4_e5b9);
         let shard = (hash >> 32) as usize & (LOCK_SHARDS - 1);
-        self.locks[shard].lock()
+        &self.locks[shard]
     }
 
     /// Where byte `offset` of version `ver` (committed or pending) of `id`
@@ -1939,6 +1943,32 @@ impl ChunkEngine {
         self.commit_loaded(id, record, update_ver, CommitSync::Later)
     }
 
+    /// [`ChunkEngine::commit_unsynced`] when it can run without waiting, for
+    /// a caller on an async worker: `None`, having done nothing, when the
+    /// chunk's lock is taken (a read or resync of the chunk may hold it
+    /// through disk I/O), when a failed metadata write put reads behind
+    /// fsyncs (see `load`), or when the metadata store may hold the commit
+    /// back ([`EmbeddedEngine::writes_may_wait`]); the caller then runs
+    /// `commit_unsynced` where blocking is fine. What runs is a metadata
+    /// read, from memory unless a memtable flush came between the version's
+    /// stage and this commit, and one unsynced batch: no fsync, no data
+    /// file I/O.
+    pub fn try_commit_unsynced(
+        &self,
+        id: ChunkId,
+        update_ver: u64,
+    ) -> Option<ChunkResult<Option<ChunkMeta>>> {
+        if self.kv_in_doubt.load(Ordering::Acquire) || self.kv.writes_may_wait() {
+            return None;
+        }
+        let _guard = self.lock_of(id).try_lock()?;
+        let committed = self
+            .load(id)
+            .and_then(|record| record.ok_or(ChunkError::NotFound { id }))
+            .and_then(|record| self.commit_loaded(id, record, update_ver, CommitSync::Later));
+        Some(committed)
+    }
+
     /// [`ChunkEngine::commit`] of the just loaded `record`, under its lock.
     fn commit_loaded(
         &self,
@@ -2407,6 +2437,60 @@ mod tests {
         let meta = engine
             .apply_committed(id, 2, 1, update(b"two"))
             .expect("v2");
+        assert_eq!(meta.map(|m| m.commit_ver), Some(2));
+        let (bytes, _) = engine.read(id, 0, 3).expect("read");
+        assert_eq!(bytes, b"two");
+    }
+
+    #[test]
+    fn an_unsynced_commit_runs_in_place_only_when_nothing_would_wait() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = ChunkEngine::open(dir.path(), BLOCK_BYTES).expect("open");
+        let id = ChunkId { inode: 3, index: 1 };
+        let write = |data: &'static [u8]| ChunkUpdate::Write {
+            offset: 0,
+            data,
+            chunk_size: BLOCK_BYTES,
+            crc: crc_fast::crc32_iscsi(data),
+        };
+        engine
+            .apply_pending(id, 1, 1, write(b"one"), None)
+            .expect("stage v1");
+        // The chunk's lock is taken (a read of it, say): nothing happens.
+        {
+            let _held = engine.lock(id);
+            assert!(engine.try_commit_unsynced(id, 1).is_none());
+        }
+        assert_eq!(
+            engine.meta(id).expect("meta").map(|m| m.commit_ver),
+            Some(0)
+        );
+        let meta = engine
+            .try_commit_unsynced(id, 1)
+            .expect("nothing to wait for")
+            .expect("commit v1");
+        assert_eq!(meta.map(|m| (m.commit_ver, m.update_ver)), Some((1, 1)));
+        // Errors come back as `commit_unsynced` gives them.
+        let stale = engine.try_commit_unsynced(id, 0).expect("runs");
+        assert!(
+            matches!(stale, Err(ChunkError::StaleVersion { .. })),
+            "{stale:?}"
+        );
+        let absent = ChunkId { inode: 3, index: 2 };
+        let missing = engine.try_commit_unsynced(absent, 1).expect("runs");
+        assert!(
+            matches!(missing, Err(ChunkError::NotFound { .. })),
+            "{missing:?}"
+        );
+        // After a failed metadata write, loads wait for fsyncs: not here.
+        engine
+            .apply_pending(id, 2, 1, write(b"two"), None)
+            .expect("stage v2");
+        engine.kv_in_doubt.store(true, Ordering::Release);
+        assert!(engine.try_commit_unsynced(id, 2).is_none());
+        let meta = engine
+            .commit_unsynced(id, 2)
+            .expect("commit v2 the slow way");
         assert_eq!(meta.map(|m| m.commit_ver), Some(2));
         let (bytes, _) = engine.read(id, 0, 3).expect("read");
         assert_eq!(bytes, b"two");

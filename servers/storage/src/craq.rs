@@ -31,6 +31,12 @@
 //! further. A member commits only once its successor acknowledged and its
 //! own store is done.
 //!
+//! Chunk engine calls block on disk I/O, so they run on tokio's blocking
+//! pool, except an unsynced commit that finds nothing to wait for (its
+//! chunk's lock free, no flush backlog in the metadata store:
+//! `ChunkEngine::try_commit_unsynced`), which runs in place on the
+//! acknowledgement path.
+//!
 //! The head alone stages and commits in one durable metadata commit; every
 //! other commit waits for no metadata fsync (`ChunkEngine::commit_unsynced`):
 //! every member holds the version durably by then, and a commit a machine
@@ -1136,17 +1142,30 @@ impl StorageService {
         let engine = self.engine(me).clone();
         let (addr, op, update_ver) = (req.addr, req.op, req.update_ver);
         let id = chunk_id(addr);
-        let commit = move || match op {
-            UpdateOp::Remove => engine.commit(id, update_ver),
-            _ => engine.commit_unsynced(id, update_ver),
-        };
-        blocking(move || match commit() {
-            Ok(meta) => Ok(meta),
+        let absent_is_done = move |committed| match committed {
             Err(ChunkError::NotFound { .. }) if removes_or_keeps_absent(op) => Ok(None),
-            Err(e) => Err(e),
-        })
-        .await
-        .map_err(|e| storage_error(e, addr, me))
+            other => other,
+        };
+        // Most unsynced commits wait for nothing: run them here rather than
+        // pay two thread handoffs on every member's acknowledgement path
+        // (about 6% of chain write bandwidth on 2 vCPUs).
+        let inline = match op {
+            UpdateOp::Remove => None,
+            _ => engine.try_commit_unsynced(id, update_ver),
+        };
+        let committed = match inline {
+            Some(committed) => absent_is_done(committed),
+            None => {
+                blocking(move || {
+                    absent_is_done(match op {
+                        UpdateOp::Remove => engine.commit(id, update_ver),
+                        _ => engine.commit_unsynced(id, update_ver),
+                    })
+                })
+                .await
+            }
+        };
+        committed.map_err(|e| storage_error(e, addr, me))
     }
 
     /// Stages `req` here and forwards it to the successor `next`, in the way

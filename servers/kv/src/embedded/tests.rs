@@ -121,3 +121,37 @@ fn a_failed_journal_fsync_fails_that_commit_and_every_later_one() {
         assert_eq!(read(&engine, b"before").as_deref(), Some(&b"1"[..]));
     }
 }
+
+#[test]
+fn writes_may_wait_once_a_flush_backlog_nears_fjalls_limits() {
+    assert!(!backlog_may_hold_writes(0, 0));
+    assert!(!backlog_may_hold_writes(
+        SEALED_MEMTABLES_CALM_MAX - 1,
+        L0_TABLES_CALM_MAX - 1
+    ));
+    assert!(backlog_may_hold_writes(SEALED_MEMTABLES_CALM_MAX, 0));
+    assert!(backlog_may_hold_writes(0, L0_TABLES_CALM_MAX));
+    // Below fjall's own: it halts writers at 4 sealed memtables and slows
+    // them from 20 level-0 runs.
+    const _: () = assert!(SEALED_MEMTABLES_CALM_MAX < 4 && L0_TABLES_CALM_MAX < 20);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = EmbeddedEngine::open(EmbeddedConfig::new(dir.path())).expect("open");
+    assert!(!engine.writes_may_wait(), "a fresh engine has no backlog");
+    // Flushed tables that compaction keeps up with are no backlog.
+    for i in 0..3u8 {
+        let mut txn = engine.begin().expect("begin");
+        txn.set(&[b'k', i], b"value").expect("set");
+        txn.commit().expect("commit");
+        engine
+            .inner
+            .keyspace
+            .rotate_memtable_and_wait()
+            .expect("flush");
+    }
+    assert!(engine.inner.keyspace.table_count() >= 1);
+    assert_eq!(engine.inner.keyspace.sealed_memtable_count(), 0);
+    assert!(
+        !engine.writes_may_wait(),
+        "three flushed tables are no backlog"
+    );
+}
