@@ -2363,6 +2363,16 @@ fn clip(length: usize, offset: u32, len: u32) -> (usize, usize) {
 mod tests {
     use super::*;
 
+    /// A write of `data` at the start of a one-block chunk.
+    fn write_at_start(data: &[u8]) -> ChunkUpdate<'_> {
+        ChunkUpdate::Write {
+            offset: 0,
+            data,
+            chunk_size: BLOCK_BYTES,
+            crc: crc_fast::crc32_iscsi(data),
+        }
+    }
+
     #[test]
     fn unsynced_frees_queued_out_of_version_order_wait_for_the_later_version() {
         // Two commits read their versions outside the slots lock, so the
@@ -2420,14 +2430,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let engine = ChunkEngine::open(dir.path(), BLOCK_BYTES).expect("open");
         let id = ChunkId { inode: 1, index: 0 };
-        let update = |data: &'static [u8]| ChunkUpdate::Write {
-            offset: 0,
-            data,
-            chunk_size: BLOCK_BYTES,
-            crc: crc_fast::crc32_iscsi(data),
-        };
         engine
-            .apply_committed(id, 1, 1, update(b"one"))
+            .apply_committed(id, 1, 1, write_at_start(b"one"))
             .expect("v1");
         let fast = engine.load(id).expect("snapshot load");
         // What a failed metadata commit leaves behind: every later load
@@ -2435,7 +2439,7 @@ mod tests {
         engine.kv_in_doubt.store(true, Ordering::Release);
         assert_eq!(engine.load(id).expect("durable load"), fast);
         let meta = engine
-            .apply_committed(id, 2, 1, update(b"two"))
+            .apply_committed(id, 2, 1, write_at_start(b"two"))
             .expect("v2");
         assert_eq!(meta.map(|m| m.commit_ver), Some(2));
         let (bytes, _) = engine.read(id, 0, 3).expect("read");
@@ -2447,14 +2451,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let engine = ChunkEngine::open(dir.path(), BLOCK_BYTES).expect("open");
         let id = ChunkId { inode: 3, index: 1 };
-        let write = |data: &'static [u8]| ChunkUpdate::Write {
-            offset: 0,
-            data,
-            chunk_size: BLOCK_BYTES,
-            crc: crc_fast::crc32_iscsi(data),
-        };
         engine
-            .apply_pending(id, 1, 1, write(b"one"), None)
+            .apply_pending(id, 1, 1, write_at_start(b"one"), None)
             .expect("stage v1");
         // The chunk's lock is taken (a read of it, say): nothing happens.
         {
@@ -2484,7 +2482,7 @@ mod tests {
         );
         // After a failed metadata write, loads wait for fsyncs: not here.
         engine
-            .apply_pending(id, 2, 1, write(b"two"), None)
+            .apply_pending(id, 2, 1, write_at_start(b"two"), None)
             .expect("stage v2");
         engine.kv_in_doubt.store(true, Ordering::Release);
         assert!(engine.try_commit_unsynced(id, 2).is_none());
