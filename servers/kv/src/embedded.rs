@@ -80,10 +80,9 @@ use buffer::{apply_atomics, Pending, WriteBuffer, ATOMIC_OPERAND_BYTES};
 use history::{History, KeyRange};
 use journal_sync::JournalSync;
 
-/// Below these counts of sealed memtables and level-0 tables a commit does
-/// not meet fjall's write backpressure (see
-/// [`EmbeddedEngine::writes_may_wait`]).
-const SEALED_MEMTABLES_CALM_MAX: usize = 2;
+/// Below these counts of sealed memtables and level-0 tables a commit waits
+/// for no flush (see [`EmbeddedEngine::writes_may_wait`]).
+const SEALED_MEMTABLES_CALM_MAX: usize = 1;
 const L0_TABLES_CALM_MAX: usize = 16;
 
 /// See [`EmbeddedEngine::writes_may_wait`].
@@ -329,19 +328,24 @@ impl EmbeddedEngine {
         self.inner.sync.lock().synced_version
     }
 
-    /// Whether a commit now might be made to wait by fjall's write
-    /// backpressure, which sleeps a committing thread while sealed memtables
-    /// or level-0 tables pile up ahead of flushes and compactions. A caller
-    /// that must not block (an async task) commits on a thread that may
-    /// then. The limits sit below fjall's (it halts writers at 4 sealed
-    /// memtables and slows them from 20 level-0 runs; a run holds at least
-    /// one table), so `false` stays true for a commit made right after: the
-    /// counts climb by one per memtable flush, not per commit.
+    /// Whether a commit now might wait for disk work, so that a caller that
+    /// must not block (an async task) commits on a thread that may. A
+    /// commit takes fjall's journal lock, which fjall's flush worker holds
+    /// through a journal fsync (or rotation) at the start of every memtable
+    /// flush, and which our own syncs hold when they fall back to fjall's
+    /// (see `journal_sync`); and fjall's write backpressure holds commits
+    /// back (spinning, then sleeping) while sealed memtables or level-0
+    /// tables pile up. So only a store with no sealed memtable (no flush
+    /// under way), few level-0 tables (fjall slows writers from 20 runs; a
+    /// run holds at least one table) and syncs of its own counts as calm.
+    /// A flush can still begin between this answer and the commit: a window
+    /// of microseconds once per memtable.
     pub fn writes_may_wait(&self) -> bool {
-        backlog_may_hold_writes(
-            self.inner.keyspace.sealed_memtable_count(),
-            self.inner.keyspace.l0_table_count(),
-        )
+        self.inner.journal.holds_fjalls_lock()
+            || backlog_may_hold_writes(
+                self.inner.keyspace.sealed_memtable_count(),
+                self.inner.keyspace.l0_table_count(),
+            )
     }
 
     /// Fsync the journal now, whatever the durability mode.

@@ -898,6 +898,12 @@ impl ChunkEngine {
         if self.kv_in_doubt.load(Ordering::Acquire) {
             return self.load_durable(id);
         }
+        self.load_snapshot(id)
+    }
+
+    /// The record of `id` as the metadata store holds it now, durable or
+    /// not: [`ChunkEngine::load`] once no failed store is in doubt.
+    fn load_snapshot(&self, id: ChunkId) -> ChunkResult<Option<Record>> {
         let key = chunk_key(id);
         let value = self
             .kv
@@ -1943,27 +1949,34 @@ impl ChunkEngine {
         self.commit_loaded(id, record, update_ver, CommitSync::Later)
     }
 
-    /// [`ChunkEngine::commit_unsynced`] when it can run without waiting, for
-    /// a caller on an async worker: `None`, having done nothing, when the
-    /// chunk's lock is taken (a read or resync of the chunk may hold it
+    /// [`ChunkEngine::commit_unsynced`] when it need not wait for disk work,
+    /// for a caller on an async worker: `None`, having done nothing, when
+    /// the chunk's lock is taken (a read or resync of the chunk may hold it
     /// through disk I/O), when a failed metadata write put reads behind
     /// fsyncs (see `load`), or when the metadata store may hold the commit
     /// back ([`EmbeddedEngine::writes_may_wait`]); the caller then runs
-    /// `commit_unsynced` where blocking is fine. What runs is a metadata
-    /// read, from memory unless a memtable flush came between the version's
-    /// stage and this commit, and one unsynced batch: no fsync, no data
-    /// file I/O.
+    /// `commit_unsynced` where blocking is fine.
+    ///
+    /// What runs: a metadata read (from memory, unless a memtable flush came
+    /// between the version's stage and this commit), one unsynced batch, and
+    /// the slots' lock to queue the freed slots, which a stage growing the
+    /// data file holds through a `statvfs` and a `fallocate`. No fsync.
     pub fn try_commit_unsynced(
         &self,
         id: ChunkId,
         update_ver: u64,
     ) -> Option<ChunkResult<Option<ChunkMeta>>> {
-        if self.kv_in_doubt.load(Ordering::Acquire) || self.kv.writes_may_wait() {
+        if self.kv.writes_may_wait() {
             return None;
         }
         let _guard = self.lock_of(id).try_lock()?;
+        // Checked under the lock, right before the read it decides on.
+        if self.kv_in_doubt.load(Ordering::Acquire) {
+            return None;
+        }
         let committed = self
-            .load(id)
+            .check_in_service()
+            .and_then(|()| self.load_snapshot(id))
             .and_then(|record| record.ok_or(ChunkError::NotFound { id }))
             .and_then(|record| self.commit_loaded(id, record, update_ver, CommitSync::Later));
         Some(committed)
@@ -2486,6 +2499,8 @@ mod tests {
             .expect("stage v2");
         engine.kv_in_doubt.store(true, Ordering::Release);
         assert!(engine.try_commit_unsynced(id, 2).is_none());
+        let meta = engine.meta(id).expect("meta").expect("chunk");
+        assert_eq!((meta.commit_ver, meta.update_ver), (1, 2), "left pending");
         let meta = engine
             .commit_unsynced(id, 2)
             .expect("commit v2 the slow way");

@@ -32,10 +32,10 @@
 //! own store is done.
 //!
 //! Chunk engine calls block on disk I/O, so they run on tokio's blocking
-//! pool, except an unsynced commit that finds nothing to wait for (its
-//! chunk's lock free, no flush backlog in the metadata store:
-//! `ChunkEngine::try_commit_unsynced`), which runs in place on the
-//! acknowledgement path.
+//! pool, except an unsynced commit that need not wait for any (its chunk's
+//! lock free, no flush under way in the metadata store, no failed metadata
+//! write in doubt: `ChunkEngine::try_commit_unsynced`), which runs in place
+//! on the acknowledgement path.
 //!
 //! The head alone stages and commits in one durable metadata commit; every
 //! other commit waits for no metadata fsync (`ChunkEngine::commit_unsynced`):

@@ -152,6 +152,12 @@ impl JournalSync {
         active.as_ref().expect("just set").file.sync_data()
     }
 
+    /// Whether syncs hold fjall's journal lock (the fallback), so that every
+    /// commit may wait for one.
+    pub(super) fn holds_fjalls_lock(&self) -> bool {
+        matches!(self.way, Way::Fjall)
+    }
+
     /// The number of the journal file the last sync went to, if any.
     #[cfg(test)]
     pub(super) fn synced_journal(&self) -> Option<u64> {
